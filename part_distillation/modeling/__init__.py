@@ -1,0 +1,2 @@
+"""Models: backbones, meta-architectures and the operators they need (registration on import)."""
+from . import backbone, meta_arch  # noqa: F401

@@ -1,0 +1,1 @@
+"""Operators that need a CPU fallback (the CUDA extension is optional)."""

@@ -1,0 +1,44 @@
+"""Small, explicit shims that make the pinned upstream packages import on a CPU-only Python 3.11 box.
+
+Each shim is idempotent and only touches what is broken; see INSTALL.md for the failure it fixes.
+"""
+import sys
+import types
+
+__all__ = ["install_fast_eval_api_shim", "import_mask2former"]
+
+
+def install_fast_eval_api_shim() -> bool:
+    """Provide ``detectron2.evaluation.fast_eval_api`` when detectron2 was installed without ``_C``.
+
+    ``mask2former.evaluation.instance_evaluation`` imports ``COCOeval_opt`` from it unconditionally.
+    pycocotools' ``COCOeval`` computes the same numbers (only slower), so we register it under that
+    name. Returns True if the shim was installed, False if the real module imports.
+    """
+    name = "detectron2.evaluation.fast_eval_api"
+    if name in sys.modules:
+        return False
+    import detectron2.evaluation  # noqa: F401  (parent package must exist first)
+
+    try:
+        __import__(name)
+        return False
+    except ImportError:
+        from pycocotools.cocoeval import COCOeval
+
+        shim = types.ModuleType(name)
+        shim.COCOeval_opt = COCOeval
+        shim.__doc__ = "part_distillation stand-in: COCOeval_opt is pycocotools' COCOeval (no detectron2._C)."
+        sys.modules[name] = shim
+        return True
+
+
+def import_mask2former():
+    """Import ``mask2former`` (registers its heads/backbones) after installing the needed shims."""
+    install_fast_eval_api_shim()
+    import mask2former
+
+    from ..modeling.ops import ms_deform_attn
+
+    ms_deform_attn.patch_mask2former()
+    return mask2former

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Train or evaluate any stage/head of part_distillation; the config decides which.
+
+    python tools/train_net.py --config-file configs/quick_schedules/stage0_instance_toyparts.yaml
+    python tools/train_net.py --config-file CONFIG --num-gpus 8 [--resume] [KEY VALUE ...]
+    python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import launch
+
+from part_distillation.engine import Trainer, check_runtime, default_argument_parser, load_cfg, run_cli, setup_cfg
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def checked_main(args):
+    return run_cli(main, args)
+
+
+def cli():
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    run_cli(lambda: check_runtime(load_cfg(args.config_file, args.opts)))  # fail before spawning workers
+    return launch(
+        checked_main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
