@@ -30,3 +30,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    def train(self):
+        """Train; return the last evaluation's results (detectron2 returns them only with EXPECTED_RESULTS)."""
+        results = super().train()
+        return results if results is not None else getattr(self, "_last_eval_results", None)

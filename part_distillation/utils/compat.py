@@ -5,7 +5,7 @@ Each shim is idempotent and only touches what is broken; see INSTALL.md for the 
 import sys
 import types
 
-__all__ = ["install_fast_eval_api_shim", "import_mask2former"]
+__all__ = ["install_fast_eval_api_shim", "import_mask2former", "import_panoptic_parts"]
 
 
 def install_fast_eval_api_shim() -> bool:
@@ -42,3 +42,24 @@ def import_mask2former():
 
     ms_deform_attn.patch_mask2former()
     return mask2former
+
+
+def import_panoptic_parts():
+    """Import ``panoptic_parts`` (2.0rc6), which refuses Python >= 3.10 by mistake, and return it.
+
+    Its ``specs/dataset_spec.py`` runs ``float(platform.python_version()[:3]) <= 3.6`` at import time,
+    and '3.1' (from '3.10'/'3.11'...) passes that test, so the import raises ``OSError``. We make
+    ``platform.python_version`` report '3.7.0' only for the duration of the import, then restore it.
+    """
+    if "panoptic_parts" in sys.modules:
+        return sys.modules["panoptic_parts"]
+    import platform
+
+    real_python_version = platform.python_version
+    platform.python_version = lambda: "3.7.0"
+    try:
+        import panoptic_parts
+        import panoptic_parts.specs.dataset_spec  # noqa: F401  (the module with the version check)
+    finally:
+        platform.python_version = real_python_version
+    return panoptic_parts
