@@ -81,3 +81,17 @@ def test_cli_prints_one_line_error(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "MODEL.NOT_A_KEY" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_dataset_root(tmp_path):
+    """A missing dataset gives one line naming the path and how to create it."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "nowhere"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK_STAGE0,
+         "OUTPUT_DIR", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(tmp_path / "nowhere") in errors[0] and "prepare_toyparts.py" in errors[0]
+    assert "Traceback" not in proc.stderr
