@@ -23,6 +23,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_input_config(cfg)
     _add_backbone_config(cfg)
     _add_mask_former_overrides(cfg)
+    _add_view_mapper_config(cfg)
     return cfg
 
 
@@ -67,3 +68,54 @@ def _add_mask_former_overrides(cfg: CN) -> None:
     # Module-name substrings whose parameters are frozen (seed 000 stage 2/4: ["backbone", "encoder"]).
     cfg.MODEL.MASK_FORMER.FREEZE_KEYS = []
 
+
+
+def _add_view_mapper_config(cfg: CN) -> None:
+    # PairedViewDatasetMapper: two views of one image for the reconstruction-based discovery heads.
+    cfg.INPUT.PAIRED_VIEW = CN()
+    # Side of both square views (Choudhury 2021: 256; PartFormer: 256; MPAE: 448 CUB / 224 others).
+    cfg.INPUT.PAIRED_VIEW.IMAGE_SIZE = 256
+    # View-2 zoom factor ~ U[1-SCALE, 1+SCALE] (PartFormer, seed 003: "scale (±5%)").
+    cfg.INPUT.PAIRED_VIEW.SCALE = 0.05
+    # View-2 rotation ~ U[-ROTATION, ROTATION] degrees about the centre (seed 003: "rotate (±15°)").
+    cfg.INPUT.PAIRED_VIEW.ROTATION = 15.0
+    # View-2 shift ~ U[-TRANSLATION, TRANSLATION] pixels per axis (seed 003: "translate (±5px)").
+    cfg.INPUT.PAIRED_VIEW.TRANSLATION = 5.0
+    # Horizontal flip of view 1 at training, shared by both views (p = 0.5).
+    cfg.INPUT.PAIRED_VIEW.FLIP_PROB = 0.5
+    # Crop around the record's bbox (Choudhury's CUB loader); PartFormer/MPAE: False.
+    cfg.INPUT.PAIRED_VIEW.CROP_TO_BBOX = True
+    # Box grown by this fraction of w/h per side (Choudhury CUB: 5%).
+    cfg.INPUT.PAIRED_VIEW.BBOX_MARGIN = 0.05
+    # Grow the short side to a square box (Choudhury CUB/PASCAL).
+    cfg.INPUT.PAIRED_VIEW.BBOX_SQUARE = True
+    # Training-only per-side margin jitter ~ U(±BBOX_JITTER) (Choudhury CUB: ±5%).
+    cfg.INPUT.PAIRED_VIEW.BBOX_JITTER = 0.05
+    # Grey level of crop pixels outside the image (Choudhury: white).
+    cfg.INPUT.PAIRED_VIEW.CROP_FILL = 255
+    # Grey level of view-2 pixels outside view 1 (PartFormer's cv2 border: black).
+    cfg.INPUT.PAIRED_VIEW.WARP_FILL = 0
+
+    # KeypointDatasetMapper: crops/resizes CUB/CelebA images and moves their landmarks along.
+    cfg.INPUT.KEYPOINT_VIEW = CN()
+    # Output size (Choudhury 256 crop; PartFormer 256 and MPAE 448 square on CUB).
+    cfg.INPUT.KEYPOINT_VIEW.IMAGE_SIZE = 256
+    # "square" (resize to IMAGE_SIZE², aspect not kept: PartFormer/MPAE, Choudhury's square crops) or
+    # "shorter_side" (Choudhury's FG/full NMI-ARI evaluation).
+    cfg.INPUT.KEYPOINT_VIEW.RESIZE_MODE = "square"
+    # Centre-cut both sides down to a multiple of this; 0 = off (Choudhury eval: 16).
+    cfg.INPUT.KEYPOINT_VIEW.SIZE_DIVISIBILITY = 0
+    # Crop to the bbox (Choudhury FG metrics / keypoint regression: True; full-image metrics: False).
+    cfg.INPUT.KEYPOINT_VIEW.CROP_TO_BBOX = True
+    # Margin per side (CMR-style crop for keypoint regression: 0.05; Choudhury FG-NMI eval: 0).
+    cfg.INPUT.KEYPOINT_VIEW.BBOX_MARGIN = 0.05
+    # Square the box (CMR-style crop: True; Choudhury FG-NMI eval: False).
+    cfg.INPUT.KEYPOINT_VIEW.BBOX_SQUARE = True
+    # Training-only margin jitter (Choudhury CUB: ±5%).
+    cfg.INPUT.KEYPOINT_VIEW.BBOX_JITTER = 0.05
+    # Grey level of crop pixels outside the image (Choudhury: white).
+    cfg.INPUT.KEYPOINT_VIEW.CROP_FILL = 255
+    # Horizontal flip probability at training (never at evaluation).
+    cfg.INPUT.KEYPOINT_VIEW.FLIP_PROB = 0.5
+    # Keypoint permutation on flips (0-based); [] = from the dataset's keypoint_flip_map metadata.
+    cfg.INPUT.KEYPOINT_VIEW.FLIP_INDICES = []

@@ -1,0 +1,529 @@
+"""Paired-view mapper for the reconstruction / equivariance part-discovery heads, plus its geometry.
+
+View 1 is the (optionally bbox-cropped) image resized to a square ``image_size``, flipped at random when
+training. View 2 is view 1 warped by a random similarity transform ``A`` (scale, rotation about the image
+centre, translation), as in PartFormer (Xia et al., TPAMI 2024, seed 003: "randomly scale (±5%), rotate
+(±15°) and translate (±5px) each input image"). Choudhury et al. (NeurIPS 2021, seeds 002/004) draw their
+equivariance warp (TPS around a similarity, rotation ±60°, zoom [0.7, 2], ±10% shift) on the GPU inside
+the model; for that head use this mapper's view 1 (and fg mask) and ignore view 2, or set the ranges
+wide.
+
+Coordinate conventions (the same as detectron2's ``Transform.apply_coords``):
+
+* A point is ``(x, y)`` in *continuous pixel coordinates*: pixel ``(row i, col j)`` covers
+  ``[j, j+1) × [i, i+1)`` and its centre is ``(j + 0.5, i + 0.5)``; the image spans ``[0, W] × [0, H]``.
+  Flips map ``x → W − x`` and resizes scale ``x`` by ``W'/W`` (detectron2's ``HFlipTransform`` and
+  ``ResizeTransform``).
+* ``transform`` is the 2×3 matrix ``A`` with ``p2 = A @ [x1, y1, 1]``: the view-1 point ``p1`` shows the
+  same scene point as the view-2 point ``p2``. Hence ``view2(p2) = view1(A⁻¹ p2)``.
+* The warps sample with ``torch.nn.functional.grid_sample(..., align_corners=False)``, which is exactly
+  this convention after normalising by the image size (``x_n = 2x/W − 1``): ``±1`` are the outer image
+  edges, not the outer pixel centres. Because the normalised frame only depends on the field of view,
+  the same ``A`` (in image pixels) warps lower-resolution maps of the same image (logits, features at
+  stride 8, ...): pass ``image_size=(H, W)`` of the images to :func:`warp_to_view2`.
+* ``cv2.warpAffine`` uses pixel-centre coordinates (index ``j`` ↔ ``x = j + 0.5``); its matrix for
+  ``A`` is ``S(−0.5) · A · S(+0.5)`` (see :func:`affine_for_cv2`).
+* Rotation sign: a positive angle turns the content counter-clockwise on screen (y axis down), as
+  ``cv2.getRotationMatrix2D`` does.
+
+Border handling of view 2: ``valid2`` marks view-2 pixels whose centre maps (by ``A⁻¹``) inside view 1's
+extent ``[0, W] × [0, H]``. Inside it the image is bilinearly sampled with the border clamped (so no fill
+bleeds in); outside it the image is ``warp_fill`` (default 0, black, as PartFormer's ``cv2.warpAffine``
+border) and the mask is 0 (background).
+"""
+
+import copy
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from PIL import Image
+
+from ...utils.errors import ConfigError
+from .instance_lsj import read_image_or_none
+from .registry import DATASET_MAPPER_REGISTRY
+
+__all__ = [
+    "PairedViewDatasetMapper",
+    "PadCropTransform",
+    "object_crop_box",
+    "build_view_transforms",
+    "transforms_to_matrix",
+    "read_fg_mask",
+    "similarity_matrix",
+    "random_similarity",
+    "invert_affine",
+    "apply_affine",
+    "affine_for_cv2",
+    "pixel_affine_to_theta",
+    "warp_to_view2",
+    "warp_to_view1",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# View-1 geometry: crop around the object (padding outside the image), resize, flip.
+# --------------------------------------------------------------------------------------------------
+class PadCropTransform(T.Transform):
+    """Crop the integer box ``[x0, x0+w) × [y0, y0+h)``, which may extend past the image.
+
+    Pixels outside the image become ``fill`` (images) or ``seg_fill`` (masks); detectron2's
+    ``CropTransform`` cannot do that, and the papers' bbox crops with a margin often leave the image.
+    """
+
+    def __init__(self, x0: int, y0: int, w: int, h: int, fill: int = 0, seg_fill: int = 0):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def _crop(self, img: np.ndarray, fill) -> np.ndarray:
+        out = np.full((self.h, self.w) + img.shape[2:], fill, dtype=img.dtype)
+        H, W = img.shape[:2]
+        sx0, sy0 = max(self.x0, 0), max(self.y0, 0)
+        sx1, sy1 = min(self.x0 + self.w, W), min(self.y0 + self.h, H)
+        if sx1 > sx0 and sy1 > sy0:
+            out[sy0 - self.y0 : sy1 - self.y0, sx0 - self.x0 : sx1 - self.x0] = img[sy0:sy1, sx0:sx1]
+        return out
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return self._crop(img, self.fill)
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return self._crop(segmentation, self.seg_fill)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        coords[:, 0] -= self.x0
+        coords[:, 1] -= self.y0
+        return coords
+
+
+def object_crop_box(bbox_xywh, margin: float, square: bool, jitter: float = 0.0):
+    """Integer crop box ``(x0, y0, w, h)`` around ``bbox_xywh``; None for a degenerate box.
+
+    Each side is pushed out by ``margin`` (+ U(−jitter, jitter) per side, drawn with ``np.random``) times
+    the box width (left/right) or height (top/bottom), as Choudhury et al.'s CUB loader does with the
+    CMR box (margin 0.05, jitter 0.05 at train time). ``square`` then grows the short side about the
+    centre. Without ``square`` the corner is floored and the size truncated, so margin 0 reproduces
+    their evaluation crop ``img[int(y):int(y)+int(h), int(x):int(x)+int(w)]``.
+    """
+    x, y, w, h = (float(v) for v in bbox_xywh)
+    if not (w > 0 and h > 0) or not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None
+    m = np.full(4, float(margin))
+    if jitter > 0:
+        m = m + np.random.uniform(-jitter, jitter, size=4)
+    x0, x1 = x - m[0] * w, x + w + m[1] * w
+    y0, y1 = y - m[2] * h, y + h + m[3] * h
+    if square:
+        side = max(1, int(round(max(x1 - x0, y1 - y0))))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        return int(math.floor(cx - side / 2 + 0.5)), int(math.floor(cy - side / 2 + 0.5)), side, side
+    ix0, iy0 = int(math.floor(x0)), int(math.floor(y0))
+    return ix0, iy0, max(1, int(x1 - x0)), max(1, int(y1 - y0))
+
+
+def build_view_transforms(
+    image_hw,
+    *,
+    crop_box=None,
+    image_size: int = 256,
+    resize_mode: str = "square",
+    size_divisibility: int = 0,
+    flip: bool = False,
+    crop_fill: int = 0,
+) -> T.TransformList:
+    """Crop (``crop_box`` XYWH ints, or None) → resize → centre-cut to ``size_divisibility`` → h-flip.
+
+    ``resize_mode``: ``"square"`` resizes to ``image_size²`` without keeping the aspect ratio (PartFormer,
+    MPAE test, and Choudhury's square CMR crops); ``"shorter_side"`` resizes the shorter side to
+    ``image_size`` (longer side truncated, like torchvision's ``Resize(int)``), as Choudhury's evaluation.
+    The image is resized with PIL bilinear (anti-aliased when shrinking), masks with nearest.
+    """
+    h, w = int(image_hw[0]), int(image_hw[1])
+    tfms = []
+    if crop_box is not None:
+        x0, y0, cw, ch = (int(v) for v in crop_box)
+        tfms.append(PadCropTransform(x0, y0, cw, ch, fill=crop_fill, seg_fill=0))
+        h, w = ch, cw
+    if resize_mode == "square":
+        new_h = new_w = int(image_size)
+    elif resize_mode == "shorter_side":
+        if h <= w:
+            new_h, new_w = int(image_size), max(1, int(image_size * w / h))
+        else:
+            new_h, new_w = max(1, int(image_size * h / w)), int(image_size)
+    else:
+        raise ConfigError(f"resize_mode={resize_mode!r} must be 'square' or 'shorter_side'.")
+    tfms.append(T.ResizeTransform(h, w, new_h, new_w, Image.BILINEAR))
+    if size_divisibility and size_divisibility > 1:
+        cut_h = max(size_divisibility, new_h - new_h % size_divisibility)
+        cut_w = max(size_divisibility, new_w - new_w % size_divisibility)
+        if (cut_h, cut_w) != (new_h, new_w):
+            tfms.append(PadCropTransform((new_w - cut_w) // 2, (new_h - cut_h) // 2, cut_w, cut_h, crop_fill, 0))
+            new_h, new_w = cut_h, cut_w
+    if flip:
+        tfms.append(T.HFlipTransform(new_w))
+    return T.TransformList(tfms)
+
+
+def transforms_to_matrix(tfms) -> np.ndarray:
+    """The 2×3 matrix (float64) of a composition of affine detectron2 transforms (crop, resize, flip)."""
+    pts = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    out = tfms.apply_coords(pts.copy())
+    return np.stack([out[1] - out[0], out[2] - out[0], out[0]], axis=1)
+
+
+def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
+    """Foreground mask (bool H×W) of the record, or None when it names no mask file.
+
+    ``fg_mask_file``: a binary PNG; a mask whose maximum is ≤ 1 ({0, 1}, e.g. Choudhury's
+    ``supervisedlabels``) is foreground where > 0, otherwise where ≥ 128 (e.g. CUB's soft 0–255
+    segmentations; colour masks use their brightest channel). ``sem_seg_file_name`` (used when there is
+    no ``fg_mask_file``): a label map, foreground where the label is neither 0 (background) nor
+    ``sem_seg_ignore_value``; for colour-coded maps, where any channel is non-zero.
+    Raises OSError/ValueError for an unreadable file or a size that differs from the image.
+    """
+    if dataset_dict.get("fg_mask_file"):
+        path = dataset_dict["fg_mask_file"]
+        arr = utils.read_image(path)
+        if arr.ndim == 3:
+            arr = arr[..., :3].max(axis=2)
+        if arr.dtype == bool:
+            fg = arr
+        else:
+            fg = arr > 0 if arr.max() <= 1 else arr >= 128
+    elif dataset_dict.get("sem_seg_file_name"):
+        path = dataset_dict["sem_seg_file_name"]
+        arr = utils.read_image(path)
+        if arr.ndim == 3:
+            fg = (arr[..., :3] != 0).any(axis=2)
+        else:
+            fg = (arr != 0) & (arr != sem_seg_ignore_value)
+    else:
+        return None
+    if fg.shape != tuple(image_hw):
+        raise ValueError(f"mask {path} is {fg.shape[1]}x{fg.shape[0]} but the image is {image_hw[1]}x{image_hw[0]}")
+    return np.ascontiguousarray(fg)
+
+
+def _xyxy(crop_box):
+    """XYWH crop box → (x0, y0, x1, y1) tuple; None stays None."""
+    if crop_box is None:
+        return None
+    x0, y0, w, h = crop_box
+    return (x0, y0, x0 + w, y0 + h)
+
+
+def _read_fg_mask_or_skip(dataset_dict: dict, image_hw):
+    """``(mask or None, ok)``; on a bad mask file log why and return ``(None, False)``."""
+    try:
+        return read_fg_mask(dataset_dict, image_hw), True
+    except (OSError, ValueError, SyntaxError) as e:
+        logger.warning("Skipping %s, unreadable foreground mask: %s", dataset_dict.get("file_name"), e)
+        return None, False
+
+
+# --------------------------------------------------------------------------------------------------
+# View-2 geometry: random similarity A and warps with grid_sample.
+# --------------------------------------------------------------------------------------------------
+def similarity_matrix(
+    image_hw, scale: float = 1.0, angle_deg: float = 0.0, tx: float = 0.0, ty: float = 0.0
+) -> np.ndarray:
+    """2×3 ``A``: scale by ``scale`` and rotate by ``angle_deg`` (counter-clockwise on screen) about the
+    image centre ``(W/2, H/2)``, then translate by ``(tx, ty)`` pixels. ``p2 = A @ [p1, 1]``."""
+    h, w = image_hw
+    t = math.radians(angle_deg)
+    a, b = scale * math.cos(t), scale * math.sin(t)
+    lin = np.array([[a, b], [-b, a]])
+    c = np.array([w / 2.0, h / 2.0])
+    return np.concatenate([lin, (c + np.array([tx, ty]) - lin @ c)[:, None]], axis=1)
+
+
+def random_similarity(image_hw, scale: float, rotation: float, translation: float) -> np.ndarray:
+    """``similarity_matrix`` with factor ~ U[1−scale, 1+scale], angle ~ U[−rotation, rotation] degrees,
+    shifts ~ U[−translation, translation] pixels each (drawn with ``np.random``)."""
+    s = 1.0 + np.random.uniform(-scale, scale) if scale > 0 else 1.0
+    angle = np.random.uniform(-rotation, rotation) if rotation > 0 else 0.0
+    tx, ty = np.random.uniform(-translation, translation, size=2) if translation > 0 else (0.0, 0.0)
+    return similarity_matrix(image_hw, s, angle, tx, ty)
+
+
+def _to3x3(a):
+    """(..., 2, 3) → (..., 3, 3) with the homogeneous row; numpy or torch."""
+    if isinstance(a, torch.Tensor):
+        row = torch.zeros(a.shape[:-2] + (1, 3), dtype=a.dtype, device=a.device)
+        row[..., 0, 2] = 1
+        return torch.cat([a, row], dim=-2)
+    a = np.asarray(a, dtype=np.float64)
+    row = np.zeros(a.shape[:-2] + (1, 3))
+    row[..., 0, 2] = 1
+    return np.concatenate([a, row], axis=-2)
+
+
+def invert_affine(a):
+    """Inverse of a (batch of) 2×3 affine matrix; numpy or torch in, same kind out."""
+    if isinstance(a, torch.Tensor):
+        return torch.linalg.inv(_to3x3(a.double()))[..., :2, :].to(a.dtype)
+    return np.linalg.inv(_to3x3(a))[..., :2, :]
+
+
+def apply_affine(a, points):
+    """Map N×2 points ``(x, y)`` by the 2×3 matrix ``a``: ``a[:, :2] @ p + a[:, 2]``."""
+    if isinstance(points, torch.Tensor):
+        a = torch.as_tensor(a, dtype=points.dtype, device=points.device)
+        return points @ a[:, :2].T + a[:, 2]
+    a = np.asarray(a, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ a[:, :2].T + a[:, 2]
+
+
+def affine_for_cv2(a) -> np.ndarray:
+    """The ``cv2.warpAffine`` matrix (pixel-centre coordinates) equivalent to ``a`` (continuous ones)."""
+    shift = lambda d: np.array([[1.0, 0.0, d], [0.0, 1.0, d], [0.0, 0.0, 1.0]])  # noqa: E731
+    return (shift(-0.5) @ _to3x3(np.asarray(a, dtype=np.float64)) @ shift(0.5))[:2]
+
+
+def pixel_affine_to_theta(m, image_size) -> torch.Tensor:
+    """``affine_grid`` theta (align_corners=False) for the pixel map ``m`` (output pixel → input pixel).
+
+    ``m``: (2, 3) or (N, 2, 3), numpy or torch, in the pixel frame of an image of ``image_size = (H, W)``
+    (both views share it). Returns float64 (N, 2, 3): ``theta = Nrm · m · Nrm⁻¹`` with
+    ``Nrm(x, y) = (2x/W − 1, 2y/H − 1)``.
+    """
+    h, w = float(image_size[0]), float(image_size[1])
+    m = _as_affine(m)
+    if m.ndim == 2:
+        m = m[None]
+    nrm = torch.tensor([[2.0 / w, 0.0, -1.0], [0.0, 2.0 / h, -1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    denrm = torch.tensor([[w / 2.0, 0.0, w / 2.0], [0.0, h / 2.0, h / 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    return (nrm @ _to3x3(m) @ denrm)[:, :2]
+
+
+def _sampling_grid(m, out_shape, image_size, dtype, device) -> torch.Tensor:
+    theta = pixel_affine_to_theta(m, image_size)
+    if theta.shape[0] == 1 and out_shape[0] > 1:
+        theta = theta.expand(out_shape[0], 2, 3)
+    return F.affine_grid(theta.to(device=device, dtype=dtype), list(out_shape), align_corners=False)
+
+
+def _warp(x: torch.Tensor, m, image_size, mode: str, padding_mode: str) -> torch.Tensor:
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"expected a floating N×C×H×W tensor, got {tuple(x.shape)} {x.dtype}")
+    image_size = tuple(x.shape[-2:]) if image_size is None else tuple(image_size)
+    grid = _sampling_grid(m, x.shape, image_size, x.dtype, x.device)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+
+
+def warp_to_view2(
+    x: torch.Tensor, a, image_size=None, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Resample a view-1 map ``x`` (float N×C×h×w) into view 2: ``out(p2) = x(A⁻¹ p2)``.
+
+    ``a``: the mapper's ``transform`` (2×3, or N×2×3 for per-sample transforms), in the pixel frame of
+    images of ``image_size = (H, W)`` (default: ``x``'s own size; pass the image size when ``x`` is a
+    lower-resolution map of the same field of view). Uses ``grid_sample(align_corners=False)``;
+    ``padding_mode`` as grid_sample (``"zeros"``: outside view 1 reads 0).
+    """
+    return _warp(x, invert_affine(_as_affine(a)), image_size, mode, padding_mode)
+
+
+def warp_to_view1(
+    x: torch.Tensor, a, image_size=None, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Inverse of :func:`warp_to_view2`: resample a view-2 map into view 1, ``out(p1) = x(A p1)``."""
+    return _warp(x, _as_affine(a), image_size, mode, padding_mode)
+
+
+def _as_affine(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64)
+    return torch.as_tensor(np.asarray(a, dtype=np.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# The mapper.
+# --------------------------------------------------------------------------------------------------
+# Constructor argument ← key under cfg.INPUT.PAIRED_VIEW (read only when the node exists).
+_PAIRED_VIEW_KEYS = {
+    "image_size": "IMAGE_SIZE",
+    "scale": "SCALE",
+    "rotation": "ROTATION",
+    "translation": "TRANSLATION",
+    "flip_prob": "FLIP_PROB",
+    "crop_to_bbox": "CROP_TO_BBOX",
+    "bbox_margin": "BBOX_MARGIN",
+    "bbox_square": "BBOX_SQUARE",
+    "bbox_jitter": "BBOX_JITTER",
+    "crop_fill": "CROP_FILL",
+    "warp_fill": "WARP_FILL",
+}
+
+
+def _check_common_args(name: str, *, image_size, flip_prob, bbox_margin, bbox_jitter, crop_fill, group: str):
+    def bad(arg, value, why):
+        raise ConfigError(f"{name}: {arg}={value!r} {why} (cfg.INPUT.{group}.{arg.upper()}).")
+
+    if int(image_size) < 1:
+        bad("image_size", image_size, "must be a positive integer")
+    if not 0.0 <= flip_prob <= 1.0:
+        bad("flip_prob", flip_prob, "must be in [0, 1]")
+    if bbox_margin < 0 or bbox_jitter < 0:
+        bad("bbox_margin" if bbox_margin < 0 else "bbox_jitter", min(bbox_margin, bbox_jitter), "must be ≥ 0")
+    if not 0 <= int(crop_fill) <= 255:
+        bad("crop_fill", crop_fill, "must be a grey level in [0, 255]")
+
+
+@DATASET_MAPPER_REGISTRY.register()
+class PairedViewDatasetMapper:
+    """Dataset dict → two geometrically related views for reconstruction / equivariance losses.
+
+    Record fields read: ``file_name``, optional ``fg_mask_file`` or ``sem_seg_file_name`` (see
+    :func:`read_fg_mask`), optional ``bbox`` (XYWH, original pixels), ``image_id``.
+
+    Output (training):
+      ``image``, ``image2``: uint8 C×S×S (``image_format`` channel order); ``fg_mask``, ``fg_mask2``:
+      bool S×S (only when the record has a mask); ``valid2``: bool S×S, view-2 pixels that come from
+      inside view 1; ``transform``: float32 2×3 ``A``, view-1 → view-2 pixel coordinates (module
+      docstring); ``orig_transform``: float32 2×3, original-image → view-1 pixel coordinates (crop,
+      resize and flip); ``flipped``; ``crop_box`` (x0, y0, x1, y1) in original pixels or None;
+      ``orig_size`` (H0, W0); ``height``/``width`` = S (the view size, not the original's);
+      ``image_id``, ``file_name``. Fields in original coordinates (``annotations``, ``keypoints``,
+      ``bbox``) are dropped; use :class:`KeypointDatasetMapper` for keypoints.
+    Evaluation (``is_train=False``): deterministic: no flip, no bbox jitter, no second view (no
+      ``image2``/``fg_mask2``/``valid2``) and ``transform`` = identity.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        is_train: bool,
+        image_format: str = "BGR",
+        image_size: int = 256,
+        scale: float = 0.05,
+        rotation: float = 15.0,
+        translation: float = 5.0,
+        flip_prob: float = 0.5,
+        crop_to_bbox: bool = True,
+        bbox_margin: float = 0.05,
+        bbox_square: bool = True,
+        bbox_jitter: float = 0.05,
+        crop_fill: int = 255,
+        warp_fill: int = 0,
+    ):
+        """
+        Args:
+            image_size: side S of both square views (Choudhury 256; PartFormer 256; MPAE 448 CUB / 224).
+            scale: view-2 zoom factor ~ U[1 − scale, 1 + scale] (PartFormer ±5%).
+            rotation: view-2 angle ~ U[−rotation, rotation] degrees (PartFormer ±15°).
+            translation: view-2 shift ~ U[−translation, translation] pixels per axis (PartFormer ±5 px).
+            flip_prob: horizontal-flip probability of view 1 at training (shared by both views).
+            crop_to_bbox: crop around the record's ``bbox`` when it has one (Choudhury's CUB loader).
+            bbox_margin, bbox_square, bbox_jitter: see :func:`object_crop_box`; jitter is training-only.
+            crop_fill: grey level of crop pixels outside the image (Choudhury: white).
+            warp_fill: grey level of view-2 pixels outside view 1 (PartFormer's cv2 border: black).
+        """
+        _check_common_args(
+            type(self).__name__, image_size=image_size, flip_prob=flip_prob, bbox_margin=bbox_margin,
+            bbox_jitter=bbox_jitter, crop_fill=crop_fill, group="PAIRED_VIEW",
+        )  # fmt: skip
+        for arg, value in (("scale", scale), ("rotation", rotation), ("translation", translation)):
+            if value < 0 or (arg == "scale" and value >= 1):
+                raise ConfigError(
+                    f"{type(self).__name__}: {arg}={value!r} must be ≥ 0{' and < 1' if arg == 'scale' else ''} "
+                    f"(cfg.INPUT.PAIRED_VIEW.{arg.upper()})."
+                )
+        if not 0 <= int(warp_fill) <= 255:
+            raise ConfigError(
+                f"{type(self).__name__}: warp_fill={warp_fill!r} must be in [0, 255] (cfg.INPUT.PAIRED_VIEW.WARP_FILL)."
+            )
+        self.is_train = is_train
+        self.image_format = image_format
+        self.image_size = int(image_size)
+        self.scale, self.rotation, self.translation = float(scale), float(rotation), float(translation)
+        self.flip_prob = float(flip_prob)
+        self.crop_to_bbox = bool(crop_to_bbox)
+        self.bbox_margin, self.bbox_square, self.bbox_jitter = float(bbox_margin), bool(bbox_square), float(bbox_jitter)
+        self.crop_fill, self.warp_fill = int(crop_fill), int(warp_fill)
+        logger.info(
+            "%s (%s): size %d, scale ±%g, rotation ±%g°, translation ±%g px, flip %g, "
+            "bbox crop %s (margin %g, square %s, jitter %g)",
+            type(self).__name__, "train" if is_train else "test", self.image_size, self.scale, self.rotation,
+            self.translation, self.flip_prob, self.crop_to_bbox, self.bbox_margin, self.bbox_square, self.bbox_jitter,
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        args = {"is_train": is_train, "image_format": cfg.INPUT.FORMAT}
+        if "PAIRED_VIEW" in cfg.INPUT:
+            node = cfg.INPUT.PAIRED_VIEW
+            args.update({arg: node[key] for arg, key in _PAIRED_VIEW_KEYS.items() if key in node})
+        return args
+
+    def __call__(self, dataset_dict: dict):
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = read_image_or_none(dataset_dict, self.image_format)
+        if image is None:
+            return None
+        orig_hw = image.shape[:2]
+        mask, ok = _read_fg_mask_or_skip(dataset_dict, orig_hw)
+        if not ok:
+            return None
+
+        crop_box = None
+        if self.crop_to_bbox and dataset_dict.get("bbox") is not None:
+            jitter = self.bbox_jitter if self.is_train else 0.0
+            crop_box = object_crop_box(dataset_dict["bbox"], self.bbox_margin, self.bbox_square, jitter)
+        flip = self.is_train and self.flip_prob > 0 and np.random.rand() < self.flip_prob
+        tfms = build_view_transforms(
+            orig_hw, crop_box=crop_box, image_size=self.image_size, flip=flip, crop_fill=self.crop_fill
+        )
+        view1 = np.ascontiguousarray(tfms.apply_image(image))
+        mask1 = None if mask is None else tfms.apply_segmentation(mask.astype(np.uint8)) > 0
+
+        for key in ("annotations", "keypoints", "bbox"):
+            dataset_dict.pop(key, None)
+        size = self.image_size
+        dataset_dict.update(
+            {
+                "image": torch.as_tensor(view1.transpose(2, 0, 1).copy()),
+                "orig_transform": torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
+                "flipped": bool(flip),
+                "crop_box": _xyxy(crop_box),
+                "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
+                "height": size,
+                "width": size,
+                "image_id": dataset_dict.get("image_id"),
+            }
+        )  # fmt: skip
+        if mask1 is not None:
+            dataset_dict["fg_mask"] = torch.as_tensor(np.ascontiguousarray(mask1))
+        if not self.is_train:
+            dataset_dict["transform"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+            return dataset_dict
+
+        a = random_similarity((size, size), self.scale, self.rotation, self.translation)
+        image2, mask2, valid2 = self.warp_view(dataset_dict["image"], dataset_dict.get("fg_mask"), a)
+        dataset_dict.update({"image2": image2, "valid2": valid2, "transform": torch.as_tensor(a, dtype=torch.float32)})
+        if mask2 is not None:
+            dataset_dict["fg_mask2"] = mask2
+        return dataset_dict
+
+    def warp_view(self, image: torch.Tensor, mask, a):
+        """View 1 (uint8 C×H×W, optional bool H×W mask) → ``(image2, mask2, valid2)`` under ``a``."""
+        c, h, w = image.shape
+        grid = _sampling_grid(invert_affine(_as_affine(a)), (1, c, h, w), (h, w), torch.float32, "cpu")
+        valid2 = (grid[0].abs() <= 1).all(dim=-1)
+        img = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        img = torch.where(valid2, img, torch.tensor(float(self.warp_fill)))
+        image2 = img.round_().clamp_(0, 255).to(torch.uint8)
+        mask2 = None
+        if mask is not None:
+            m = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            mask2 = (m[0, 0] > 0.5) & valid2
+        return image2, mask2, valid2
