@@ -24,6 +24,8 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_backbone_config(cfg)
     _add_mask_former_overrides(cfg)
     _add_view_mapper_config(cfg)
+    _add_pixel_grouping_config(cfg)
+    _add_pseudo_label_config(cfg)
     return cfg
 
 
@@ -119,3 +121,74 @@ def _add_view_mapper_config(cfg: CN) -> None:
     cfg.INPUT.KEYPOINT_VIEW.FLIP_PROB = 0.5
     # Keypoint permutation on flips (0-based); [] = from the dataset's keypoint_flip_map metadata.
     cfg.INPUT.KEYPOINT_VIEW.FLIP_INDICES = []
+
+
+def _add_pixel_grouping_config(cfg: CN) -> None:
+    # Stage 1 (PixelGroupingModel): part segments by clustering backbone features inside objects.
+    cfg.MODEL.PIXEL_GROUPING = CN()
+    # Backbone levels resized to the first level's grid and concatenated (seed 000 Tab. 1: res3+res4).
+    cfg.MODEL.PIXEL_GROUPING.FEATURE_LEVELS = ["res3", "res4"]
+    # L2-normalise each pixel's feature vector before clustering (seed 000 scripts: False).
+    cfg.MODEL.PIXEL_GROUPING.FEATURE_NORMALIZE = False
+    # K, the number of part segments per object (seed 000: 4).
+    cfg.MODEL.PIXEL_GROUPING.NUM_PARTS = 4
+    # Similarity that assigns pixels to centroids: "dot" (seed 000 scripts), "l2" or "cosine".
+    cfg.MODEL.PIXEL_GROUPING.DISTANCE = "dot"
+    # K-means restarts run in parallel; the best inertia wins (seed 000: "repeat 10 times", sklearn n_init=10).
+    cfg.MODEL.PIXEL_GROUPING.KMEANS_N_INIT = 10
+    # Lloyd iteration cap (sklearn default 300).
+    cfg.MODEL.PIXEL_GROUPING.KMEANS_MAX_ITER = 300
+    # Convergence tolerance on centre shift, relative to the data variance (sklearn default 1e-4).
+    cfg.MODEL.PIXEL_GROUPING.KMEANS_TOL = 1e-4
+    # Seed of the k-means++ generator (reference: random_state=0).
+    cfg.MODEL.PIXEL_GROUPING.SEED = 0
+    # Where object masks come from: "gt" (dataset annotations of an object-view dataset), "json" (a
+    # COCO-format instance results file), "model" (a stage-0 Mask2Former) or "detic" (a Detic model).
+    cfg.MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE = "gt"
+    # COCO results JSON (list of {image_id, category_id, segmentation, score}) for source "json".
+    cfg.MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON = ""
+    # Config file of the object model for sources "model"/"detic" (its own MODEL.WEIGHTS or the next key).
+    cfg.MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG = ""
+    # Checkpoint of the object model; "" = the MODEL.WEIGHTS inside OBJECT_MODEL_CONFIG.
+    cfg.MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS = ""
+    # Keep objects whose score is at least this (GT objects have score 1).
+    cfg.MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH = 0.5
+    # Keep objects covering at least this fraction of the image (seed 000: MIN_OBJECT_AREA_RATIO 0.001).
+    cfg.MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO = 0.001
+    # Keep at most this many objects per image, by score (reference on ImageNet: the top-1 Detic mask).
+    cfg.MODEL.PIXEL_GROUPING.OBJECT_TOPK = 10
+    # Dense CRF refinement of the segments (seed 000 "Method details").
+    cfg.MODEL.PIXEL_GROUPING.CRF = CN()
+    # Run the CRF after K-means.
+    cfg.MODEL.PIXEL_GROUPING.CRF.ENABLED = True
+    # "torch" (batched, on the model's device) or "pydensecrf" (the reference's CPU library).
+    cfg.MODEL.PIXEL_GROUPING.CRF.BACKEND = "torch"
+    # θγ, the spatial (Gaussian) kernel's standard deviation in pixels (seed 000: 3).
+    cfg.MODEL.PIXEL_GROUPING.CRF.SPATIAL_SIGMA = 3.0
+    # w2, the spatial kernel's weight (seed 000: 3).
+    cfg.MODEL.PIXEL_GROUPING.CRF.SPATIAL_WEIGHT = 3.0
+    # θα, the bilateral kernel's spatial standard deviation in pixels (seed 000: 20).
+    cfg.MODEL.PIXEL_GROUPING.CRF.BILATERAL_SIGMA_XY = 20.0
+    # θβ, the bilateral kernel's colour standard deviation (seed 000: 13).
+    cfg.MODEL.PIXEL_GROUPING.CRF.BILATERAL_SIGMA_RGB = 13.0
+    # w1, the bilateral kernel's weight (seed 000: 10).
+    cfg.MODEL.PIXEL_GROUPING.CRF.BILATERAL_WEIGHT = 10.0
+    # p_gt, the probability the unary gives each pixel's K-means label (seed 000: 0.7).
+    cfg.MODEL.PIXEL_GROUPING.CRF.GT_PROB = 0.7
+    # Mean-field iterations (seed 000: 10).
+    cfg.MODEL.PIXEL_GROUPING.CRF.NUM_ITERS = 10
+    # Clip refined parts to the object mask (the reference does not, so parts may leak into background).
+    cfg.MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT = True
+
+
+def _add_pseudo_label_config(cfg: CN) -> None:
+    # Training on a pseudo-label store (data/pseudo_labels.py) with PseudoLabelDatasetMapper.
+    cfg.MODEL.PSEUDO_LABELS = CN()
+    # gt_classes = the stored part_class (stage-3 "ranking" stores; stage 4) instead of 0
+    # (class-agnostic part proposals; stage 2).
+    cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES = False
+    # Keep a part only if its area after augmentation is > this fraction of its object's area
+    # (seed 000 / reference stage-2 script: PROPOSAL_LEARNING.MIN_AREA_RATIO 0.05).
+    cfg.MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
+    # Root of the pseudo-label store; its stores register as "<source>_pseudo_<stage>" datasets.
+    cfg.DATASETS.PSEUDO_LABEL_ROOT = "pseudo_labels"

@@ -58,6 +58,10 @@ def setup_cfg(args):
     """Frozen config for a tool run, with detectron2's logging/output-dir set-up done."""
     cfg = check_runtime(load_cfg(args.config_file, args.opts))
     cfg.freeze()
+    if cfg.DATASETS.PSEUDO_LABEL_ROOT:
+        from ..data.pseudo_labels import register_all_pseudo_label_datasets
+
+        register_all_pseudo_label_datasets(cfg.DATASETS.PSEUDO_LABEL_ROOT)
     default_setup(cfg, args)
     return cfg
 

@@ -3,3 +3,5 @@ from .registry import DATASET_MAPPER_REGISTRY, build_dataset_mapper  # noqa: F40
 from .instance_lsj import InstanceLSJDatasetMapper  # noqa: F401
 from .keypoints import KeypointDatasetMapper  # noqa: F401
 from .paired_view import PairedViewDatasetMapper  # noqa: F401
+from .pixel_grouping import PixelGroupingDatasetMapper  # noqa: F401
+from .pseudo_label_mapper import PseudoLabelDatasetMapper  # noqa: F401

@@ -107,11 +107,13 @@ class PseudoLabelDatasetMapper:
 
     def __call__(self, dataset_dict: dict):
         dataset_dict = copy.deepcopy(dataset_dict)  # the loader reuses the dict across epochs
+        parts = dataset_dict.pop("annotations", [])
+        objects = dataset_dict.pop("objects", [])
+        if self.is_train and not parts:
+            return None  # an image without pseudo-labels teaches nothing; the loader draws another
         image = self._read_image(dataset_dict)
         if image is None:
             return None
-        parts = dataset_dict.pop("annotations", [])
-        objects = dataset_dict.pop("objects", [])
         if not self.is_train:
             aug_input = T.AugInput(image)
             self.augmentations(aug_input)

@@ -1,3 +1,3 @@
-"""Dataset registrations; each is lazy, so importing this package reads no files."""
-
-from . import toyparts  # noqa: F401  (registers toyparts_* lazily)
+"""Lazy dataset registrations: importing registers names and metadata; nothing is read until used."""
+from . import toyparts  # noqa: F401
+from . import part_imagenet, partimagenet_seg, cub, celeba, deepfashion, imagenet  # noqa: F401

@@ -1,0 +1,124 @@
+"""Mapper for stage 1 (pixel grouping): the image resized so its longer side is INPUT.IMAGE_SIZE, plus
+the object masks to group inside, taken from the record's annotations (an object-view dataset) or
+from a COCO-format results JSON. With an object *model* as the source the model finds the objects
+and this mapper only prepares the image.
+"""
+import copy
+import json
+import logging
+from collections import defaultdict
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.config import configurable
+from detectron2.data import transforms as T
+from detectron2.structures import Instances
+
+from ...utils.errors import ConfigError
+from .instance_lsj import read_image_or_none
+from .registry import DATASET_MAPPER_REGISTRY
+
+__all__ = ["PixelGroupingDatasetMapper", "load_object_results"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_object_results(path: str) -> dict:
+    """image_id → list of {segmentation, score, category_id} from a COCO results JSON."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON={path!r} does not exist.")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON={path!r} is not valid JSON ({e}).")
+    if not isinstance(results, list) or not all("segmentation" in r and "image_id" in r for r in results):
+        raise ConfigError(
+            f"{path}: expected a COCO results list of {{image_id, category_id, segmentation, score}}, "
+            "as detectron2's COCOEvaluator writes to coco_instances_results.json."
+        )
+    by_image = defaultdict(list)
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    return by_image
+
+
+def _decode(segmentation, height, width) -> np.ndarray:
+    if isinstance(segmentation, list):  # polygons
+        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = mask_util.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_util.decode(rle).astype(bool)
+
+
+@DATASET_MAPPER_REGISTRY.register()
+class PixelGroupingDatasetMapper:
+    """Dataset dict → ``{"image", "objects" (gt_masks, gt_classes, scores; absent for model sources), ...}``."""
+
+    @configurable
+    def __init__(self, *, image_size: int, image_format: str, object_source: str, object_results=None):
+        self.image_size = image_size
+        self.image_format = image_format
+        self.object_source = object_source
+        self._object_results_path = object_results
+        self._object_results = None
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = False):
+        pg = cfg.MODEL.PIXEL_GROUPING
+        return {
+            "image_size": cfg.INPUT.IMAGE_SIZE,
+            "image_format": cfg.INPUT.FORMAT,
+            "object_source": pg.OBJECT_MASK_SOURCE,
+            "object_results": pg.OBJECT_MASKS_JSON or None,
+        }
+
+    def _objects_of(self, record, orig_hw):
+        if self.object_source == "gt":
+            anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+            scores = [1.0] * len(anns)
+        elif self.object_source == "json":
+            if self._object_results is None:
+                self._object_results = load_object_results(self._object_results_path)
+            anns = self._object_results.get(record["image_id"], [])
+            scores = [float(a.get("score", 1.0)) for a in anns]
+        else:
+            return None  # the model finds the objects
+        h, w = orig_hw
+        masks = np.zeros((len(anns), h, w), dtype=bool)
+        for i, a in enumerate(anns):
+            masks[i] = _decode(a["segmentation"], h, w)
+        classes = [int(a.get("category_id", -1)) for a in anns]
+        return masks, np.asarray(classes, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    def __call__(self, dataset_dict: dict):
+        record = copy.deepcopy(dataset_dict)
+        image = read_image_or_none(record, self.image_format)
+        if image is None:
+            return None
+        h, w = image.shape[:2]
+        scale = self.image_size / max(h, w)
+        new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        resize = T.ResizeTransform(h, w, new_h, new_w)
+        out = {k: record[k] for k in ("file_name", "image_id", "height", "width") if k in record}
+        out.setdefault("height", h)
+        out.setdefault("width", w)
+        for key in ("dataset_index", "class_code"):
+            if key in record:
+                out[key] = record[key]
+        out["image"] = torch.as_tensor(np.ascontiguousarray(resize.apply_image(image).transpose(2, 0, 1)))
+        objects = self._objects_of(record, (h, w))
+        if objects is not None:
+            masks, classes, scores = objects
+            resized = np.stack([resize.apply_segmentation(m.astype(np.uint8)) for m in masks]) if len(masks) else (
+                np.zeros((0, new_h, new_w), np.uint8)
+            )  # fmt: skip
+            inst = Instances((new_h, new_w))
+            inst.gt_masks = torch.from_numpy(resized.astype(bool))
+            inst.gt_classes = torch.from_numpy(classes)
+            inst.scores = torch.from_numpy(scores)
+            out["objects"] = inst
+        return out
