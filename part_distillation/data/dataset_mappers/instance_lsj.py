@@ -13,26 +13,42 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ..validation import ERROR, check_image_file
 from .registry import DATASET_MAPPER_REGISTRY
 
-__all__ = ["InstanceLSJDatasetMapper", "read_image_or_none"]
+__all__ = ["InstanceLSJDatasetMapper", "read_image_checked", "read_image_or_none"]
 
 logger = logging.getLogger(__name__)
 
 
-def read_image_or_none(dataset_dict: dict, image_format: str):
-    """Read and size-check the image of ``dataset_dict``; on a bad file log why and return None.
+def read_image_checked(dataset_dict: dict, image_format: str):
+    """``(image, None)``, or ``(None, reason)`` when the file is missing, corrupt or degenerate.
 
-    Returning None makes detectron2's ``MapDataset`` draw another sample, so one corrupt JPEG in a
-    large dataset costs a warning instead of a crash inside PIL.
+    The validator's checks name *why* a read failed (truncated, 0 bytes, EXIF size mismatch, ...);
+    they only run on failure, so good images cost nothing extra.
     """
     file_name = dataset_dict["file_name"]
     try:
         image = utils.read_image(file_name, format=image_format)
         utils.check_image_size(dataset_dict, image)
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
-        logger.warning("Skipping unreadable image %s: %s", file_name, e)
-        return None
+        expected_hw = (dataset_dict.get("height"), dataset_dict.get("width"))
+        reasons = [f"{f.check}: {f.detail}" for f in check_image_file(file_name, expected_hw) if f.severity == ERROR]
+        return None, "; ".join(reasons) or str(e)
+    if min(image.shape[:2]) < 2:
+        return None, "degenerate image {}x{}".format(*image.shape[:2])
+    return image, None
+
+
+def read_image_or_none(dataset_dict: dict, image_format: str):
+    """The image of ``dataset_dict``; on a bad file log why and return None.
+
+    Returning None makes detectron2's ``MapDataset`` draw another sample, so one corrupt JPEG in a
+    large dataset costs a warning instead of a crash inside PIL.
+    """
+    image, reason = read_image_checked(dataset_dict, image_format)
+    if image is None:
+        logger.warning("Skipping unreadable image %s: %s", dataset_dict["file_name"], reason)
     return image
 
 

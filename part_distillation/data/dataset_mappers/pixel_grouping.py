@@ -16,7 +16,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from ...utils.errors import ConfigError
-from .instance_lsj import read_image_or_none
+from .instance_lsj import read_image_checked
 from .registry import DATASET_MAPPER_REGISTRY
 
 __all__ = ["PixelGroupingDatasetMapper", "load_object_results"]
@@ -56,7 +56,11 @@ def _decode(segmentation, height, width) -> np.ndarray:
 
 @DATASET_MAPPER_REGISTRY.register()
 class PixelGroupingDatasetMapper:
-    """Dataset dict → ``{"image", "objects" (gt_masks, gt_classes, scores; absent for model sources), ...}``."""
+    """Dataset dict → ``{"image", "objects" (gt_masks, gt_classes, scores; absent for model sources), ...}``.
+
+    An unreadable image maps to ``{"skipped": reason, ...}`` instead of None: during labelling every
+    dataset index must produce exactly one output (detectron2 would silently substitute another image).
+    """
 
     @configurable
     def __init__(self, *, image_size: int, image_format: str, object_source: str, object_results=None):
@@ -96,9 +100,11 @@ class PixelGroupingDatasetMapper:
 
     def __call__(self, dataset_dict: dict):
         record = copy.deepcopy(dataset_dict)
-        image = read_image_or_none(record, self.image_format)
+        image, reason = read_image_checked(record, self.image_format)
         if image is None:
-            return None
+            # labelling must account for every image, so a bad one becomes a counted, named skip
+            logger.warning("Skipping %s: %s", record["file_name"], reason)
+            return {"skipped": reason, **{k: record[k] for k in ("file_name", "image_id", "dataset_index") if k in record}}
         h, w = image.shape[:2]
         scale = self.image_size / max(h, w)
         new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))

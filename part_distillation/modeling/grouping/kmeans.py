@@ -172,12 +172,14 @@ def _prepare_chunk(x: torch.Tensor, valid: torch.Tensor, instances: torch.Tensor
     order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :n]
     packed = x[instances[:, None], order].to(_compute_dtype(x.dtype))  # always a fresh copy
     packed_valid = torch.arange(n, device=x.device)[None, :] < num_valid[:, None]
+    padding = ~packed_valid
+    packed[padding] = 0.0  # touches the padding rows only
     if metric == "cosine":
         F.normalize(packed, dim=-1, out=packed)
-    packed.mul_(packed_valid[..., None])
     mean = packed.sum(dim=1) / num_valid.clamp(min=1)[:, None].to(packed.dtype)
-    packed.sub_(mean[:, None, :]).mul_(packed_valid[..., None])
-    sqnorm = packed.pow(2).sum(dim=-1)
+    packed.sub_(mean[:, None, :])
+    packed[padding] = 0.0
+    sqnorm = torch.linalg.vector_norm(packed, dim=-1).pow_(2)
     return _Prepared(packed, sqnorm, packed_valid, num_valid, mean, order)
 
 
@@ -369,22 +371,22 @@ def _lloyd(
 
 
 def _select_best(
-    data: _Prepared,
     centers: torch.Tensor,
     labels: torch.Tensor,
     inertia: torch.Tensor,
     n_iter: torch.Tensor,
     slot_active: torch.Tensor,
 ):
-    """Best restart per instance; its inertia is recomputed exactly as sum ||x - c||^2."""
-    b, n = labels.shape[:2]
-    best = inertia.argmin(dim=1)  # first minimum on ties, like scikit-learn's strict "<"
-    batch_index = torch.arange(b, device=best.device)
-    centers, slot_active = centers[batch_index, best], slot_active[batch_index, best]  # [b, k, C]
-    labels = labels[batch_index, :, best]  # [b, n]
-    assigned = centers[batch_index[:, None], labels]  # [b, n, C]
-    inertia = (data.x - assigned).pow_(2).sum(dim=-1).mul_(data.valid).sum(dim=1)
-    return centers, labels, inertia, n_iter[batch_index, best], slot_active
+    """Best restart per instance (lowest inertia; first one on ties, like scikit-learn's "<")."""
+    best = inertia.argmin(dim=1)
+    index = torch.arange(best.shape[0], device=best.device)
+    return (
+        centers[index, best],  # [b, k, C]
+        labels[index, :, best],  # [b, n]
+        inertia[index, best],
+        n_iter[index, best],
+        slot_active[index, best],
+    )
 
 
 def _kmeans_chunk(
@@ -408,9 +410,7 @@ def _kmeans_chunk(
     centers, labels, inertia, n_iter = _lloyd(
         data, centers, slot_active, variance * tol, max_iter, spherical=metric == "cosine"
     )
-    centers, labels, inertia, n_iter, slot_active = _select_best(
-        data, centers, labels, inertia, n_iter, slot_active
-    )
+    centers, labels, inertia, n_iter, slot_active = _select_best(centers, labels, inertia, n_iter, slot_active)
     centers = centers + data.mean[:, None, :]  # back to the caller's coordinates
     if metric == "cosine":
         centers = F.normalize(centers, dim=-1)
