@@ -13,11 +13,14 @@ Both sides run in the same process on the same data:
   on every instance's valid features (float32 NumPy, CPU);
 * ``torch``: ``batched_kmeans`` on all instances at once (on ``--device``).
 
-Reported: seconds, speed-up, mean inertia of each, relative inertia difference (mean and worst
-instance; positive = torch worse) and the mean adjusted Rand index between the two labelings.
+Reported: seconds, speed-up, mean inertia of each, relative inertia difference (of the means, and
+the worst instance; positive = torch worse) and the mean adjusted Rand index between the two
+labelings. On CPU the torch run is repeated with one thread: on the shared 2-core machine another
+process holding a core makes 2-thread OpenMP runs erratic, and the load average is recorded.
+scikit-learn runs with one thread by default (its fastest setting there, see ``run_sklearn``).
 Results go to benchmarks/results/kmeans.json.
 
-    python benchmarks/kmeans.py [--device cpu|cuda] [--threads 2] [--instances 64] [--repeats 1]
+    python benchmarks/kmeans.py [--device cpu|cuda] [--threads 2] [--sklearn-threads 1|default]
 """
 import argparse
 import datetime
@@ -59,45 +62,61 @@ def make_instances(num, min_points, max_points, channels, components=6, separati
     return x, valid
 
 
-def run_sklearn(x, valid, k, n_init):
-    """The reference: one scikit-learn K-means per instance. Returns seconds, inertia, labels."""
+def run_sklearn(x, valid, k, n_init, threads):
+    """The reference: one scikit-learn K-means per instance. Returns seconds, inertia, labels.
+
+    ``threads``: OpenMP/BLAS threads of scikit-learn (None: its defaults). Next to torch on the
+    2-core machine its defaults oversubscribe the cores and run ~10-40x slower than one thread,
+    so the fair baseline is one thread.
+    """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     inertia, labels = [], []
-    start = time.perf_counter()
-    for b in range(x.shape[0]):
-        km = KMeans(n_clusters=k, n_init=n_init, random_state=0).fit(x[b][valid[b]])
-        inertia.append(km.inertia_)
-        labels.append(km.labels_)
-    return time.perf_counter() - start, np.asarray(inertia, dtype=np.float64), labels
-
-
-def run_torch(x, valid, k, n_init, device, repeats):
-    """Batched K-means; the time is the best of ``repeats`` runs, input already on the device."""
-    xt = torch.from_numpy(x).to(device)
-    vt = torch.from_numpy(valid).to(device)
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    with threadpool_limits(limits=threads):
         start = time.perf_counter()
-        result = batched_kmeans(xt, vt, k, n_init=n_init, seed=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        for b in range(x.shape[0]):
+            km = KMeans(n_clusters=k, n_init=n_init, random_state=0).fit(x[b][valid[b]])
+            inertia.append(km.inertia_)
+            labels.append(km.labels_)
+        seconds = time.perf_counter() - start
+    return seconds, np.asarray(inertia, dtype=np.float64), labels
+
+
+def run_torch(x, valid, k, n_init, device, repeats, threads):
+    """Batched K-means with ``threads`` intra-op threads; best time of ``repeats`` runs (input on device)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xt = torch.from_numpy(x).to(device)
+        vt = torch.from_numpy(valid).to(device)
+        batched_kmeans(xt[:2], vt[:2], k, n_init=n_init)  # warm-up: allocator, thread pool, CUDA kernels
+        best, result = float("inf"), None
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            result = batched_kmeans(xt, vt, k, n_init=n_init, seed=0)
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
     inertia = result.inertia.double().cpu().numpy()
     labels = [result.labels[b].cpu().numpy()[valid[b]] for b in range(x.shape[0])]
     return best, inertia, labels, result.n_iter.float().mean().item()
 
 
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_info(device):
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
     try:
@@ -109,6 +128,21 @@ def machine_info(device):
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _load():
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def write_json_atomic(path, payload):
@@ -124,61 +158,81 @@ def write_json_atomic(path, payload):
         raise
 
 
+def compare(name, seconds, inertia, labels, reference):
+    """One table row: timing and inertia of a torch run against the scikit-learn reference."""
+    from sklearn.metrics import adjusted_rand_score
+
+    ref_seconds, ref_inertia, ref_labels = reference
+    rel = (inertia - ref_inertia) / ref_inertia
+    return {
+        "name": name,
+        "seconds": seconds,
+        "speedup": ref_seconds / seconds,
+        "mean_inertia": float(inertia.mean()),
+        "rel_inertia_diff_of_means": float(inertia.mean() / ref_inertia.mean() - 1.0),
+        "rel_inertia_diff_mean": float(rel.mean()),
+        "rel_inertia_diff_worst": float(rel.max()),
+        "mean_adjusted_rand_vs_sklearn": float(
+            np.mean([adjusted_rand_score(a, b) for a, b in zip(ref_labels, labels)])
+        ),
+    }
+
+
+def print_table(reference, rows):
+    print(f"{'':<28} {'seconds':>8} {'vs sklearn':>10} {'mean inertia':>14} {'rel. diff':>10} {'worst':>8}")
+    print(f"{reference['name']:<28} {reference['seconds']:8.3f} {'1.0x':>10} {reference['mean_inertia']:14.1f}")
+    for row in rows:
+        print(
+            f"{row['name']:<28} {row['seconds']:8.3f} {row['speedup']:9.1f}x {row['mean_inertia']:14.1f} "
+            f"{100 * row['rel_inertia_diff_of_means']:+9.3f}% {100 * row['rel_inertia_diff_worst']:+7.2f}%"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (falls back to cpu if unavailable)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--sklearn-threads", default="1", help="scikit-learn OpenMP/BLAS threads, or 'default'")
     parser.add_argument("--instances", type=int, default=64)
     parser.add_argument("--min-points", type=int, default=1200)
     parser.add_argument("--max-points", type=int, default=1600)
     parser.add_argument("--channels", type=int, default=1536)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--n-init", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=1, help="torch runs (best time is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="torch runs (best time is reported)")
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA requested but not available; running on cpu.")
         device = torch.device("cpu")
+    sklearn_threads = None if args.sklearn_threads == "default" else int(args.sklearn_threads)
+    load_before = _load()
 
     x, valid = make_instances(args.instances, args.min_points, args.max_points, args.channels)
-    if device.type == "cuda":  # warm-up: CUDA context and kernels
-        run_torch(x[:2], valid[:2], args.k, args.n_init, device, 1)
-    t_torch, inertia_torch, labels_torch, iters = run_torch(x, valid, args.k, args.n_init, device, args.repeats)
-    t_sk, inertia_sk, labels_sk = run_sklearn(x, valid, args.k, args.n_init)
+    runs = [(f"torch {device.type}, {args.threads} threads", args.threads)]
+    if device.type == "cpu" and args.threads != 1:
+        runs.append(("torch cpu, 1 thread", 1))  # immune to another process holding a core
+    measured = []
+    for name, threads in runs:
+        seconds, inertia, labels, iters = run_torch(x, valid, args.k, args.n_init, device, args.repeats, threads)
+        measured.append((name, seconds, inertia, labels, iters))
+    reference = run_sklearn(x, valid, args.k, args.n_init, sklearn_threads)
 
-    from sklearn.metrics import adjusted_rand_score
-
-    rel = (inertia_torch - inertia_sk) / inertia_sk
-    ari = float(np.mean([adjusted_rand_score(a, b) for a, b in zip(labels_sk, labels_torch)]))
-    summary = {
-        "sklearn_s": t_sk,
-        "torch_s": t_torch,
-        "speedup": t_sk / t_torch,
-        "sklearn_mean_inertia": float(inertia_sk.mean()),
-        "torch_mean_inertia": float(inertia_torch.mean()),
-        "rel_inertia_diff_of_means": float(inertia_torch.mean() / inertia_sk.mean() - 1.0),
-        "rel_inertia_diff_mean": float(rel.mean()),
-        "rel_inertia_diff_worst": float(rel.max()),
-        "mean_adjusted_rand": ari,
-        "torch_mean_n_iter": iters,
-    }
-    print(f"{'':>8} {'seconds':>9} {'mean inertia':>14}")
-    print(f"{'sklearn':>8} {t_sk:9.3f} {inertia_sk.mean():14.1f}")
-    print(f"{'torch':>8} {t_torch:9.3f} {inertia_torch.mean():14.1f}")
-    print(
-        f"speed-up {summary['speedup']:.1f}x | inertia torch vs sklearn: "
-        f"{100 * summary['rel_inertia_diff_of_means']:+.3f}% of means, "
-        f"{100 * summary['rel_inertia_diff_mean']:+.3f}% mean per instance, "
-        f"{100 * summary['rel_inertia_diff_worst']:+.3f}% worst | ARI {ari:.4f} | device {device}"
-    )
+    sk_name = f"sklearn loop, {args.sklearn_threads} thread(s)"
+    sk_row = {"name": sk_name, "seconds": reference[0], "mean_inertia": float(reference[1].mean())}
+    rows = []
+    for name, seconds, inertia, labels, iters in measured:
+        row = compare(name, seconds, inertia, labels, reference)
+        row["mean_n_iter_best_restart"] = iters
+        rows.append(row)
+    print_table(sk_row, rows)
     payload = {
         "benchmark": "kmeans",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device),
+        "load_average": {"before": load_before, "after": _load()},
         "workload": {
             "instances": args.instances,
             "points": [args.min_points, args.max_points],
@@ -186,9 +240,11 @@ def main(argv=None):
             "k": args.k,
             "n_init": args.n_init,
             "dtype": "float32",
+            "torch_repeats": args.repeats,
         },
         "targets": {"speedup_min": 10.0, "rel_inertia_diff_max": 0.01},
-        "results": summary,
+        "sklearn": sk_row,
+        "torch": rows,
     }
     write_json_atomic(args.output, payload)
     print(f"wrote {args.output}")

@@ -26,6 +26,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_view_mapper_config(cfg)
     _add_pixel_grouping_config(cfg)
     _add_pseudo_label_config(cfg)
+    _add_proposal_config(cfg)
     return cfg
 
 
@@ -157,6 +158,10 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO = 0.001
     # Keep at most this many objects per image, by score (reference on ImageNet: the top-1 Detic mask).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_TOPK = 10
+    # Images per labelling batch; all their objects are clustered in one batched K-means (reference: 1).
+    cfg.MODEL.PIXEL_GROUPING.IMS_PER_BATCH = 4
+    # A dataset with GT parts for the same images (same image_id); "" = no AR@k evaluation of the labels.
+    cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET = ""
     # Dense CRF refinement of the segments (seed 000 "Method details").
     cfg.MODEL.PIXEL_GROUPING.CRF = CN()
     # Run the CRF after K-means.
@@ -192,3 +197,21 @@ def _add_pseudo_label_config(cfg: CN) -> None:
     cfg.MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
     # Root of the pseudo-label store; its stores register as "<source>_pseudo_<stage>" datasets.
     cfg.DATASETS.PSEUDO_LABEL_ROOT = "pseudo_labels"
+
+
+def _add_proposal_config(cfg: CN) -> None:
+    # Stage 2 (ProposalModel): class-agnostic part proposals trained on pseudo-labels (seed 000).
+    cfg.MODEL.PROPOSAL = CN()
+    # Stage-0 instance checkpoint whose sem_seg_head.pixel_decoder.* and .predictor.* tensors initialise the
+    # model where shapes match (seed 000: "decoder layers are also initialized from the COCO instance
+    # segmentation model"; the Nc+1 class head never matches); "" = no such initialisation.
+    cfg.MODEL.PROPOSAL.INIT_FROM = ""
+    # Object-conditioned inference: pixel x of an object goes to argmax_j s_j·sigmoid(m_j(x)), making the
+    # parts of an object disjoint (seed 000 "Class-specific part ranking"; reference _unique_assignment): True.
+    cfg.MODEL.PROPOSAL.PER_PIXEL_ASSIGNMENT = True
+    # Multiply mask logits by the union of the input's object masks, M_o (reference
+    # APPLY_MASKING_WITH_OBJECT_MASK: True); only applies when the input carries "objects".
+    cfg.MODEL.PROPOSAL.APPLY_OBJECT_MASK = True
+    # Evaluator for DATASETS.TEST, e.g. "part_proposal" (AR@k) for a part dataset registered as "coco";
+    # "" = each dataset's evaluator_type metadata.
+    cfg.TEST.EVALUATOR_TYPE = ""

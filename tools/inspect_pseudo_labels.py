@@ -13,19 +13,14 @@ import argparse
 import os
 import sys
 
-import cv2
 import numpy as np
 from tabulate import tabulate
 
 # Allow running from a source checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from part_distillation.data.pseudo_labels import (  # noqa: E402
-    PseudoLabelReader,
-    atomic_write_bytes,
-    decode_mask,
-    mask_area,
-)
+from part_distillation.data.pseudo_labels import PseudoLabelReader, mask_area  # noqa: E402
+from part_distillation.utils.visualization import render_pseudo_labels  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -77,32 +72,8 @@ def _class_table(counts, names, title):
 
 
 def render(record, out_dir, rank):
-    """One overlay: parts in distinct colours over the image, object contours in white."""
-    h, w = record["height"], record["width"]
-    image = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)
-    if image is None:  # missing/unreadable: draw on grey so the labels are still visible
-        image = np.full((h, w, 3), 127, dtype=np.uint8)
-    elif image.shape[:2] != (h, w):
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    canvas = image.astype(np.float32)
-    rng = np.random.default_rng(0)
-    for obj in record["objects"]:
-        for part in obj["parts"]:
-            mask = decode_mask(part["segmentation"])
-            colour = rng.integers(40, 256, size=3).astype(np.float32)
-            canvas[mask] = 0.45 * canvas[mask] + 0.55 * colour
-    canvas = np.ascontiguousarray(canvas.astype(np.uint8))
-    for obj in record["objects"]:
-        mask = decode_mask(obj["segmentation"]).astype(np.uint8)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, contours, -1, (255, 255, 255), 1)
-    ok, png = cv2.imencode(".png", canvas)
-    if not ok:
-        raise RuntimeError("cv2 could not encode a PNG")
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(record["image_id"]))
-    path = os.path.join(out_dir, f"{rank:04d}_{safe_id}.png")
-    atomic_write_bytes(path, png.tobytes())
-    return path
+    return render_pseudo_labels(record, os.path.join(out_dir, f"{rank:04d}_{safe_id}.png"))
 
 
 def main(argv=None):

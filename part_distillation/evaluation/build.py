@@ -33,10 +33,14 @@ def build_coco_evaluator(cfg, dataset_name, output_folder):
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     """One evaluator (or a DatasetEvaluators of several) for ``dataset_name``.
 
-    The dataset's ``evaluator_type`` metadata is a registry key or a list of them.
+    The dataset's ``evaluator_type`` metadata is a registry key or a list of them; a non-empty
+    ``TEST.EVALUATOR_TYPE`` overrides it (e.g. "part_proposal" for a part dataset registered as "coco").
     """
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     types = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    override = cfg.TEST.get("EVALUATOR_TYPE", "")
+    if override:
+        types = override
     if types is None:
         raise ConfigError(
             f"Dataset {dataset_name!r} has no 'evaluator_type' metadata; set it when registering the dataset "

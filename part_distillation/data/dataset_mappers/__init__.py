@@ -5,3 +5,4 @@ from .keypoints import KeypointDatasetMapper  # noqa: F401
 from .paired_view import PairedViewDatasetMapper  # noqa: F401
 from .pixel_grouping import PixelGroupingDatasetMapper  # noqa: F401
 from .pseudo_label_mapper import PseudoLabelDatasetMapper  # noqa: F401
+from .part_eval import PartEvalDatasetMapper  # noqa: F401

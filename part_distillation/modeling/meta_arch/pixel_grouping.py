@@ -1,0 +1,277 @@
+"""Stage 1: part segments by clustering backbone features inside each object (seed 000, Tab. 1/4/5).
+
+For every object of a batch at once: backbone levels (default res3+res4) are resized to the first
+level's grid (stride 8) and concatenated; the object's feature vectors are clustered with our batched
+torch K-means (K = 4, 10 restarts, Euclidean, as sklearn in the reference); every pixel of the
+object is then assigned to the centroid it is most similar to (``DISTANCE``: the reference's "dot"
+product by default) — the similarities are computed on the feature grid and bilinearly upsampled, so
+the assignment is smooth at full resolution — and the segments are refined by a dense CRF.
+
+Inference only. Output per image (at the input's original height/width):
+``{"instances": objects (pred_masks, scores, pred_classes), "part_instances": part segments
+(pred_masks, scores = 1, pred_classes = 0, object_index)}``.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList, Instances
+from torch import nn
+
+from ...utils.errors import ConfigError
+from ..grouping.crf import DenseCRFRefiner
+from ..grouping.kmeans import batched_kmeans
+from .object_source import build_object_model, filter_objects
+
+__all__ = ["PixelGroupingModel", "group_pixels"]
+
+logger = logging.getLogger(__name__)
+
+
+def _similarity(feats: torch.Tensor, centers: torch.Tensor, distance: str) -> torch.Tensor:
+    """[M, C, h, w] × [M, K, C] → [M, K, h, w]; larger = more similar."""
+    dot = torch.einsum("mchw,mkc->mkhw", feats, centers)
+    if distance == "dot":
+        return dot
+    if distance == "l2":  # −‖x − c‖² up to the per-pixel constant ‖x‖²
+        return 2 * dot - (centers**2).sum(-1)[:, :, None, None]
+    if distance == "cosine":
+        fn = feats.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        cn = centers.norm(dim=-1).clamp_min(1e-6)[:, :, None, None]
+        return dot / fn / cn
+    raise ConfigError(f"MODEL.PIXEL_GROUPING.DISTANCE={distance!r}: use 'dot', 'l2' or 'cosine'.")
+
+
+def _object_grid_masks(masks: torch.Tensor, grid_hw) -> torch.Tensor:
+    """Object masks [M, H, W] (padded image size) → feature-grid masks [M, h, w].
+
+    Nearest sampling as the reference; an object too thin to hit a grid point keeps every cell it
+    touches, so small objects still get segments instead of being dropped.
+    """
+    m = masks[:, None].float()
+    nearest = F.interpolate(m, size=grid_hw, mode="nearest")[:, 0] > 0.5
+    touched = F.adaptive_max_pool2d(m, grid_hw)[:, 0] > 0.5
+    empty = ~nearest.flatten(1).any(1)
+    nearest[empty] = touched[empty]
+    return nearest
+
+
+def group_pixels(
+    feats: torch.Tensor,
+    object_masks: torch.Tensor,
+    object_image: torch.Tensor,
+    num_parts: int,
+    distance: str,
+    kmeans_kwargs: dict,
+):
+    """Part labels (0 = outside the object, 1..K) for every object at full (padded) resolution.
+
+    Args:
+        feats: [B, C, h, w] concatenated features of the padded batch.
+        object_masks: [M, Hp, Wp] bool masks at padded image resolution.
+        object_image: [M] image index of each object.
+    Returns:
+        labels [M, Hp, Wp] long, num_clusters [M] long.
+    """
+    num_objects = object_masks.shape[0]
+    grid_hw = feats.shape[-2:]
+    if num_objects == 0:
+        return object_masks.new_zeros(object_masks.shape, dtype=torch.long), object_masks.new_zeros(0, dtype=torch.long)
+    grid = _object_grid_masks(object_masks, grid_hw)  # [M, h, w]
+    obj_feats = feats[object_image]  # [M, C, h, w]
+    points = obj_feats.flatten(2).transpose(1, 2)  # [M, h·w, C]; the validity mask selects the object
+    result = batched_kmeans(points, grid.flatten(1), num_parts, **kwargs_for_kmeans(kmeans_kwargs))
+    sim = _similarity(obj_feats, result.centers.to(obj_feats.dtype), distance)  # [M, K, h, w]
+    # centres of instances with fewer than K distinct points are placeholders: never assign to them
+    k_idx = torch.arange(num_parts, device=sim.device)
+    sim = sim.masked_fill((k_idx[None] >= result.num_clusters[:, None])[:, :, None, None], float("-inf"))
+    sim = F.interpolate(sim.nan_to_num(neginf=-1e30), size=object_masks.shape[-2:], mode="bilinear", align_corners=False)
+    labels = (sim.argmax(1) + 1) * object_masks
+    return labels, result.num_clusters
+
+
+def kwargs_for_kmeans(kmeans_kwargs: dict) -> dict:
+    # K-means is Euclidean whatever DISTANCE says, as in the reference (sklearn); DISTANCE only assigns.
+    return dict(kmeans_kwargs, metric="l2")
+
+
+@META_ARCH_REGISTRY.register()
+class PixelGroupingModel(nn.Module):
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        feature_levels,
+        feature_normalize: bool,
+        num_parts: int,
+        distance: str,
+        kmeans_kwargs: dict,
+        crf: DenseCRFRefiner = None,
+        restrict_to_object: bool = True,
+        object_model: nn.Module = None,
+        object_filter: dict,
+        pixel_mean,
+        pixel_std,
+        size_divisibility: int = 32,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        missing = [lvl for lvl in feature_levels if lvl not in backbone.output_shape()]
+        if missing:
+            raise ConfigError(
+                f"MODEL.PIXEL_GROUPING.FEATURE_LEVELS has {missing}, not produced by the backbone "
+                f"(it has {sorted(backbone.output_shape())})."
+            )
+        self.feature_levels = list(feature_levels)
+        self.feature_normalize = feature_normalize
+        self.num_parts = num_parts
+        self.distance = distance
+        self.kmeans_kwargs = kmeans_kwargs
+        self.crf = crf
+        self.restrict_to_object = restrict_to_object
+        self.object_model = object_model
+        self.object_filter = object_filter
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        pg = cfg.MODEL.PIXEL_GROUPING
+        crf = None
+        if pg.CRF.ENABLED:
+            crf = DenseCRFRefiner(
+                backend=pg.CRF.BACKEND,
+                spatial_sigma=pg.CRF.SPATIAL_SIGMA,
+                spatial_weight=pg.CRF.SPATIAL_WEIGHT,
+                bilateral_sigma_xy=pg.CRF.BILATERAL_SIGMA_XY,
+                bilateral_sigma_rgb=pg.CRF.BILATERAL_SIGMA_RGB,
+                bilateral_weight=pg.CRF.BILATERAL_WEIGHT,
+                gt_prob=pg.CRF.GT_PROB,
+                num_iters=pg.CRF.NUM_ITERS,
+                restrict_to_object=pg.CRF.RESTRICT_TO_OBJECT,
+            )
+        return {
+            "backbone": build_backbone(cfg),
+            "feature_levels": pg.FEATURE_LEVELS,
+            "feature_normalize": pg.FEATURE_NORMALIZE,
+            "num_parts": pg.NUM_PARTS,
+            "distance": pg.DISTANCE,
+            "kmeans_kwargs": {
+                "n_init": pg.KMEANS_N_INIT,
+                "max_iter": pg.KMEANS_MAX_ITER,
+                "tol": pg.KMEANS_TOL,
+                "seed": pg.SEED,
+            },
+            "crf": crf,
+            "restrict_to_object": pg.CRF.RESTRICT_TO_OBJECT,
+            "object_model": build_object_model(cfg),
+            "object_filter": {
+                "score_thresh": pg.OBJECT_SCORE_THRESH,
+                "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
+                "topk": pg.OBJECT_TOPK,
+            },
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Selected backbone levels resized to the first level's grid and concatenated: [B, C, h, w]."""
+        out = self.backbone(images)
+        first = out[self.feature_levels[0]]
+        feats = [first] + [
+            F.interpolate(out[lvl], size=first.shape[-2:], mode="bilinear", align_corners=False)
+            for lvl in self.feature_levels[1:]
+        ]
+        feats = torch.cat(feats, dim=1).float()
+        return F.normalize(feats, dim=1) if self.feature_normalize else feats
+
+    def _objects(self, batched_inputs):
+        if self.object_model is not None:
+            return self.object_model(batched_inputs)
+        if any("objects" not in x for x in batched_inputs):
+            raise ConfigError(
+                "PixelGroupingModel got no object masks: use INPUT.DATASET_MAPPER_NAME PixelGroupingDatasetMapper "
+                "with MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE gt/json, or set OBJECT_MASK_SOURCE model."
+            )
+        return [x["objects"] for x in batched_inputs]
+
+    @torch.no_grad()
+    def forward(self, batched_inputs):
+        if self.training:
+            raise RuntimeError("PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py.")
+        raw = [x["image"].to(self.device) for x in batched_inputs]
+        images = ImageList.from_tensors([(x - self.pixel_mean) / self.pixel_std for x in raw], self.size_divisibility)
+        objects = [filter_objects(o.to(self.device), **self.object_filter) for o in self._objects(batched_inputs)]
+        padded_hw = images.tensor.shape[-2:]
+        masks, owner = [], []
+        for i, obj in enumerate(objects):
+            m = obj.gt_masks
+            masks.append(F.pad(m, (0, padded_hw[1] - m.shape[-1], 0, padded_hw[0] - m.shape[-2])))
+            owner += [i] * len(obj)
+        masks = torch.cat(masks) if masks else torch.zeros((0, *padded_hw), dtype=torch.bool, device=self.device)
+        owner = torch.tensor(owner, dtype=torch.long, device=self.device)
+        labels, _ = group_pixels(
+            self.features(images.tensor), masks, owner, self.num_parts, self.distance, self.kmeans_kwargs
+        )
+        results, start = [], 0
+        for i, (x, obj) in enumerate(zip(batched_inputs, objects)):
+            h, w = images.image_sizes[i]
+            lab = labels[start : start + len(obj), :h, :w]
+            start += len(obj)
+            if self.crf is not None and len(obj):
+                lab = self._refine(raw[i], lab, obj.gt_masks)
+            results.append(self._postprocess(lab, obj, x.get("height", h), x.get("width", w)))
+        return results
+
+    def _refine(self, image: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Dense CRF per object on its bounding box (plus a margin for the 20-px bilateral kernel)."""
+        out = labels.clone()
+        H, W = labels.shape[-2:]
+        margin = 16
+        for j in range(labels.shape[0]):
+            ys, xs = torch.nonzero(masks[j], as_tuple=True)
+            if len(ys) == 0:
+                continue
+            y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, H)
+            x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, W)
+            crop = self.crf.refine(image[:, y0:y1, x0:x1], labels[j, y0:y1, x0:x1], self.num_parts + 1)
+            out[j, y0:y1, x0:x1] = crop.reshape(y1 - y0, x1 - x0)
+        if self.restrict_to_object:
+            out = out * masks
+        return out
+
+    def _postprocess(self, labels: torch.Tensor, objects: Instances, height: int, width: int) -> dict:
+        """Label maps [M, h, w] → object and part Instances at the original resolution."""
+        if labels.shape[-2:] != (height, width):
+            labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
+            obj_masks = F.interpolate(objects.gt_masks[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
+        else:
+            obj_masks = objects.gt_masks
+        obj_inst = Instances((height, width))
+        obj_inst.pred_masks = obj_masks
+        obj_inst.scores = objects.scores.float()
+        obj_inst.pred_classes = objects.gt_classes
+        part_masks, part_owner = [], []
+        for j in range(labels.shape[0]):
+            for k in range(1, self.num_parts + 1):
+                m = labels[j] == k
+                if m.any():
+                    part_masks.append(m)
+                    part_owner.append(j)
+        parts = Instances((height, width))
+        parts.pred_masks = (
+            torch.stack(part_masks) if part_masks else torch.zeros((0, height, width), dtype=torch.bool, device=labels.device)
+        )
+        parts.scores = torch.ones(len(part_masks), device=labels.device)
+        parts.pred_classes = torch.zeros(len(part_masks), dtype=torch.long, device=labels.device)
+        parts.object_index = torch.tensor(part_owner, dtype=torch.long, device=labels.device)
+        return {"instances": obj_inst, "part_instances": parts}

@@ -1,0 +1,256 @@
+"""Stage 2: the class-agnostic part-proposal model D^p (seed 000 "Part-proposal learning"; spec §4).
+
+A :class:`Mask2Former` with one foreground class (N_c = 1: "part"), trained with Hungarian matching on
+part pseudo-labels (every target's class is 0) and, per seed 000, with the mask losses on 12544
+*uniformly random* points (``MODEL.MASK_FORMER.POINT_SAMPLING: "uniform"``) instead of importance
+sampling. Freezing (``MODEL.MASK_FORMER.FREEZE_KEYS``, reference ["backbone", "encoder"]) is done by the
+optimizer builder, as for every stage.
+
+Initialisation (``MODEL.PROPOSAL.INIT_FROM``): the pixel decoder and transformer decoder tensors
+(``sem_seg_head.pixel_decoder.*``, ``sem_seg_head.predictor.*``) of a stage-0 instance checkpoint, where
+the shapes match; the class head (N_c + 1 = 2 outputs instead of the instance model's) never does and
+keeps its fresh initialisation. The file is read when the model is built, so ``MODEL.WEIGHTS`` (loaded
+afterwards by the checkpointer) overrides it wherever it holds the same tensors, and ``--resume``
+overrides both.
+
+Inference (``instances``: ``pred_masks``, ``scores``, ``pred_classes`` (all 0), ``pred_boxes``):
+
+1. s_j = P(part | q_j) = softmax(class logits)[0]; the top ``TEST.DETECTIONS_PER_IMAGE`` queries by s_j.
+2. Mask logits m_j are resized to the input's ``height``×``width`` (as Mask2Former does).
+3. Object conditioning, when the input carries ``objects`` (``gt_masks``, e.g. from
+   :class:`PartEvalDatasetMapper`) and ``MODEL.PROPOSAL.APPLY_OBJECT_MASK`` (spec §1.4, §4.4):
+   m_j ← m_j · M_o with M_o the union of the object masks (logits outside become 0 = "off"). With
+   ``MODEL.PROPOSAL.PER_PIXEL_ASSIGNMENT`` a pixel x goes to argmax_j s_j·sigmoid(m_j(x)) only, inside
+   the support O = {x : max_j m_j(x) > 0} (the reference's ``_unique_assignment``); otherwise masks are
+   m_j > 0 and may overlap. Predictions left empty are dropped.
+4. score_j = s_j × mean sigmoid(m_j) over the final mask, as Mask2Former scores instances.
+
+Without ``objects`` the output is plain Mask2Former instance inference with one class. The reference's
+evaluation-only shortcut that drops predictions not overlapping any GT part (spec §4.4 step 5) is not
+implemented: the model never sees GT parts.
+"""
+import logging
+import os
+import pickle
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, ImageList, Instances
+from torch.nn import functional as F
+
+from ...utils.errors import ConfigError
+from .mask2former import Mask2Former
+
+__all__ = ["ProposalModel", "load_decoder_weights", "proposal_inference", "INIT_PREFIXES"]
+
+logger = logging.getLogger(__name__)
+
+# Tensors that MODEL.PROPOSAL.INIT_FROM may initialise (everything but the backbone).
+INIT_PREFIXES = ("sem_seg_head.pixel_decoder.", "sem_seg_head.predictor.")
+
+
+def _read_checkpoint(path: str) -> dict:
+    """The ``{name: tensor}`` state dict in a detectron2 checkpoint (.pth) or model-zoo pickle (.pkl)."""
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    state = data.get("model", data) if isinstance(data, dict) else data
+    if not isinstance(state, dict):
+        raise ConfigError(f"MODEL.PROPOSAL.INIT_FROM={path!r} holds no state dict (a {type(state).__name__}).")
+    out = {}
+    for name, value in state.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+    return out
+
+
+def load_decoder_weights(model: torch.nn.Module, path: str, prefixes=INIT_PREFIXES) -> dict:
+    """Copy the tensors under ``prefixes`` from checkpoint ``path`` into ``model`` where shapes match.
+
+    Returns ``{"loaded": [...], "shape_mismatch": [(name, checkpoint shape, model shape)], "missing": [...]}``
+    (``missing``: model tensors under ``prefixes`` that the checkpoint lacks) and logs a summary.
+
+    Raises:
+        ConfigError: ``path`` does not exist, or no tensor could be loaded from it.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"MODEL.PROPOSAL.INIT_FROM={path!r} does not exist; give a stage-0 instance checkpoint "
+            "(e.g. output/stage0_instance/model_final.pth) or set it to \"\"."
+        )
+    checkpoint = _read_checkpoint(path)
+    own = model.state_dict()
+    loaded, mismatch, missing, update = [], [], [], {}
+    for name, target in own.items():
+        if not name.startswith(tuple(prefixes)):
+            continue
+        if name not in checkpoint:
+            missing.append(name)
+        elif tuple(checkpoint[name].shape) != tuple(target.shape):
+            mismatch.append((name, tuple(checkpoint[name].shape), tuple(target.shape)))
+        else:
+            update[name] = checkpoint[name].to(dtype=target.dtype)
+            loaded.append(name)
+    if not loaded:
+        raise ConfigError(
+            f"MODEL.PROPOSAL.INIT_FROM={path!r}: no tensor under {', '.join(prefixes)} matches this model "
+            "(is it a Mask2Former checkpoint of the same decoder size?)."
+        )
+    with torch.no_grad():
+        for name, value in update.items():
+            own[name].copy_(value)  # state_dict() tensors share storage with the parameters/buffers
+    logger.info("Initialised %d decoder tensors from %s (MODEL.PROPOSAL.INIT_FROM).", len(loaded), path)
+    for name, theirs, ours in mismatch:
+        logger.info("Skipped %s: shape %s in the checkpoint, %s in the model (kept its initialisation).", name, theirs, ours)
+    if missing:
+        logger.warning("%d decoder tensors are not in %s and keep their initialisation: %s", len(missing), path, missing)
+    return {"loaded": loaded, "shape_mismatch": mismatch, "missing": missing}
+
+
+def _object_union(objects, image_size, output_size, device):
+    """Union of ``objects.gt_masks`` as a bool ``output_size`` mask.
+
+    Masks at the resized image's size (``image_size``, what evaluation mappers produce) are resized to
+    the output size like the predictions; masks already at ``output_size`` are used as they are.
+    """
+    masks = objects.gt_masks
+    if isinstance(masks, BitMasks):
+        masks = masks.tensor
+    masks = torch.as_tensor(masks, device=device)
+    if masks.dim() != 3:
+        raise ValueError(f"objects.gt_masks must be M×H×W, got shape {tuple(masks.shape)}")
+    if masks.shape[0] == 0:
+        return torch.zeros(output_size, dtype=torch.bool, device=device)
+    union = masks.bool().any(dim=0)
+    if tuple(union.shape) == tuple(output_size):
+        return union
+    if tuple(union.shape) != tuple(image_size):
+        raise ValueError(
+            f"object masks of size {tuple(union.shape)} match neither the image {tuple(image_size)} "
+            f"nor the output {tuple(output_size)}"
+        )
+    resized = F.interpolate(union[None, None].float(), size=tuple(output_size), mode="bilinear", align_corners=False)
+    return resized[0, 0] >= 0.5
+
+
+def proposal_inference(mask_cls, mask_pred, topk: int, object_mask=None, per_pixel_assignment: bool = True):
+    """Class-agnostic instances of one image (module doc, steps 1, 3 and 4).
+
+    Args:
+        mask_cls: [Q, 2] class logits (part, no-object).
+        mask_pred: [Q, H, W] mask logits at the output resolution.
+        topk: queries kept, by P(part).
+        object_mask: optional bool [H, W] union of the object masks; None = no conditioning.
+        per_pixel_assignment: with ``object_mask``, make masks disjoint by argmax_j s_j·sigmoid(m_j).
+    Returns:
+        Instances sorted by descending score.
+    """
+    part_prob = F.softmax(mask_cls.float(), dim=-1)[:, 0]
+    topk = min(int(topk), part_prob.numel())
+    part_prob, index = part_prob.topk(topk)  # sorted, descending
+    logits = mask_pred[index].float()
+    if object_mask is None:
+        masks = logits > 0
+    else:
+        logits = logits * object_mask.to(logits)
+        positive = logits > 0
+        if per_pixel_assignment and topk > 0:
+            support = positive.any(dim=0)
+            winner = (part_prob[:, None, None] * logits.sigmoid()).argmax(dim=0)
+            masks = (winner[None] == torch.arange(topk, device=logits.device)[:, None, None]) & support[None]
+        else:
+            masks = positive
+        keep = masks.flatten(1).any(dim=1)
+        part_prob, logits, masks = part_prob[keep], logits[keep], masks[keep]
+    area = masks.flatten(1).sum(dim=1)
+    mean_prob = (logits.sigmoid().flatten(1) * masks.flatten(1)).sum(dim=1) / (area + 1e-6)
+    scores = part_prob * mean_prob
+    order = torch.argsort(scores, descending=True, stable=True)
+    result = Instances(tuple(mask_pred.shape[-2:]))
+    result.pred_masks = masks[order].float()
+    result.scores = scores[order]
+    result.pred_classes = torch.zeros(len(order), dtype=torch.int64, device=scores.device)
+    result.pred_boxes = BitMasks(masks[order]).get_bounding_boxes().to(scores.device)
+    return result
+
+
+def _check_one_class(num_classes: int) -> None:
+    if num_classes != 1:
+        raise ConfigError(
+            f"ProposalModel is class-agnostic: set MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 (got {num_classes})."
+        )
+
+
+@META_ARCH_REGISTRY.register()
+class ProposalModel(Mask2Former):
+    """Mask2Former with one class ("part") for class-agnostic part proposals (module doc)."""
+
+    @configurable
+    def __init__(self, *, per_pixel_assignment: bool = True, apply_object_mask: bool = True, init_from: str = "", **kwargs):
+        """
+        Args:
+            per_pixel_assignment: ``MODEL.PROPOSAL.PER_PIXEL_ASSIGNMENT``.
+            apply_object_mask: ``MODEL.PROPOSAL.APPLY_OBJECT_MASK``.
+            init_from: ``MODEL.PROPOSAL.INIT_FROM``, a stage-0 checkpoint for the decoder tensors ("" = none).
+            kwargs: :class:`Mask2Former`'s arguments.
+        """
+        super().__init__(**kwargs)
+        _check_one_class(self.sem_seg_head.num_classes)
+        self.per_pixel_assignment = per_pixel_assignment
+        self.apply_object_mask = apply_object_mask
+        self.init_report = load_decoder_weights(self, init_from) if init_from else None
+
+    @classmethod
+    def from_config(cls, cfg):
+        _check_one_class(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)  # before building anything
+        ret = super().from_config(cfg)
+        proposal = cfg.MODEL.PROPOSAL
+        ret.update(
+            per_pixel_assignment=proposal.PER_PIXEL_ASSIGNMENT,
+            apply_object_mask=proposal.APPLY_OBJECT_MASK,
+            init_from=proposal.INIT_FROM,
+        )
+        return ret
+
+    def prepare_targets(self, targets, images):
+        """Mask2Former's padded targets with every label 0 (pseudo-parts are class-agnostic)."""
+        new_targets = super().prepare_targets(targets, images)
+        for t in new_targets:
+            t["labels"] = torch.zeros_like(t["labels"])
+        return new_targets
+
+    def forward(self, batched_inputs):
+        if self.training:
+            return super().forward(batched_inputs)
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        outputs = self.sem_seg_head(self.backbone(images.tensor))
+        mask_pred_results = F.interpolate(
+            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        mask_cls_results = outputs["pred_logits"]
+        del outputs
+        processed = []
+        for mask_cls, mask_pred, inp, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            height, width = inp.get("height", image_size[0]), inp.get("width", image_size[1])
+            mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+            object_mask = None
+            if self.apply_object_mask and inp.get("objects") is not None:
+                object_mask = _object_union(inp["objects"], image_size, (height, width), mask_pred.device)
+            processed.append(
+                {
+                    "instances": proposal_inference(
+                        mask_cls, mask_pred, self.test_topk_per_image, object_mask, self.per_pixel_assignment
+                    )
+                }
+            )
+        return processed
