@@ -47,3 +47,19 @@ def quick_cfg(datasets_root, tmp_path):
         return load_cfg(QUICK_STAGE0, tiny_quick_opts(tmp_path / "out", max_iter) + list(extra))
 
     return make
+
+
+@pytest.fixture
+def repo_script():
+    """Factory: import a repository script (not a package module) by its path relative to the repository
+    root, e.g. ``repo_script("tools/inspect_pseudo_labels.py")``; the module is named after the file."""
+    import importlib.util
+
+    def load(relpath):
+        name = os.path.splitext(os.path.basename(relpath))[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, relpath))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -81,7 +81,14 @@ def evaluate_store_ar(reader: PseudoLabelReader, parts_dataset: str) -> dict:
     """AR@k of the stored part segments against the GT parts of the same images."""
     evaluator = ProposalAREvaluator(parts_dataset, distributed=False)
     evaluator.reset()
+    gt_ids = {r["image_id"] for r in DatasetCatalog.get(parts_dataset)}
     for record in reader:
+        if record["image_id"] not in gt_ids:
+            raise ConfigError(
+                f"MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET={parts_dataset!r} has no image {record['image_id']!r} of the "
+                "labelled dataset; name the part view of the same images (e.g. toyparts_parts_train for toyparts_train) "
+                "or set it to \"\" to skip the evaluation."
+            )
         parts = [p for obj in record["objects"] for p in obj["parts"]]
         h, w = record["height"], record["width"]
         masks = (

@@ -44,6 +44,7 @@ when asked for an image by id. Lookup by dataset index needs no map: the shard i
 """
 
 import collections
+import contextlib
 import copy
 import functools
 import glob
@@ -396,17 +397,26 @@ def _publish(tmp: str, final_path: str) -> None:
     _fsync_dir(os.path.dirname(final_path))
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: str):
+    """Yield a binary file that replaces ``path`` when the block completes (fsynced, then renamed
+    into place, so readers see the old file or the complete new one, never a partial one); on any
+    error, including KeyboardInterrupt, the temporary file is removed and ``path`` is left as it was."""
     f, tmp = _temp_file(path)
     try:
         with f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with _atomic_file(path) as f:
+        f.write(data)
 
 
 def _atomic_write_json(path: str, value, compact: bool = False) -> None:
@@ -739,36 +749,28 @@ class PseudoLabelWriter:
         allowed = shard_index_range(k, self.shard_size, n)
         self._remove_temp_files(k)  # left by a crashed writer of this shard
         path = self.shard_path(k)
-        f, tmp = _temp_file(path)
         image_ids, num_objects, num_parts, last = [], 0, 0, None
-        try:
-            with f:
-                hashing = _HashingFile(f)
-                with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
-                    for index, record in records:
-                        index = int(index)
-                        if index not in allowed:
-                            raise ValueError(
-                                f"dataset index {index} does not belong to shard {k} "
-                                f"({allowed.start}..{allowed.stop - 1})"
-                            )
-                        if last is not None and index <= last:
-                            raise ValueError(f"shard {k}: dataset indices must increase, got {index} after {last}")
-                        last = index
-                        if record is None:
-                            continue
-                        rec = validate_record(record)
-                        rec["index"] = index
-                        gz.write((_dumps(rec) + "\n").encode("utf-8"))
-                        image_ids.append(rec["image_id"])
-                        num_objects += len(rec["objects"])
-                        num_parts += sum(len(o["parts"]) for o in rec["objects"])
-                f.flush()
-                os.fsync(f.fileno())
-            _publish(tmp, path)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
+        with _atomic_file(path) as f:
+            hashing = _HashingFile(f)
+            with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
+                for index, record in records:
+                    index = int(index)
+                    if index not in allowed:
+                        raise ValueError(
+                            f"dataset index {index} does not belong to shard {k} "
+                            f"({allowed.start}..{allowed.stop - 1})"
+                        )
+                    if last is not None and index <= last:
+                        raise ValueError(f"shard {k}: dataset indices must increase, got {index} after {last}")
+                    last = index
+                    if record is None:
+                        continue
+                    rec = validate_record(record)
+                    rec["index"] = index
+                    gz.write((_dumps(rec) + "\n").encode("utf-8"))
+                    image_ids.append(rec["image_id"])
+                    num_objects += len(rec["objects"])
+                    num_parts += sum(len(o["parts"]) for o in rec["objects"])
         sidecar = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

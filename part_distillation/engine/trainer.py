@@ -1,5 +1,11 @@
 """The one Trainer used by every stage and head (selected by config, not by script)."""
-from detectron2.engine import DefaultTrainer
+import logging
+import weakref
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data import build_detection_test_loader, build_detection_train_loader
 from ..evaluation import build_evaluator
@@ -14,6 +20,27 @@ class Trainer(DefaultTrainer):
     Everything else (checkpointing, ``--resume``, EventStorage → JSON/TensorBoard logs, periodic
     evaluation, distributed training through ``launch``) is DefaultTrainer's.
     """
+
+    def __init__(self, cfg):
+        # Same construction order as DefaultTrainer.__init__, except for the DDP wrapper: detectron2
+        # always passes device_ids=[local_rank], which DistributedDataParallel rejects for CPU modules,
+        # so multi-process (gloo) training on CPU needs device_ids=None.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = cfg.MODEL.DEVICE == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -2,7 +2,6 @@
 shards under a crash, resume, checksums, detectron2 registration, the mapper and the inspect tool."""
 
 import glob
-import importlib.util
 import os
 
 import numpy as np
@@ -24,10 +23,6 @@ from part_distillation.data.pseudo_labels import (
 )
 from part_distillation.utils.errors import ConfigError, DatasetNotFoundError, UserError
 
-# pycocotools' decode trips a numpy 2 deprecation on every call; it is not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC, STAGE = "synthetic_train", "grouping"
 N, SHARD = 8, 3  # 3 shards: [0, 3), [3, 6), [6, 8)
 SKIPPED = 4  # this dataset index gets no label
@@ -384,13 +379,9 @@ def test_mapper_resizes_the_image_to_the_labels_resolution_and_reads_the_config(
     assert mapper.use_part_classes is True and mapper.min_part_area_ratio == 0.01
 
 
-def test_inspect_tool_prints_counts_and_writes_overlays(toyparts_store, tmp_path, capsys):
+def test_inspect_tool_prints_counts_and_writes_overlays(toyparts_store, tmp_path, capsys, repo_script):
     root, dicts = toyparts_store
-    spec = importlib.util.spec_from_file_location(
-        "inspect_pseudo_labels", os.path.join(REPO_ROOT, "tools", "inspect_pseudo_labels.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = repo_script("tools/inspect_pseudo_labels.py")
     out_dir = str(tmp_path / "vis")
     stats = tool.main(["--root", root, "--source", "toyparts_train", "--stage", "gt", "--vis", "3", "--out", out_dir])
     printed = capsys.readouterr().out

@@ -3,7 +3,6 @@ folders: each test writes a tiny fixture in the dataset's on-disk format, points
 $DETECTRON2_DATASETS at it and loads it through DatasetCatalog; plus the manifest tool."""
 
 import builtins
-import importlib.util
 import inspect
 import json
 import logging
@@ -28,9 +27,6 @@ from part_distillation.data.datasets import (
 )
 from part_distillation.utils.errors import DatasetNotFoundError, UserError
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = part_imagenet.PART_IMAGENET_PART_CLASSES
 OBJECTS = part_imagenet.PART_IMAGENET_OBJECT_CLASSES
 
@@ -517,15 +513,6 @@ def test_deepfashion(d2root):
 # ----------------------------------------------------------------------------- ImageNet folders + manifest
 
 
-def _manifest_tool():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_image_list", os.path.join(REPO_ROOT, "datasets", "prepare_image_list.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _write_image_tree(train):
     _jpeg(str(train / "n02" / "b.JPEG"), size=(20, 10))
     _jpeg(str(train / "n02" / "a.JPEG"), size=(16, 8))
@@ -537,8 +524,8 @@ def _write_image_tree(train):
     (train / "n01" / "notes.txt").write_text("not an image")
 
 
-def test_manifest_tool(tmp_path, monkeypatch, caplog):
-    tool = _manifest_tool()
+def test_manifest_tool(tmp_path, monkeypatch, caplog, repo_script):
+    tool = repo_script("datasets/prepare_image_list.py")
     train = tmp_path / "train"
     _write_image_tree(train)
     out = tmp_path / "manifest.tsv"
@@ -591,8 +578,8 @@ def test_manifest_tool(tmp_path, monkeypatch, caplog):
     assert tool.main(["--root", str(tmp_path / "nope"), "--out", str(tmp_path / "m3.tsv")]) == 2
 
 
-def test_imagenet_registration(d2root):
-    tool = _manifest_tool()
+def test_imagenet_registration(d2root, repo_script):
+    tool = repo_script("datasets/prepare_image_list.py")
     train = d2root / "imagenet_1k" / "train"
     _write_image_tree(train)
     tool.write_manifest(

@@ -3,7 +3,6 @@ lazy detectron2 registration, and the property the dataset exists for: its parts
 separable by texture but not by colour."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -24,10 +23,6 @@ from part_distillation.data.datasets.toyparts_meta import (
     TOYPARTS_PART_TO_OBJECT,
 )
 
-# pycocotools' decode trips a numpy 2 deprecation on every call; it is not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 128
 NUM_TRAIN, NUM_VAL = 6, 40  # 40 val images make the separability statistics stable
 
@@ -182,11 +177,8 @@ def test_ensure_toyparts_generates_once(tmp_path):
     assert os.stat(json_file).st_mtime_ns == stamp
 
 
-def test_cli(tmp_path, capsys):
-    path = os.path.join(REPO_ROOT, "datasets", "prepare_toyparts.py")
-    spec = importlib.util.spec_from_file_location("prepare_toyparts", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_cli(tmp_path, capsys, repo_script):
+    cli = repo_script("datasets/prepare_toyparts.py")
     out = str(tmp_path / "cli")
     cli.main(
         ["--out", out, "--num-train", "2", "--num-val", "1", "--seed", "3", "--image-size", "64"]

@@ -125,8 +125,8 @@ def test_training_on_store_lowers_loss_with_reference_freezing(stage2_cfg):
     frozen = {n: p.detach().clone() for n, p in params.items() if "backbone" in n or "encoder" in n}
     assert any("pixel_decoder.transformer.encoder" in n for n in frozen)
     class_head = params["sem_seg_head.predictor.class_embed.weight"].detach().clone()
-    # TorchScript's optimising executor spends ~20 s compiling the criterion's fused losses on 2 CPU cores;
-    # the numbers are the same without it.
+    # TorchScript's optimising executor profiles and fuses the criterion's scripted losses on their first
+    # calls, which took up to ~20 s on the loaded 2-core test machine; the numbers are the same without it.
     with torch.jit.optimized_execution(False):
         trainer.train()
     losses = recorder.losses

@@ -76,7 +76,7 @@ def trained(store_root, tmp_path_factory):
     seed_all_rng(cfg.SEED)  # what default_setup does for the CLI: the same data order and initialisation
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    # TorchScript's optimising executor compiles the criterion's losses for ~20 s on 2 cores; same numbers without
+    # no TorchScript fusion warm-up of the criterion's losses (up to ~20 s on a loaded 2-core machine)
     with torch.jit.optimized_execution(False):
         results = trainer.train()
     return cfg, results["part_proposals"]

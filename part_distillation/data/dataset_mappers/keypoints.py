@@ -18,7 +18,6 @@ Protocol presets (reconstruction spec §1.2, §1.4, §2):
 * PartFormer / MPAE: ``crop_to_bbox=False, resize_mode="square", image_size=256`` (MPAE CUB: 448).
 """
 
-import copy
 import logging
 
 import numpy as np
@@ -27,15 +26,15 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 
 from ...utils.errors import ConfigError
-from .instance_lsj import read_image_or_none
 from .paired_view import (
-    _check_common_args,
-    _read_fg_mask_or_skip,
+    _args_from_cfg,
+    _VIEW_KEYS,
+    _init_view_args,
+    _read_view_inputs,
     _xyxy,
     apply_affine,
     build_view_transforms,
     invert_affine,
-    object_crop_box,
     transforms_to_matrix,
 )
 from .registry import DATASET_MAPPER_REGISTRY
@@ -61,15 +60,9 @@ CELEBA_KEYPOINT_FLIP_INDICES = (1, 0, 2, 4, 3)
 
 # Constructor argument ← key under cfg.INPUT.KEYPOINT_VIEW (read only when the node exists).
 _KEYPOINT_VIEW_KEYS = {
-    "image_size": "IMAGE_SIZE",
+    **_VIEW_KEYS,
     "resize_mode": "RESIZE_MODE",
     "size_divisibility": "SIZE_DIVISIBILITY",
-    "crop_to_bbox": "CROP_TO_BBOX",
-    "bbox_margin": "BBOX_MARGIN",
-    "bbox_square": "BBOX_SQUARE",
-    "bbox_jitter": "BBOX_JITTER",
-    "crop_fill": "CROP_FILL",
-    "flip_prob": "FLIP_PROB",
     "flip_indices": "FLIP_INDICES",
 }
 
@@ -155,9 +148,10 @@ class KeypointDatasetMapper:
             flip_indices: keypoint permutation applied on flips (e.g. ``CUB_KEYPOINT_FLIP_INDICES``);
                 None keeps the order (only right for symmetric-free keypoint sets).
         """
-        _check_common_args(
-            type(self).__name__, image_size=image_size, flip_prob=flip_prob, bbox_margin=bbox_margin,
-            bbox_jitter=bbox_jitter, crop_fill=crop_fill, group="KEYPOINT_VIEW",
+        _init_view_args(
+            self, is_train=is_train, image_format=image_format, image_size=image_size, flip_prob=flip_prob,
+            crop_to_bbox=crop_to_bbox, bbox_margin=bbox_margin, bbox_square=bbox_square, bbox_jitter=bbox_jitter,
+            crop_fill=crop_fill, group="KEYPOINT_VIEW",
         )  # fmt: skip
         if resize_mode not in ("square", "shorter_side"):
             raise ConfigError(
@@ -169,12 +163,7 @@ class KeypointDatasetMapper:
                 f"{type(self).__name__}: size_divisibility={size_divisibility!r} must be ≥ 0"
                 " (cfg.INPUT.KEYPOINT_VIEW.SIZE_DIVISIBILITY)."
             )
-        self.is_train = is_train
-        self.image_format = image_format
-        self.image_size, self.resize_mode, self.size_divisibility = int(image_size), resize_mode, int(size_divisibility)
-        self.crop_to_bbox = bool(crop_to_bbox)
-        self.bbox_margin, self.bbox_square, self.bbox_jitter = float(bbox_margin), bool(bbox_square), float(bbox_jitter)
-        self.crop_fill = int(crop_fill)
+        self.resize_mode, self.size_divisibility = resize_mode, int(size_divisibility)
         self.flip_prob = float(flip_prob) if is_train else 0.0
         self.flip_indices = tuple(int(i) for i in flip_indices) if flip_indices else None
         if self.flip_indices is not None and sorted(self.flip_indices) != list(range(len(self.flip_indices))):
@@ -195,28 +184,17 @@ class KeypointDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        args = {"is_train": is_train, "image_format": cfg.INPUT.FORMAT}
-        if "KEYPOINT_VIEW" in cfg.INPUT:
-            node = cfg.INPUT.KEYPOINT_VIEW
-            args.update({arg: node[key] for arg, key in _KEYPOINT_VIEW_KEYS.items() if key in node})
+        args = _args_from_cfg(cfg, is_train, "KEYPOINT_VIEW", _KEYPOINT_VIEW_KEYS)
         if not args.get("flip_indices") and is_train:
             args["flip_indices"] = keypoint_flip_indices_from_metadata(cfg.DATASETS.TRAIN)
         return args
 
     def __call__(self, dataset_dict: dict):
-        dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image_or_none(dataset_dict, self.image_format)
-        if image is None:
+        inputs = _read_view_inputs(self, dataset_dict)
+        if inputs is None:
             return None
+        dataset_dict, image, mask, crop_box = inputs
         orig_hw = image.shape[:2]
-        mask, ok = _read_fg_mask_or_skip(dataset_dict, orig_hw)
-        if not ok:
-            return None
-
-        crop_box = None
-        if self.crop_to_bbox and dataset_dict.get("bbox") is not None:
-            jitter = self.bbox_jitter if self.is_train else 0.0
-            crop_box = object_crop_box(dataset_dict["bbox"], self.bbox_margin, self.bbox_square, jitter)
         flip = self.flip_prob > 0 and np.random.rand() < self.flip_prob
         tfms = build_view_transforms(
             orig_hw, crop_box=crop_box, image_size=self.image_size, resize_mode=self.resize_mode,

@@ -348,23 +348,71 @@ def _as_affine(a):
 # --------------------------------------------------------------------------------------------------
 # The mapper.
 # --------------------------------------------------------------------------------------------------
-# Constructor argument ← key under cfg.INPUT.PAIRED_VIEW (read only when the node exists).
-_PAIRED_VIEW_KEYS = {
+# Constructor argument ← config key, for the arguments every view mapper (this one and
+# KeypointDatasetMapper) takes; each mapper reads them under its own cfg.INPUT group.
+_VIEW_KEYS = {
     "image_size": "IMAGE_SIZE",
-    "scale": "SCALE",
-    "rotation": "ROTATION",
-    "translation": "TRANSLATION",
     "flip_prob": "FLIP_PROB",
     "crop_to_bbox": "CROP_TO_BBOX",
     "bbox_margin": "BBOX_MARGIN",
     "bbox_square": "BBOX_SQUARE",
     "bbox_jitter": "BBOX_JITTER",
     "crop_fill": "CROP_FILL",
+}
+# Constructor argument ← key under cfg.INPUT.PAIRED_VIEW (read only when the node exists).
+_PAIRED_VIEW_KEYS = {
+    **_VIEW_KEYS,
+    "scale": "SCALE",
+    "rotation": "ROTATION",
+    "translation": "TRANSLATION",
     "warp_fill": "WARP_FILL",
 }
 
 
-def _check_common_args(name: str, *, image_size, flip_prob, bbox_margin, bbox_jitter, crop_fill, group: str):
+def _args_from_cfg(cfg, is_train: bool, group: str, keys: dict) -> dict:
+    """``from_config`` arguments of the view mappers: ``is_train``, ``image_format`` (cfg.INPUT.FORMAT) and
+    each constructor argument of ``keys`` whose key exists under ``cfg.INPUT.<group>``; absent keys (or
+    no node at all) leave the constructor defaults, so configs without the group still build."""
+    args = {"is_train": is_train, "image_format": cfg.INPUT.FORMAT}
+    if group in cfg.INPUT:
+        node = cfg.INPUT[group]
+        args.update({arg: node[key] for arg, key in keys.items() if key in node})
+    return args
+
+
+def _read_view_inputs(mapper, dataset_dict: dict):
+    """``(dataset_dict copy, image, fg mask or None, XYWH crop box or None)``, or None to skip the record.
+
+    The first steps of the view mappers (:class:`PairedViewDatasetMapper`, ``KeypointDatasetMapper``),
+    which read the same record fields and crop the same way; ``mapper`` supplies ``image_format``,
+    ``is_train`` and the ``crop_to_bbox``/``bbox_*`` settings (bbox jitter is training-only). The crop box is
+    drawn before any flip so that both mappers consume random numbers in the same order.
+    """
+    dataset_dict = copy.deepcopy(dataset_dict)
+    image = read_image_or_none(dataset_dict, mapper.image_format)
+    if image is None:
+        return None
+    mask, ok = _read_fg_mask_or_skip(dataset_dict, image.shape[:2])
+    if not ok:
+        return None
+    crop_box = None
+    if mapper.crop_to_bbox and dataset_dict.get("bbox") is not None:
+        jitter = mapper.bbox_jitter if mapper.is_train else 0.0
+        crop_box = object_crop_box(dataset_dict["bbox"], mapper.bbox_margin, mapper.bbox_square, jitter)
+    return dataset_dict, image, mask, crop_box
+
+
+def _init_view_args(
+    mapper, *, is_train, image_format, image_size, flip_prob, crop_to_bbox, bbox_margin, bbox_square, bbox_jitter,
+    crop_fill, group: str,
+):  # fmt: skip
+    """Check the constructor arguments of :data:`_VIEW_KEYS` (errors name the key under
+    ``cfg.INPUT.<group>``) and set them, with ``is_train`` and ``image_format``, on ``mapper``.
+
+    ``flip_prob`` is only checked: the mappers differ on whether evaluation keeps it.
+    """
+    name = type(mapper).__name__
+
     def bad(arg, value, why):
         raise ConfigError(f"{name}: {arg}={value!r} {why} (cfg.INPUT.{group}.{arg.upper()}).")
 
@@ -376,6 +424,13 @@ def _check_common_args(name: str, *, image_size, flip_prob, bbox_margin, bbox_ji
         bad("bbox_margin" if bbox_margin < 0 else "bbox_jitter", min(bbox_margin, bbox_jitter), "must be ≥ 0")
     if not 0 <= int(crop_fill) <= 255:
         bad("crop_fill", crop_fill, "must be a grey level in [0, 255]")
+    mapper.is_train = is_train
+    mapper.image_format = image_format
+    mapper.image_size = int(image_size)
+    mapper.crop_to_bbox = bool(crop_to_bbox)
+    mapper.bbox_margin, mapper.bbox_square = float(bbox_margin), bool(bbox_square)
+    mapper.bbox_jitter = float(bbox_jitter)
+    mapper.crop_fill = int(crop_fill)
 
 
 @DATASET_MAPPER_REGISTRY.register()
@@ -428,9 +483,10 @@ class PairedViewDatasetMapper:
             crop_fill: grey level of crop pixels outside the image (Choudhury: white).
             warp_fill: grey level of view-2 pixels outside view 1 (PartFormer's cv2 border: black).
         """
-        _check_common_args(
-            type(self).__name__, image_size=image_size, flip_prob=flip_prob, bbox_margin=bbox_margin,
-            bbox_jitter=bbox_jitter, crop_fill=crop_fill, group="PAIRED_VIEW",
+        _init_view_args(
+            self, is_train=is_train, image_format=image_format, image_size=image_size, flip_prob=flip_prob,
+            crop_to_bbox=crop_to_bbox, bbox_margin=bbox_margin, bbox_square=bbox_square, bbox_jitter=bbox_jitter,
+            crop_fill=crop_fill, group="PAIRED_VIEW",
         )  # fmt: skip
         for arg, value in (("scale", scale), ("rotation", rotation), ("translation", translation)):
             if value < 0 or (arg == "scale" and value >= 1):
@@ -442,14 +498,9 @@ class PairedViewDatasetMapper:
             raise ConfigError(
                 f"{type(self).__name__}: warp_fill={warp_fill!r} must be in [0, 255] (cfg.INPUT.PAIRED_VIEW.WARP_FILL)."
             )
-        self.is_train = is_train
-        self.image_format = image_format
-        self.image_size = int(image_size)
         self.scale, self.rotation, self.translation = float(scale), float(rotation), float(translation)
         self.flip_prob = float(flip_prob)
-        self.crop_to_bbox = bool(crop_to_bbox)
-        self.bbox_margin, self.bbox_square, self.bbox_jitter = float(bbox_margin), bool(bbox_square), float(bbox_jitter)
-        self.crop_fill, self.warp_fill = int(crop_fill), int(warp_fill)
+        self.warp_fill = int(warp_fill)
         logger.info(
             "%s (%s): size %d, scale ±%g, rotation ±%g°, translation ±%g px, flip %g, "
             "bbox crop %s (margin %g, square %s, jitter %g)",
@@ -459,26 +510,14 @@ class PairedViewDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        args = {"is_train": is_train, "image_format": cfg.INPUT.FORMAT}
-        if "PAIRED_VIEW" in cfg.INPUT:
-            node = cfg.INPUT.PAIRED_VIEW
-            args.update({arg: node[key] for arg, key in _PAIRED_VIEW_KEYS.items() if key in node})
-        return args
+        return _args_from_cfg(cfg, is_train, "PAIRED_VIEW", _PAIRED_VIEW_KEYS)
 
     def __call__(self, dataset_dict: dict):
-        dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image_or_none(dataset_dict, self.image_format)
-        if image is None:
+        inputs = _read_view_inputs(self, dataset_dict)
+        if inputs is None:
             return None
+        dataset_dict, image, mask, crop_box = inputs
         orig_hw = image.shape[:2]
-        mask, ok = _read_fg_mask_or_skip(dataset_dict, orig_hw)
-        if not ok:
-            return None
-
-        crop_box = None
-        if self.crop_to_bbox and dataset_dict.get("bbox") is not None:
-            jitter = self.bbox_jitter if self.is_train else 0.0
-            crop_box = object_crop_box(dataset_dict["bbox"], self.bbox_margin, self.bbox_square, jitter)
         flip = self.is_train and self.flip_prob > 0 and np.random.rand() < self.flip_prob
         tfms = build_view_transforms(
             orig_hw, crop_box=crop_box, image_size=self.image_size, flip=flip, crop_fill=self.crop_fill

@@ -39,9 +39,8 @@ import functools
 import os
 import re
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, first_existing, not_found, readme_hint, replace_registration, sync_metadata
 
 __all__ = [
     "CELEBA_KEYPOINT_NAMES",
@@ -64,19 +63,17 @@ _WILD_LISTS = {
 
 
 def default_celeba_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "celeba")
+    return dataset_root("celeba")
 
 
 def _find(root, name, subdirs):
     """``root/<subdir>/<name>`` for the first subdir where it exists (subdir "" = root itself)."""
     candidates = [os.path.join(root, sub, name) for sub in subdirs]
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise DatasetNotFoundError(
-        f"CelebA path not found: {candidates[0]} (nor in {', '.join(s or '.' for s in subdirs[1:])}); "
-        f"see {_README} or set $DETECTRON2_DATASETS"
-    )
+    path = first_existing(candidates)
+    if path is None:
+        where = f"{candidates[0]} (nor in {', '.join(s or '.' for s in subdirs[1:])})"
+        raise not_found("CelebA path", where, readme_hint(_README))
+    return path
 
 
 def _metadata(root, image_dir=None):
@@ -87,13 +84,6 @@ def _metadata(root, image_dir=None):
         "evaluator_type": "part_keypoints",
         "dataset_root": root,
     }
-
-
-def _sync_metadata(name, meta):
-    current = MetadataCatalog.get(name)
-    if any(current.get(key, None) != value for key, value in meta.items()):
-        MetadataCatalog.remove(name)
-        MetadataCatalog.get(name).set(**meta)
 
 
 def _image_id(file_name):
@@ -157,7 +147,7 @@ def _load_aligned(name, root):
             f"CelebA landmarks of {missing[0]} ({len(missing)} images of {name}) missing from "
             f"list_landmarks_align_celeba.txt under {root}; see {_README}"
         )
-    _sync_metadata(name, _metadata(root, image_dir))
+    sync_metadata(name, _metadata(root, image_dir))
     return [_record(image_dir, n, landmarks[n]) for n in names]
 
 
@@ -175,7 +165,7 @@ def _load_wild(name, root):
             except ValueError:  # a header line
                 continue
             records.append(_record(image_dir, fields[0], coords))
-    _sync_metadata(name, _metadata(root, image_dir))
+    sync_metadata(name, _metadata(root, image_dir))
     return records
 
 
@@ -183,16 +173,10 @@ def register_celeba(root=None):
     """Register the aligned and in-the-wild CelebA / MAFL names; ``root=None`` resolves at load time."""
     loaders = [(n, _load_aligned) for n in _ALIGNED] + [(n, _load_wild) for n in _WILD_LISTS]
     for name, loader in loaders:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, functools.partial(loader, name, root))
-        image_dir = (
-            None
-            if loader is _load_aligned
-            else os.path.join(root or default_celeba_root(), "img_celeba")
+        image_dir = None if loader is _load_aligned else os.path.join(root or default_celeba_root(), "img_celeba")
+        replace_registration(
+            name, functools.partial(loader, name, root), _metadata(root or default_celeba_root(), image_dir)
         )
-        MetadataCatalog.get(name).set(**_metadata(root or default_celeba_root(), image_dir))
 
 
 register_celeba()

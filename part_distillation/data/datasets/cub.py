@@ -27,20 +27,19 @@ what this avoids); detectron2's ``check_image_size``, called by the project's ma
 when the image is read. Nothing is read at import time.
 """
 
-import functools
 import logging
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, first_existing, readme_hint, register_splits, require, sync_metadata
 
 __all__ = ["CUB_KEYPOINT_NAMES", "CUB_KEYPOINT_FLIP_MAP", "register_cub", "default_cub_root"]
 
 logger = logging.getLogger(__name__)
 
 _README = "datasets/README.md#cub-200-2011"
+_HINT = readme_hint(_README)
 _SPLITS = {"train": 1, "test": 0}  # value of is_training_image in train_test_split.txt
 
 CUB_KEYPOINT_NAMES = [
@@ -55,7 +54,7 @@ CUB_KEYPOINT_FLIP_MAP = [
 
 
 def default_cub_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "CUB_200_2011")
+    return dataset_root("CUB_200_2011")
 
 
 def _metadata(root, split):
@@ -72,11 +71,7 @@ def _metadata(root, split):
 
 def _read_table(root, rel_path):
     """Rows of a whitespace-separated CUB text file, keyed by their first (integer) column."""
-    path = os.path.join(root, rel_path)
-    if not os.path.isfile(path):
-        raise DatasetNotFoundError(
-            f"CUB-200-2011 file not found: {path}; see {_README} or set $DETECTRON2_DATASETS"
-        )
+    path = require(os.path.join(root, rel_path), "CUB-200-2011 file", _HINT, os.path.isfile)
     rows = {}
     with open(path) as f:
         for line in f:
@@ -87,21 +82,12 @@ def _read_table(root, rel_path):
 
 
 def _segmentation_dir(root):
-    for path in (
-        os.path.join(root, "segmentations"),
-        os.path.join(os.path.dirname(root), "segmentations"),
-    ):
-        if os.path.isdir(path):
-            return path
-    return None
+    candidates = (os.path.join(root, "segmentations"), os.path.join(os.path.dirname(root), "segmentations"))
+    return first_existing(candidates, os.path.isdir)
 
 
 def _read_keypoints(root, num_parts):
-    path = os.path.join(root, "parts", "part_locs.txt")
-    if not os.path.isfile(path):
-        raise DatasetNotFoundError(
-            f"CUB-200-2011 file not found: {path}; see {_README} or set $DETECTRON2_DATASETS"
-        )
+    path = require(os.path.join(root, "parts", "part_locs.txt"), "CUB-200-2011 file", _HINT, os.path.isfile)
     keypoints = {}
     with open(path) as f:
         for line in f:
@@ -115,11 +101,7 @@ def _read_keypoints(root, num_parts):
 
 
 def _load(name, split, root):
-    root = root or default_cub_root()
-    if not os.path.isdir(root):
-        raise DatasetNotFoundError(
-            f"CUB-200-2011 not found: {root}; see {_README} or set $DETECTRON2_DATASETS"
-        )
+    root = require(root or default_cub_root(), "CUB-200-2011", _HINT, os.path.isdir)
     images = _read_table(root, "images.txt")
     is_train = _read_table(root, "train_test_split.txt")
     boxes = _read_table(root, "bounding_boxes.txt")
@@ -143,10 +125,7 @@ def _load(name, split, root):
 
     meta = _metadata(root, split)
     meta["species"] = [classes[i] for i in sorted(classes)]
-    current = MetadataCatalog.get(name)
-    if any(current.get(key, None) != value for key, value in meta.items()):
-        MetadataCatalog.remove(name)
-        MetadataCatalog.get(name).set(**meta)
+    sync_metadata(name, meta)
 
     records = []
     for image_id in sorted(images):
@@ -183,13 +162,7 @@ def _load(name, split, root):
 
 def register_cub(root=None):
     """Register ``cub_{train,test}``; ``root=None`` resolves ``$DETECTRON2_DATASETS`` at load time."""
-    for split in _SPLITS:
-        name = f"cub_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, functools.partial(_load, name, split, root))
-        MetadataCatalog.get(name).set(**_metadata(root or default_cub_root(), split))
+    register_splits("cub", _SPLITS, root, default_cub_root, _load, _metadata)
 
 
 register_cub()

@@ -28,15 +28,13 @@ reference code lists 15 names for 16 colours), and the part NMI/ARI metrics do n
 Nothing is read at import time.
 """
 
-import functools
 import json
 import os
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, first_existing, not_found, readme_hint, register_splits, require, sync_metadata
 
 __all__ = [
     "DEEPFASHION_PARSING_COLORS",
@@ -46,6 +44,7 @@ __all__ = [
 ]
 
 _README = "datasets/README.md#deepfashion"
+_HINT = readme_hint(_README)
 _SPLITS = {"train": ("train",), "test": ("query", "gallery")}
 _SEG_DIRS = ("", "In-shop Clothes Retrieval Benchmark", "In-shop")
 IGNORE_LABEL = 255
@@ -59,7 +58,7 @@ DEEPFASHION_PARSING_COLORS = [
 
 
 def default_deepfashion_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "deepfashion")
+    return dataset_root("deepfashion")
 
 
 def colors_to_labels(rgb):
@@ -99,13 +98,11 @@ def _metadata(root, seg_dir=None):
 
 def _segmentation_dir(root):
     candidates = [os.path.join(root, sub, "Anno", "segmentation") for sub in _SEG_DIRS]
-    for path in candidates:
-        if os.path.isdir(path):
-            return path
-    raise DatasetNotFoundError(
-        f"DeepFashion segmentation folder not found: {candidates[0]} (nor under 'In-shop Clothes Retrieval "
-        f"Benchmark/' or 'In-shop/'); see {_README} or set $DETECTRON2_DATASETS"
-    )
+    path = first_existing(candidates, os.path.isdir)
+    if path is None:
+        where = f"{candidates[0]} (nor under 'In-shop Clothes Retrieval Benchmark/' or 'In-shop/')"
+        raise not_found("DeepFashion segmentation folder", where, _HINT)
+    return path
 
 
 def _load(name, split, root):
@@ -114,18 +111,11 @@ def _load(name, split, root):
     images = []
     for part in _SPLITS[split]:
         json_file = os.path.join(seg_dir, f"DeepFashion_segmentation_{part}.json")
-        if not os.path.isfile(json_file):
-            raise DatasetNotFoundError(
-                f"DeepFashion annotations not found: {json_file}; see {_README} or set $DETECTRON2_DATASETS"
-            )
+        require(json_file, "DeepFashion annotations", _HINT, os.path.isfile)
         with open(json_file) as f:
             images.extend(json.load(f)["images"])
 
-    meta = _metadata(root, seg_dir)
-    current = MetadataCatalog.get(name)
-    if any(current.get(key, None) != value for key, value in meta.items()):
-        MetadataCatalog.remove(name)
-        MetadataCatalog.get(name).set(**meta)
+    sync_metadata(name, _metadata(root, seg_dir))
     if not images:
         return []
 
@@ -134,10 +124,8 @@ def _load(name, split, root):
     if not os.path.isfile(os.path.join(seg_dir, images[0]["file_name"])):
         image_dir = os.path.join(os.path.dirname(os.path.dirname(seg_dir)), "Img")
         if not os.path.isfile(os.path.join(image_dir, images[0]["file_name"])):
-            raise DatasetNotFoundError(
-                f"DeepFashion image not found: {os.path.join(seg_dir, images[0]['file_name'])} (nor in "
-                f"{image_dir}); see {_README} or set $DETECTRON2_DATASETS"
-            )
+            where = f"{os.path.join(seg_dir, images[0]['file_name'])} (nor in {image_dir})"
+            raise not_found("DeepFashion image", where, _HINT)
     records = []
     for index, image in enumerate(images):
         rel = image["file_name"]
@@ -155,13 +143,7 @@ def _load(name, split, root):
 
 def register_deepfashion(root=None):
     """Register ``deepfashion_{train,test}``; ``root=None`` resolves ``$DETECTRON2_DATASETS`` at load time."""
-    for split in _SPLITS:
-        name = f"deepfashion_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, functools.partial(_load, name, split, root))
-        MetadataCatalog.get(name).set(**_metadata(root or default_deepfashion_root()))
+    register_splits("deepfashion", _SPLITS, root, default_deepfashion_root, _load, lambda root, split: _metadata(root))
 
 
 register_deepfashion()

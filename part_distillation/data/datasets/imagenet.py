@@ -29,9 +29,9 @@ from array import array
 
 import numpy as np
 import torch.utils.data as torchdata
-from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, readme_hint, replace_registration, require, reset_metadata
 
 __all__ = ["ImageListDataset", "read_manifest", "register_imagenet", "default_imagenet_root"]
 
@@ -41,7 +41,7 @@ _VERSIONS = ("1k", "21k", "22k")
 
 
 def default_imagenet_root(version):
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), f"imagenet_{version}")
+    return dataset_root(f"imagenet_{version}")
 
 
 class ImageListDataset(torchdata.Dataset):
@@ -173,24 +173,16 @@ def _metadata(root):
 def _load(name, version, root):
     root = root or default_imagenet_root(version)
     image_root, manifest = _paths(root)
-    if not os.path.isdir(image_root):
-        raise DatasetNotFoundError(
-            f"ImageNet-{version.upper()} images not found: {image_root}; see {_README} or set $DETECTRON2_DATASETS"
-        )
-    if not os.path.isfile(manifest):
-        raise DatasetNotFoundError(
-            f'ImageNet-{version.upper()} manifest not found: {manifest}; run "python datasets/prepare_image_list.py '
-            f'--root {image_root} --out {manifest}" (see {_README})'
-        )
+    require(image_root, f"ImageNet-{version.upper()} images", readme_hint(_README), os.path.isdir)
+    run = f'run "python datasets/prepare_image_list.py --root {image_root} --out {manifest}" (see {_README})'
+    require(manifest, f"ImageNet-{version.upper()} manifest", run, os.path.isfile)
     dataset = read_manifest(manifest, image_root)
     if len(dataset) == 0:
         raise DatasetNotFoundError(
             f"ImageNet-{version.upper()} manifest {manifest} lists no images; re-run datasets/prepare_image_list.py "
             f"(see {_README})"
         )
-    meta = dict(_metadata(root), synsets=dataset.synsets)
-    MetadataCatalog.remove(name)
-    MetadataCatalog.get(name).set(**meta)
+    reset_metadata(name, dict(_metadata(root), synsets=dataset.synsets))
     return dataset
 
 
@@ -198,11 +190,9 @@ def register_imagenet(version, root=None):
     """Register ``imagenet_<version>_train``; ``root=None`` is ``$DETECTRON2_DATASETS/imagenet_<version>``
     resolved at load time. Safe to call again (replaces the registration)."""
     name = f"imagenet_{version}_train"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, functools.partial(_load, name, version, root))
-    MetadataCatalog.get(name).set(**_metadata(root or default_imagenet_root(version)))
+    replace_registration(
+        name, functools.partial(_load, name, version, root), _metadata(root or default_imagenet_root(version))
+    )
 
 
 for _version in _VERSIONS:

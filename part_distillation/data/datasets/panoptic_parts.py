@@ -43,9 +43,9 @@ import logging
 import os
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, first_existing, not_found, readme_hint, register_part_views, require, view_name
 from .pascal_part import (
     PASCAL_OBJECT_CLASSES,
     PASCAL_OBJECT_TO_PARTS,
@@ -56,7 +56,6 @@ from .pascal_part import (
     log_drop_summary,
     normalize_object_class,
     part_dataset_metadata,
-    sync_metadata,
 )
 
 __all__ = [
@@ -202,20 +201,13 @@ def _load_label_files(dataset_name, pairs, object_sids, part_category, parts_vie
     return records
 
 
-def _require(path, what, dataset, section):
-    if not os.path.exists(path):
-        raise DatasetNotFoundError(
-            f"{dataset} {what} not found: {path}; see {section} for the expected layout (or set $DETECTRON2_DATASETS)"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Cityscapes-Panoptic-Parts
 # --------------------------------------------------------------------------------------------
 
 
 def default_cityscapes_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "cityscapes")
+    return dataset_root("cityscapes")
 
 
 def _cpp_paths(root, split):
@@ -246,11 +238,12 @@ def _cpp_part_category(spec):
 
 def load_cityscapes_panoptic_parts(root, split, parts_view=False, dataset_name=None):
     """Decode ``<root>/gtFinePanopticParts/<split>/*/*.tif`` into detectron2 dataset dicts."""
-    dataset_name = dataset_name or _cpp_name(split, parts_view)
+    dataset_name = dataset_name or view_name("cityscapes_panoptic_parts", split, parts_view)
     paths = _cpp_paths(root, split)
-    _require(root, "root", "Cityscapes-Panoptic-Parts", CPP_README)
-    _require(paths["label_root"], "label folder", "Cityscapes-Panoptic-Parts", CPP_README)
-    _require(paths["image_root"], "image folder", "Cityscapes-Panoptic-Parts", CPP_README)
+    hint = readme_hint(CPP_README, layout=True)
+    require(root, "Cityscapes-Panoptic-Parts root", hint)
+    require(paths["label_root"], "Cityscapes-Panoptic-Parts label folder", hint)
+    require(paths["image_root"], "Cityscapes-Panoptic-Parts image folder", hint)
     suffix = "_gtFinePanopticParts.tif"
     label_files = sorted(glob.glob(os.path.join(paths["label_root"], "*", "*" + suffix)))
     if not label_files:
@@ -264,10 +257,6 @@ def load_cityscapes_panoptic_parts(root, split, parts_view=False, dataset_name=N
     return _load_label_files(dataset_name, pairs, sid_to_object, part_category, parts_view)
 
 
-def _cpp_name(split, parts_view):
-    return f"cityscapes_panoptic_parts_parts_{split}" if parts_view else f"cityscapes_panoptic_parts_{split}"
-
-
 def _cpp_metadata(root, split, parts_view):
     return part_dataset_metadata(
         root, split, parts_view, CITYSCAPES_OBJECT_CLASSES, CITYSCAPES_PART_CLASSES, CITYSCAPES_PART_TO_OBJECT,
@@ -275,22 +264,12 @@ def _cpp_metadata(root, split, parts_view):
     )  # fmt: skip
 
 
-def _cpp_load(name, split, parts_view, root):
-    root = root or default_cityscapes_root()
-    records = load_cityscapes_panoptic_parts(root, split, parts_view, dataset_name=name)
-    sync_metadata(name, _cpp_metadata(root, split, parts_view))
-    return records
-
-
 def register_cityscapes_panoptic_parts(root=None):
     """Register the four Cityscapes-Panoptic-Parts views; ``root=None`` resolves it at load time."""
-    for split in _SPLITS:
-        for parts_view in (False, True):
-            name = _cpp_name(split, parts_view)
-            _replace_registration(
-                name, functools.partial(_cpp_load, name, split, parts_view, root),
-                _cpp_metadata(root or default_cityscapes_root(), split, parts_view),
-            )  # fmt: skip
+    register_part_views(
+        "cityscapes_panoptic_parts", _SPLITS, root, default_cityscapes_root, load_cityscapes_panoptic_parts,
+        _cpp_metadata,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,12 +282,13 @@ _PPP_IMAGE_DIRS = ("images", "JPEGImages")
 
 
 def default_pascal_panoptic_parts_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "pascal_panoptic_parts")
+    return dataset_root("pascal_panoptic_parts")
 
 
 def _first_existing(root, names):
+    """(the first existing folder ``root/<name>``, else the first candidate; all candidates)."""
     candidates = [os.path.join(root, n) for n in names]
-    return next((c for c in candidates if os.path.isdir(c)), candidates[0]), candidates
+    return first_existing(candidates, os.path.isdir) or candidates[0], candidates
 
 
 def _ppp_paths(root, split, probe=True):
@@ -342,18 +322,18 @@ def _ppp_part_category(spec):
 
 def load_pascal_panoptic_parts(root, split, parts_view=False, dataset_name=None):
     """Decode ``<root>/labels/<training|validation>/*.tif`` into detectron2 dataset dicts."""
-    dataset_name = dataset_name or _ppp_name(split, parts_view)
-    _require(root, "root", "PASCAL-Panoptic-Parts", PPP_README)
+    dataset_name = dataset_name or view_name("pascal_panoptic_parts", split, parts_view)
+    require(root, "PASCAL-Panoptic-Parts root", readme_hint(PPP_README, layout=True))
     image_root, image_candidates = _first_existing(root, _PPP_IMAGE_DIRS)
     label_root, label_candidates = _first_existing(os.path.join(root, "labels"), _PPP_LABEL_DIRS[split])
     if not os.path.isdir(label_root):
-        raise DatasetNotFoundError(
-            f"PASCAL-Panoptic-Parts label folder not found: tried {', '.join(label_candidates)}; see {PPP_README}"
-        )
+        tried = f"tried {', '.join(label_candidates)}"
+        raise not_found("PASCAL-Panoptic-Parts label folder", tried, f"see {PPP_README}")
     if not os.path.isdir(image_root):
-        raise DatasetNotFoundError(
-            f"PASCAL-Panoptic-Parts image folder not found: tried {', '.join(image_candidates)} "
-            f"(link VOC2010 JPEGImages there); see {PPP_README}"
+        raise not_found(
+            "PASCAL-Panoptic-Parts image folder",
+            f"tried {', '.join(image_candidates)} (link VOC2010 JPEGImages there)",
+            f"see {PPP_README}",
         )
     label_files = sorted(glob.glob(os.path.join(label_root, "*.tif")))
     if not label_files:
@@ -367,10 +347,6 @@ def load_pascal_panoptic_parts(root, split, parts_view=False, dataset_name=None)
     return _load_label_files(dataset_name, pairs, sid_to_object, part_category, parts_view, spec=spec)
 
 
-def _ppp_name(split, parts_view):
-    return f"pascal_panoptic_parts_parts_{split}" if parts_view else f"pascal_panoptic_parts_{split}"
-
-
 def _ppp_metadata(root, split, parts_view, probe=True):
     return part_dataset_metadata(
         root, split, parts_view, PASCAL_OBJECT_CLASSES, PASCAL_PART_CLASSES, PASCAL_PART_TO_OBJECTS,
@@ -378,30 +354,12 @@ def _ppp_metadata(root, split, parts_view, probe=True):
     )  # fmt: skip
 
 
-def _ppp_load(name, split, parts_view, root):
-    root = root or default_pascal_panoptic_parts_root()
-    records = load_pascal_panoptic_parts(root, split, parts_view, dataset_name=name)
-    sync_metadata(name, _ppp_metadata(root, split, parts_view))
-    return records
-
-
 def register_pascal_panoptic_parts(root=None):
     """Register the four PASCAL-Panoptic-Parts views; ``root=None`` resolves it at load time."""
-    for split in _SPLITS:
-        for parts_view in (False, True):
-            name = _ppp_name(split, parts_view)
-            _replace_registration(
-                name, functools.partial(_ppp_load, name, split, parts_view, root),
-                _ppp_metadata(root or default_pascal_panoptic_parts_root(), split, parts_view, probe=False),
-            )  # fmt: skip
-
-
-def _replace_registration(name, loader, metadata):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
+    register_part_views(
+        "pascal_panoptic_parts", _SPLITS, root, default_pascal_panoptic_parts_root, load_pascal_panoptic_parts,
+        _ppp_metadata, registration_metadata=functools.partial(_ppp_metadata, probe=False),
+    )  # fmt: skip
 
 
 register_cityscapes_panoptic_parts()

@@ -33,12 +33,13 @@ import logging
 import os
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_util
 
-from ...utils.errors import DatasetNotFoundError, UserError
+from ...utils.errors import UserError
+from .common import dataset_root, not_found, readme_hint, register_views, require, reset_metadata, view_name
 
 __all__ = [
     "PART_IMAGENET_OBJECT_CLASSES",
@@ -74,11 +75,7 @@ PART_IMAGENET_PART_TO_OBJECT = [i for i, (_, parts) in enumerate(_OBJECT_PARTS) 
 
 
 def default_part_imagenet_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "part_imagenet")
-
-
-def _dataset_name(split, parts):
-    return f"part_imagenet_parts_{split}" if parts else f"part_imagenet_{split}"
+    return dataset_root("part_imagenet")
 
 
 def _json_file(root, split):
@@ -122,11 +119,6 @@ def _metadata(root, split, parts, image_root, json_file=None):
     return meta
 
 
-def _reset_metadata(name, values):
-    MetadataCatalog.remove(name)
-    MetadataCatalog.get(name).set(**values)
-
-
 def _resolve_image_paths(records, image_dir, json_file):
     """Point bare file names at ``<image_dir>/<file>`` or ``<image_dir>/<wnid>/<file>`` (checked once)."""
     bare = [r for r in records if os.sep not in os.path.relpath(r["file_name"], image_dir)]
@@ -138,31 +130,25 @@ def _resolve_image_paths(records, image_dir, json_file):
     name = os.path.basename(first)
     nested = os.path.join(image_dir, name.split("_")[0], name)
     if not os.path.isfile(nested):
-        raise DatasetNotFoundError(
-            f"PartImageNet image of {json_file} not found: {first} (nor {nested}); see {_README} "
-            "or set $DETECTRON2_DATASETS"
-        )
+        raise not_found(f"PartImageNet image of {json_file}", f"{first} (nor {nested})", readme_hint(_README))
     for record in bare:
         name = os.path.basename(record["file_name"])
         record["file_name"] = os.path.join(image_dir, name.split("_")[0], name)
 
 
 def _load_parts(split, root, image_root):
-    name = _dataset_name(split, parts=True)
+    name = view_name("part_imagenet", split, parts_view=True)
     root = root or default_part_imagenet_root()
     meta = _metadata(root, split, True, image_root, _json_file(root, split))
     json_file, image_dir = meta["json_file"], meta["image_root"]
-    if not os.path.isfile(json_file):
-        raise DatasetNotFoundError(
-            f"PartImageNet annotations not found: {json_file}; see {_README} or set $DETECTRON2_DATASETS"
-        )
+    require(json_file, "PartImageNet annotations", readme_hint(_README), os.path.isfile)
     # load_coco_json sets thing_classes / the id map from the JSON; start from metadata without them
     # so that a different JSON gives the clear error below, not detectron2's metadata assertion.
-    _reset_metadata(name, {k: v for k, v in meta.items() if not k.startswith("thing_")})
+    reset_metadata(name, {k: v for k, v in meta.items() if not k.startswith("thing_")})
     records = load_coco_json(json_file, image_dir, name, extra_annotation_keys=["id"])
     found = MetadataCatalog.get(name).thing_classes
     if found != PART_IMAGENET_PART_CLASSES:
-        _reset_metadata(name, meta)
+        reset_metadata(name, meta)
         raise UserError(
             f"{json_file} has {len(found)} categories {found[:3]}..., not the 40 official PartImageNet "
             f"part classes in id order; see {_README}"
@@ -231,10 +217,10 @@ def _object_annotation(record):
 def _load_objects(split, root, image_root):
     root = root or default_part_imagenet_root()
     part_records, class_codes = _load_parts(split, root, image_root)
-    name = _dataset_name(split, parts=False)
+    name = view_name("part_imagenet", split, parts_view=False)
     meta = _metadata(root, split, False, image_root, _json_file(root, split))
     meta["class_codes"] = class_codes
-    _reset_metadata(name, meta)
+    reset_metadata(name, meta)
     records = []
     for part_record in part_records:
         record = {k: v for k, v in part_record.items() if k != "annotations"}
@@ -244,7 +230,9 @@ def _load_objects(split, root, image_root):
     return records
 
 
-def _load(split, parts, root, image_root):
+def _load(name, split, parts, root, image_root):
+    # ``name`` is not needed: each loader knows the names whose metadata it sets (the objects view
+    # loads the parts view too).
     if parts:
         return _load_parts(split, root, image_root)[0]
     return _load_objects(split, root, image_root)
@@ -260,16 +248,10 @@ def register_part_imagenet(root=None, image_root=None):
 
     Safe to call again: existing registrations are replaced.
     """
-    for split in _SPLITS:
-        for parts in (False, True):
-            name = _dataset_name(split, parts)
-            if name in DatasetCatalog.list():
-                DatasetCatalog.remove(name)
-                MetadataCatalog.remove(name)
-            DatasetCatalog.register(name, functools.partial(_load, split, parts, root, image_root))
-            MetadataCatalog.get(name).set(
-                **_metadata(root or default_part_imagenet_root(), split, parts, image_root)
-            )
+    register_views(
+        "part_imagenet", _SPLITS, root, default_part_imagenet_root,
+        functools.partial(_load, image_root=image_root), functools.partial(_metadata, image_root=image_root),
+    )  # fmt: skip
 
 
 register_part_imagenet()

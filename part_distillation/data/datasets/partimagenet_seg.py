@@ -27,9 +27,7 @@ sit directly in the split folder or in per-wnid sub-folders, and whether they en
 import functools
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
-from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, not_found, readme_hint, register_splits, require, sync_metadata
 from .part_imagenet import (
     PART_IMAGENET_OBJECT_CLASSES,
     PART_IMAGENET_PART_CLASSES,
@@ -40,6 +38,7 @@ __all__ = ["register_partimagenet_seg", "default_partimagenet_seg_root"]
 
 _SPLITS = ("train", "val", "test")
 _README = "datasets/README.md#partimagenet-seg"
+_HINT = readme_hint(_README)
 BACKGROUND_LABEL = len(PART_IMAGENET_PART_CLASSES)  # 40
 OBJECT_BACKGROUND_LABEL = 158
 IGNORE_LABEL = 255
@@ -47,7 +46,7 @@ _IMAGE_EXTS = (".JPEG", ".jpg")
 
 
 def default_partimagenet_seg_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "PartImageNet_Seg")
+    return dataset_root("PartImageNet_Seg")
 
 
 def _base(root):
@@ -112,10 +111,8 @@ def _image_resolver(image_dir, stem):
             if os.path.isfile(path):
                 return functools.partial(layout, ext=ext)
             tried.append(path)
-    raise DatasetNotFoundError(
-        f"PartImageNet-Seg image of {name}.png not found: {tried[0]} (nor {len(tried) - 1} other candidates); "
-        f"see {_README} or set $DETECTRON2_DATASETS"
-    )
+    where = f"{tried[0]} (nor {len(tried) - 1} other candidates)"
+    raise not_found(f"PartImageNet-Seg image of {name}.png", where, _HINT)
 
 
 def _load(name, split, root):
@@ -123,14 +120,8 @@ def _load(name, split, root):
     meta = _metadata(root, split, _base(root))
     sem_dir, image_dir = meta["sem_seg_root"], meta["image_root"]
     for path in (sem_dir, image_dir):
-        if not os.path.isdir(path):
-            raise DatasetNotFoundError(
-                f"PartImageNet-Seg folder not found: {path}; see {_README} or set $DETECTRON2_DATASETS"
-            )
-    current = MetadataCatalog.get(name)
-    if any(current.get(key, None) != value for key, value in meta.items()):
-        MetadataCatalog.remove(name)
-        MetadataCatalog.get(name).set(**meta)
+        require(path, "PartImageNet-Seg folder", _HINT, os.path.isdir)
+    sync_metadata(name, meta)
     stems = _list_pngs(sem_dir)
     if not stems:
         return []
@@ -154,13 +145,7 @@ def _load(name, split, root):
 
 def register_partimagenet_seg(root=None):
     """Register ``partimagenet_seg_{train,val,test}``; ``root=None`` resolves the root at load time."""
-    for split in _SPLITS:
-        name = f"partimagenet_seg_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, functools.partial(_load, name, split, root))
-        MetadataCatalog.get(name).set(**_metadata(root or default_partimagenet_seg_root(), split))
+    register_splits("partimagenet_seg", _SPLITS, root, default_partimagenet_seg_root, _load, _metadata)
 
 
 register_partimagenet_seg()

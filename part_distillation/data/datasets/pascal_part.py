@@ -27,7 +27,8 @@ the id of their object (as toyparts does). Nothing is read at import time: the r
 ``$DETECTRON2_DATASETS`` when ``DatasetCatalog.get`` runs.
 
 The helpers :func:`mask_to_annotation`, :func:`build_record`, :func:`part_dataset_metadata` and
-:func:`sync_metadata` are shared with ``panoptic_parts.py``.
+:func:`log_drop_summary` are shared with ``panoptic_parts.py``; :func:`sync_metadata` (kept importable
+from here) now lives in ``common.py`` with the other registration helpers.
 """
 
 import collections
@@ -37,10 +38,10 @@ import logging
 import os
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, readme_hint, register_part_views, require, sync_metadata, view_name
 
 __all__ = [
     "PASCAL_OBJECT_CLASSES",
@@ -303,18 +304,6 @@ def part_dataset_metadata(
     return meta
 
 
-def sync_metadata(name, values):
-    """Replace the metadata of ``name`` if what load time resolved (root, folders) differs from registration's.
-
-    Metadata values cannot be changed in place; a root given by $DETECTRON2_DATASETS set after
-    import would otherwise leave stale paths behind.
-    """
-    current = MetadataCatalog.get(name)
-    if any(current.get(key) != value for key, value in values.items()):
-        MetadataCatalog.remove(name)
-        MetadataCatalog.get(name).set(**values)
-
-
 def log_drop_summary(dataset, counts, examples=None, log=None):
     """One INFO line with what was kept and dropped while loading (``counts``: what -> number),
     then a WARNING with up to 5 examples per entry of ``examples``; ``log`` defaults to this module's logger."""
@@ -332,11 +321,7 @@ def log_drop_summary(dataset, counts, examples=None, log=None):
 
 
 def default_pascal_part_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "pascal_part")
-
-
-def _dataset_name(split, parts_view):
-    return f"pascal_part_parts_{split}" if parts_view else f"pascal_part_{split}"
+    return dataset_root("pascal_part")
 
 
 def _paths(root, split):
@@ -446,18 +431,14 @@ def _read_split_ids(split_file):
 
 def load_pascal_part(root, split, parts_view=False, merge_parts=True, dataset_name=None):
     """Read the Pascal-Part split ``split`` under ``root`` into detectron2 dataset dicts."""
-    dataset_name = dataset_name or _dataset_name(split, parts_view)
+    dataset_name = dataset_name or view_name("pascal_part", split, parts_view)
     paths = _paths(root, split)
     for what, path in (
         ("root", root),
         ("split list", paths["split_file"]),
         ("annotation folder", paths["annotation_root"]),
     ):
-        if not os.path.exists(path):
-            raise DatasetNotFoundError(
-                f"Pascal-Part {what} not found: {path}; see {README_SECTION} for the expected layout "
-                "(or set $DETECTRON2_DATASETS)"
-            )
+        require(path, f"Pascal-Part {what}", readme_hint(README_SECTION, layout=True))
     image_ids = _read_split_ids(paths["split_file"])
     ids = itertools.count(1)
     counts = collections.Counter()
@@ -509,28 +490,16 @@ def load_pascal_part(root, split, parts_view=False, merge_parts=True, dataset_na
     return records
 
 
-def _load(name, split, parts_view, merge_parts, root):
-    root = root or default_pascal_part_root()
-    records = load_pascal_part(root, split, parts_view, merge_parts, dataset_name=name)
-    sync_metadata(name, _metadata(root, split, parts_view, merge_parts))
-    return records
-
-
 def register_pascal_part(root=None, merge_parts=True):
     """Register the four Pascal-Part views; ``root=None`` resolves the root at load time.
 
     Safe to call again (e.g. with an explicit root): existing registrations are replaced.
     """
-    for split in _SPLITS:
-        for parts_view in (False, True):
-            name = _dataset_name(split, parts_view)
-            if name in DatasetCatalog.list():
-                DatasetCatalog.remove(name)
-                MetadataCatalog.remove(name)
-            DatasetCatalog.register(name, functools.partial(_load, name, split, parts_view, merge_parts, root))
-            MetadataCatalog.get(name).set(
-                **_metadata(root or default_pascal_part_root(), split, parts_view, merge_parts)
-            )
+    register_part_views(
+        "pascal_part", _SPLITS, root, default_pascal_part_root,
+        functools.partial(load_pascal_part, merge_parts=merge_parts),
+        functools.partial(_metadata, merge_parts=merge_parts),
+    )  # fmt: skip
 
 
 register_pascal_part()

@@ -13,13 +13,11 @@ Nothing is read at import time: the root is resolved and the JSON loaded only wh
 ``DatasetCatalog.get`` runs, so ``$DETECTRON2_DATASETS`` may be set after import.
 """
 
-import functools
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from ...utils.errors import DatasetNotFoundError
+from .common import dataset_root, register_views, require, sync_metadata
 from .toyparts_meta import TOYPARTS_OBJECT_CLASSES, TOYPARTS_PART_CLASSES, TOYPARTS_PART_TO_OBJECT
 
 __all__ = ["register_toyparts", "ensure_toyparts", "default_toyparts_root"]
@@ -28,11 +26,7 @@ _SPLITS = ("train", "val")
 
 
 def default_toyparts_root():
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "toyparts")
-
-
-def _dataset_name(split, parts):
-    return f"toyparts_parts_{split}" if parts else f"toyparts_{split}"
+    return dataset_root("toyparts")
 
 
 def _paths(root, split, parts):
@@ -60,27 +54,16 @@ def _metadata(root, split, parts):
     return meta
 
 
-def _sync_metadata(name, values):
-    """Rebuild the metadata if the root resolved at load time differs from registration's.
-
-    Metadata values cannot be changed in place, and evaluators read ``json_file`` from it,
-    so a stale path (e.g. $DETECTRON2_DATASETS set after import) must be replaced.
-    """
-    if MetadataCatalog.get(name).get("dataset_root") != values["dataset_root"]:
-        MetadataCatalog.remove(name)
-        MetadataCatalog.get(name).set(**values)
-
-
 def _load(name, split, parts, root):
     root = root or default_toyparts_root()
     json_file, image_root = _paths(root, split, parts)
-    if not os.path.isfile(json_file):
-        raise DatasetNotFoundError(
-            f"toyparts annotations not found: {json_file}; run "
-            f'"python datasets/prepare_toyparts.py --out {root}" (or "make demo") '
-            "or set $DETECTRON2_DATASETS"
-        )
-    _sync_metadata(name, _metadata(root, split, parts))
+    require(
+        json_file,
+        "toyparts annotations",
+        f'run "python datasets/prepare_toyparts.py --out {root}" (or "make demo") or set $DETECTRON2_DATASETS',
+        os.path.isfile,
+    )
+    sync_metadata(name, _metadata(root, split, parts))
     records = load_coco_json(json_file, image_root, name, extra_annotation_keys=["object_id"])
     for record in records:
         record["class_code"] = os.path.basename(os.path.dirname(record["file_name"]))
@@ -92,16 +75,7 @@ def register_toyparts(root=None):
 
     Safe to call again (e.g. with an explicit root): existing registrations are replaced.
     """
-    for split in _SPLITS:
-        for parts in (False, True):
-            name = _dataset_name(split, parts)
-            if name in DatasetCatalog.list():
-                DatasetCatalog.remove(name)
-                MetadataCatalog.remove(name)
-            DatasetCatalog.register(name, functools.partial(_load, name, split, parts, root))
-            MetadataCatalog.get(name).set(
-                **_metadata(root or default_toyparts_root(), split, parts)
-            )
+    register_views("toyparts", _SPLITS, root, default_toyparts_root, _load, _metadata)
 
 
 def ensure_toyparts(root=None, num_train=200, num_val=50, seed=0, image_size=256, progress=True):
