@@ -21,7 +21,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
 	rm -rf output build *.egg-info

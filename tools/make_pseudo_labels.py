@@ -67,14 +67,14 @@ def label_config(cfg) -> dict:
     return out
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = default_argument_parser()
     parser.add_argument("--stage", default="grouping", help="store name of this labelling stage")
     parser.add_argument(
         "--shard-size", type=int, default=1000, help="images per shard (fixed per store; a multiple of the batch)"
     )
     parser.add_argument("--vis", type=int, default=0, help="render this many overlays to OUTPUT_DIR/vis")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def evaluate_store_ar(reader: PseudoLabelReader, parts_dataset: str) -> dict:

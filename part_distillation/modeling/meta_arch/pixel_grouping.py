@@ -88,8 +88,22 @@ def group_pixels(
     k_idx = torch.arange(num_parts, device=sim.device)
     sim = sim.masked_fill((k_idx[None] >= result.num_clusters[:, None])[:, :, None, None], float("-inf"))
     sim = F.interpolate(sim.nan_to_num(neginf=-1e30), size=object_masks.shape[-2:], mode="bilinear", align_corners=False)
-    labels = (sim.argmax(1) + 1) * object_masks
+    # argmax only inside each object's box: a full-image argmax over K costs more than all of K-means
+    labels = torch.zeros(object_masks.shape, dtype=torch.long, device=object_masks.device)
+    for j, (y0, y1, x0, x1) in enumerate(_boxes(object_masks)):
+        box = (slice(y0, y1), slice(x0, x1))
+        labels[j][box] = (sim[j][(slice(None),) + box].argmax(0) + 1) * object_masks[j][box]
     return labels, result.num_clusters
+
+
+def _boxes(masks: torch.Tensor):
+    """Inclusive-exclusive (y0, y1, x0, x1) box of each mask; empty masks give an empty box."""
+    rows, cols = masks.any(2), masks.any(1)
+    out = []
+    for r, c in zip(rows, cols):
+        ys, xs = torch.nonzero(r).flatten(), torch.nonzero(c).flatten()
+        out.append((0, 0, 0, 0) if len(ys) == 0 else (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
+    return out
 
 
 def kwargs_for_kmeans(kmeans_kwargs: dict) -> dict:
@@ -237,12 +251,10 @@ class PixelGroupingModel(nn.Module):
         out = labels.clone()
         H, W = labels.shape[-2:]
         margin = 16
-        for j in range(labels.shape[0]):
-            ys, xs = torch.nonzero(masks[j], as_tuple=True)
-            if len(ys) == 0:
+        for j, (y0, y1, x0, x1) in enumerate(_boxes(masks)):
+            if y1 == y0:
                 continue
-            y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, H)
-            x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, W)
+            y0, y1, x0, x1 = max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W)
             crop = self.crf.refine(image[:, y0:y1, x0:x1], labels[j, y0:y1, x0:x1], self.num_parts + 1)
             out[j, y0:y1, x0:x1] = crop.reshape(y1 - y0, x1 - x0)
         if self.restrict_to_object:
