@@ -95,3 +95,11 @@ def test_cli_missing_dataset_root(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(tmp_path / "nowhere") in errors[0] and "prepare_toyparts.py" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("key", ["MODEL.META_ARCHITECTURE", "MODEL.BACKBONE.NAME"])
+def test_unregistered_model_pieces_are_named(key):
+    from part_distillation.engine import check_runtime
+
+    with pytest.raises(ConfigError, match=f"{key}='NoSuchThing' is not registered; use one of: .*Mask2Former|{key}"):
+        check_runtime(load_cfg(QUICK_STAGE0, [key, "NoSuchThing"]))

@@ -44,8 +44,22 @@ def load_cfg(config_file: str, opts=()):
     return cfg
 
 
+def _check_registered(cfg):
+    """Unregistered model pieces fail here in one line, not deep inside a registry lookup."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    for key, name, registry in (
+        ("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, META_ARCH_REGISTRY),
+        ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY),
+    ):
+        if name not in registry:
+            known = ", ".join(sorted(k for k, _ in registry))
+            raise ConfigError(f"{key}={name!r} is not registered; use one of: {known}.")
+
+
 def check_runtime(cfg):
     """Adapt/validate ``cfg`` for the machine it runs on (no GPU → clear error; AMP off on CPU)."""
+    _check_registered(cfg)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("MODEL.DEVICE is 'cuda' but no GPU is visible; add `MODEL.DEVICE cpu` to the command.")
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
