@@ -31,7 +31,7 @@ from part_distillation.data import build_labelling_loader
 from part_distillation.data.build import check_dataset_names
 from part_distillation.data.dataset_mappers import build_dataset_mapper
 from part_distillation.data.pseudo_labels import PseudoLabelReader, PseudoLabelWriter, decode_mask
-from part_distillation.engine import check_runtime, default_argument_parser, load_cfg, run_cli, setup_cfg
+from part_distillation.engine import check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
 from part_distillation.evaluation.proposal_ar import ProposalAREvaluator
 from part_distillation.evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
 from part_distillation.utils.errors import ConfigError
@@ -146,7 +146,7 @@ def main(args):
 
 
 def checked_main(args):
-    return run_cli(main, args)
+    return run_worker(main, args)
 
 
 def cli():

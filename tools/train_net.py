@@ -8,7 +8,7 @@
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import launch
 
-from part_distillation.engine import Trainer, check_runtime, default_argument_parser, load_cfg, run_cli, setup_cfg
+from part_distillation.engine import Trainer, check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
 
 
 def main(args):
@@ -23,7 +23,7 @@ def main(args):
 
 
 def checked_main(args):
-    return run_cli(main, args)
+    return run_worker(main, args)
 
 
 def cli():

@@ -12,7 +12,7 @@ from detectron2.engine import default_setup
 from ..config import add_part_distillation_config
 from ..utils.errors import ConfigError, UserError
 
-__all__ = ["default_argument_parser", "load_cfg", "check_runtime", "setup_cfg", "run_cli"]
+__all__ = ["default_argument_parser", "load_cfg", "check_runtime", "setup_cfg", "run_cli", "run_worker"]
 
 _KEY_FILES = "part_distillation/config.py, mask2former/config.py and detectron2/config/defaults.py"
 
@@ -87,3 +87,21 @@ def run_cli(fn, *args):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_worker(main, args):
+    """Entry point of one ``launch``-ed process: ``run_cli(main, args)``, then a clean distributed exit.
+
+    All ranks meet at a barrier and the process group is destroyed before the interpreter exits;
+    otherwise gloo's background threads can abort the process at shutdown ("terminate called without an
+    active exception"), failing a run that finished.
+    """
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    try:
+        return run_cli(main, args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            comm.synchronize()
+            dist.destroy_process_group()
