@@ -27,6 +27,8 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_pixel_grouping_config(cfg)
     _add_pseudo_label_config(cfg)
     _add_proposal_config(cfg)
+    _add_part_metrics_config(cfg)
+    _add_part_discovery_config(cfg)
     return cfg
 
 
@@ -215,3 +217,94 @@ def _add_proposal_config(cfg: CN) -> None:
     # Evaluator for DATASETS.TEST, e.g. "part_proposal" (AR@k) for a part dataset registered as "coco";
     # "" = each dataset's evaluator_type metadata.
     cfg.TEST.EVALUATOR_TYPE = ""
+
+
+def _add_part_metrics_config(cfg: CN) -> None:
+    # Part-metric evaluators (part_distillation/evaluation/{part_miou,nmi_ari,keypoint_nme}.py).
+    cfg.TEST.PART_MIOU = CN()
+    # Mode of evaluator_type "part_miou": "clustered" (seed 000: "In the main paper, we report mIOU-clustered"),
+    # "mapped" (the predictions' own ids, majority-vote mapped; seed 000 Tab. 3) or "direct" (ids = GT parts).
+    cfg.TEST.PART_MIOU.MODE = "clustered"
+    # K of the per-object-class K-means over part features in mIoU-clustered (spec §5.1: NUM_CLUSTERS 8).
+    cfg.TEST.PART_MIOU.NUM_CLUSTERS = 8
+    # K-means++ restarts (spec §0: sklearn KMeans n_init=10, "repeat 10 times" in seed 000).
+    cfg.TEST.PART_MIOU.N_INIT = 10
+    # L2-normalise part features before clustering (spec §5.2: PROPOSAL_FEATURE_NORM True).
+    cfg.TEST.PART_MIOU.NORMALIZE_FEATURES = True
+    # How part_instances.object_index finds its GT object: "index" (GT object order, PartEvalDatasetMapper's
+    # "objects") or "iou" (through outputs["instances"], matched to GT objects at IoU >= 0.5).
+    cfg.TEST.PART_MIOU.OBJECT_MATCHING = "index"
+    cfg.TEST.PART_NMI_ARI = CN()
+    # Side of the square grid (nearest resize of GT and prediction) for mask-based NMI/ARI; 0 = GT resolution
+    # (reconstruction spec §1.3: B and C evaluate PartImageNet at 128x128).
+    cfg.TEST.PART_NMI_ARI.EVAL_SIZE = 0
+    cfg.TEST.LANDMARK_NME = CN()
+    # Dataset whose predictions fit the centroid -> landmark regressor (reconstruction spec §1.4: "fitted on the
+    # MAFL-train set", CUB train split); it must be evaluated before (earlier in DATASETS.TEST) or in an earlier
+    # run with the same OUTPUT_DIR. "" = none.
+    cfg.TEST.LANDMARK_NME.FIT_DATASET = ""
+    # Fit the regressor on the evaluated split itself (not the papers' protocol; for quick checks only).
+    cfg.TEST.LANDMARK_NME.FIT_ON_SAME_SPLIT = False
+    # NME normaliser: "inter_ocular" (CelebA/MAFL, landmarks 0 and 1), "bbox" (CUB: GT box width/height),
+    # "image" (image width/height; with the CMR crop this is the papers' % of the box side); "" = from metadata.
+    cfg.TEST.LANDMARK_NME.NORMALIZER = ""
+    # Centroid of a part absent from an image: "mean" (that part's mean centroid on the fit split) or "center".
+    cfg.TEST.LANDMARK_NME.MISSING_FILL = "mean"
+    # Number of foreground parts K (centroid features = 2K); 0 = the largest part id in the predictions.
+    cfg.TEST.LANDMARK_NME.NUM_PARTS = 0
+
+
+def _add_part_discovery_config(cfg: CN) -> None:
+    # PartDiscovery meta-architecture + a PART_HEAD_REGISTRY head (shared/notes/reconstruction_spec.md, "spec").
+    cfg.MODEL.PART_DISCOVERY = CN()
+    # Head class in PART_HEAD_REGISTRY: "KMeansBaselineHead" (spec §1.5), "DFFHead" (spec §1.6), learned heads.
+    cfg.MODEL.PART_DISCOVERY.HEAD = "KMeansBaselineHead"
+    # K, foreground parts; outputs have K+1 labels, 0 = background (spec §0; A 4, B 4, C 16 / 50 on PartImageNet).
+    cfg.MODEL.PART_DISCOVERY.NUM_PARTS = 4
+    # Backbone frozen (no grad, eval mode, spec §7): B/C freeze DINO/DINOv2, A trains its DeepLab; baselines: True.
+    cfg.MODEL.PART_DISCOVERY.FREEZE_BACKBONE = True
+    # Backbone levels the head reads, resized to the first one's grid and concatenated (spec §1.5 K-means:
+    # VGG19 relu5_2 + relu5_4; §1.6 DFF: relu5_4; the EfficientNet-Lite0 stand-ins: res3 + res4).
+    cfg.MODEL.PART_DISCOVERY.FEATURE_LEVELS = ["res3", "res4"]
+    # Return part_probs [K+1, H, W] with part_seg (keypoint "FG" metrics need them; spec §1.2).
+    cfg.MODEL.PART_DISCOVERY.RETURN_PROBS = True
+    # Per-image baselines relabel parts canonically so pooled NMI/ARI mean something (the reference clusters the
+    # whole dataset at once, spec §1.5/§1.6): "vertical" (mean row, top first), "area" (largest first), "none".
+    cfg.MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER = "vertical"
+    cfg.MODEL.PART_DISCOVERY.PERCEPTUAL = CN()
+    # φ, torchvision VGG19 ImageNet state dict (vgg19-dcbb9e9d.pth), never downloaded; "" = the bundled
+    # EfficientNet-Lite0 stand-in (a warning says numbers will differ from the papers').
+    cfg.MODEL.PART_DISCOVERY.PERCEPTUAL.VGG19_WEIGHTS = ""
+    # Taps of φ (spec §3.1, Choudhury et al.: relu3_2, relu5_4; B/C's L_rec: relu1_1 … relu5_1).
+    cfg.MODEL.PART_DISCOVERY.PERCEPTUAL.LAYERS = ["relu3_2", "relu5_4"]
+    # w_l per tap (spec §3.1: 0.33, 1.0; B: 1/32, 1/16, 1/8, 1/4, 1; C: 5× B's).
+    cfg.MODEL.PART_DISCOVERY.PERCEPTUAL.LAYER_WEIGHTS = [0.33, 1.0]
+    cfg.MODEL.PART_DISCOVERY.KMEANS = CN()
+    # Features resized to the padded image size / this before clustering (spec §1.5: 64×64 for 256 px = 4);
+    # 0 = the first level's own grid.
+    cfg.MODEL.PART_DISCOVERY.KMEANS.GRID_STRIDE = 4
+    # L2-normalise every pixel's feature vector (spec §1.5: unit norm).
+    cfg.MODEL.PART_DISCOVERY.KMEANS.NORMALIZE = True
+    # k-means++ restarts, lowest inertia wins (spec §1.5: best of 5).
+    cfg.MODEL.PART_DISCOVERY.KMEANS.N_INIT = 5
+    # Lloyd iterations (spec §1.5: 100).
+    cfg.MODEL.PART_DISCOVERY.KMEANS.MAX_ITER = 100
+    # Convergence tolerance on the centre shift, relative to the data variance (sklearn default 1e-4).
+    cfg.MODEL.PART_DISCOVERY.KMEANS.TOL = 1e-4
+    # Seed of the k-means++ draws (deterministic per image).
+    cfg.MODEL.PART_DISCOVERY.KMEANS.SEED = 0
+    cfg.MODEL.PART_DISCOVERY.DFF = CN()
+    # Features resized to the padded image size / this before the NMF; 0 = the first level's own grid
+    # (spec §1.6: relu5_4 at its native stride 16).
+    cfg.MODEL.PART_DISCOVERY.DFF.GRID_STRIDE = 0
+    # NMF multiplicative-update iterations, at most (spec §1.6: 200).
+    cfg.MODEL.PART_DISCOVERY.DFF.MAX_ITER = 200
+    # Stop when the Frobenius error fell by less than TOL × its initial value since the last check (spec §1.6: 1e-4).
+    cfg.MODEL.PART_DISCOVERY.DFF.TOL = 1e-4
+    # Iterations between convergence checks (spec §1.6: 10).
+    cfg.MODEL.PART_DISCOVERY.DFF.CHECK_EVERY = 10
+    # Seed of the |N(0,1)|·sqrt(mean/K) initialisation (spec §1.6).
+    cfg.MODEL.PART_DISCOVERY.DFF.SEED = 0
+    # Without an fg mask: cells whose summed loading is below this fraction of the image's largest are
+    # background; 0 = off, every pixel is a part (spec §1.6 takes the background from the fg mask instead).
+    cfg.MODEL.PART_DISCOVERY.DFF.BG_THRESHOLD = 0.0

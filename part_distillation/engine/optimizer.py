@@ -5,6 +5,8 @@ import logging
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 
+from ..utils.errors import ConfigError
+
 __all__ = ["build_optimizer", "freeze_modules"]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,10 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         logger.info("Froze %d parameter tensors matching %s", freeze_modules(model, keys), keys)
     groups = _param_groups(cfg, model)
     if not groups:
-        raise ValueError("No trainable parameters: check MODEL.MASK_FORMER.FREEZE_KEYS and MODEL.BACKBONE.FREEZE_AT.")
+        raise ConfigError(
+            "The model has no trainable parameters (check MODEL.MASK_FORMER.FREEZE_KEYS, MODEL.BACKBONE.FREEZE_AT, "
+            "MODEL.PART_DISCOVERY.FREEZE_BACKBONE); a model with nothing to learn is run with tools/train_net.py --eval-only."
+        )
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
         optim_cls, kwargs = torch.optim.AdamW, {}

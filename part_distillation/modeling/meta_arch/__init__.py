@@ -2,3 +2,4 @@
 from .mask2former import Mask2Former  # noqa: F401
 from .proposal import ProposalModel  # noqa: F401
 from .pixel_grouping import PixelGroupingModel  # noqa: F401
+from .discovery import PartDiscovery  # noqa: F401
