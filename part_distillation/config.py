@@ -29,6 +29,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_proposal_config(cfg)
     _add_part_metrics_config(cfg)
     _add_part_discovery_config(cfg)
+    _add_part_ranking_config(cfg)
     return cfg
 
 
@@ -72,6 +73,9 @@ def _add_mask_former_overrides(cfg: CN) -> None:
     cfg.MODEL.MASK_FORMER.POINT_SAMPLING = "importance"
     # Module-name substrings whose parameters are frozen (seed 000 stage 2/4: ["backbone", "encoder"]).
     cfg.MODEL.MASK_FORMER.FREEZE_KEYS = []
+    # Micro-batches accumulated per optimizer step, to reach the paper's batch on fewer GPUs: effective batch
+    # = SOLVER.IMS_PER_BATCH × this (seed 000 trains proposals with batch 128 on 8+ GPUs).
+    cfg.SOLVER.GRAD_ACCUM_STEPS = 1
 
 
 
@@ -308,3 +312,48 @@ def _add_part_discovery_config(cfg: CN) -> None:
     # Without an fg mask: cells whose summed loading is below this fraction of the image's largest are
     # background; 0 = off, every pixel is a part (spec §1.6 takes the background from the fg mask instead).
     cfg.MODEL.PART_DISCOVERY.DFF.BG_THRESHOLD = 0.0
+
+
+def _add_part_ranking_config(cfg: CN) -> None:
+    # Stage 3 (PartRankingModel, tools/rank_parts.py): class-specific part ranking (seed 000; spec §5).
+    cfg.MODEL.PART_RANKING = CN()
+    # τr: keep a part iff |M̃_j| / |M_o| > this (seed 000 Eq. 2-3: 0.05; reference MIN_AREA_RATIO_1 0.05).
+    cfg.MODEL.PART_RANKING.MIN_AREA_RATIO = 0.05
+    # τs: keep a part iff s_j = P(part | q_j) > this (seed 000 Eq. 3: 0.3; reference MIN_SCORE_1 0.3).
+    cfg.MODEL.PART_RANKING.MIN_SCORE = 0.3
+    # N_c^p: prototypes (K-means clusters) per object class (seed 000 Eq. 4: 8; reference NUM_CLUSTERS 8).
+    cfg.MODEL.PART_RANKING.NUM_CLUSTERS = 8
+    # Object classes C of the prototype tensor [C, K, D]; 0 = len(object_classes) of DATASETS.TEST[0]'s
+    # metadata, or the largest class seen + 1.
+    cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES = 0
+    # L2-normalise the query features f_j (reference PROPOSAL_FEATURE_NORM: True).
+    cfg.MODEL.PART_RANKING.FEATURE_NORM = True
+    # T of the soft scores softmax_k(-||f_j - mu_k||_2 / T) (seed 000 Eq. 4: T = 1).
+    cfg.MODEL.PART_RANKING.TEMPERATURE = 1.0
+    # K-means++ restarts per class (spec §0: scikit-learn n_init=10).
+    cfg.MODEL.PART_RANKING.KMEANS_N_INIT = 10
+    # Lloyd iterations per restart (spec §0: scikit-learn max_iter=300).
+    cfg.MODEL.PART_RANKING.KMEANS_MAX_ITER = 300
+    # Seed of the K-means++ draws (spec §0: random_state=0).
+    cfg.MODEL.PART_RANKING.KMEANS_SEED = 0
+
+
+def _add_part_distillation_model_config(cfg: CN) -> None:
+    # Stage 4 (PartDistillationModel): self-training with one part classifier per object class (seed 000 Eq. 6).
+    cfg.MODEL.PART_DISTILLATION = CN()
+    # N_c^o, object classes with their own part classifier (seed 000: 21000 for ImageNet-21K; reference
+    # default 1000, its script 22000); stored as an N_c^o × (N_c^p·D) embedding table, never a dense layer.
+    cfg.MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES = 1000
+    # N_c^p, part classes per object class (seed 000: 8).
+    cfg.MODEL.PART_DISTILLATION.NUM_PART_CLASSES = 8
+    # Checkpoint (e.g. the stage-2 proposal model) whose backbone.* / sem_seg_head.* tensors of matching shape
+    # initialise the model (seed 000: the ranking model "is used as an initial model for self-training");
+    # "" = none.
+    cfg.MODEL.PART_DISTILLATION.INIT_FROM = ""
+    # Weight of the within-object part-class CE on matched queries (λ_cls of seed 000: 2.0).
+    cfg.MODEL.PART_DISTILLATION.PART_CLASS_WEIGHT = 2.0
+    # Inference: pixel x of an object goes to argmax_j score_j·sigmoid(m_j(x)) (reference USE_PER_PIXEL_LABEL: True).
+    cfg.MODEL.PART_DISTILLATION.PER_PIXEL_ASSIGNMENT = True
+    # Inference: OR the masks of one object's queries that predict the same part class, keeping the best
+    # score (reference _unique_assignment_with_classes: True).
+    cfg.MODEL.PART_DISTILLATION.MERGE_SAME_CLASS = True

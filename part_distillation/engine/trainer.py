@@ -9,6 +9,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import build_detection_test_loader, build_detection_train_loader
 from ..evaluation import build_evaluator
+from ..utils.errors import ConfigError
+from .accumulation import AccumulatingAMPTrainer, AccumulatingTrainer
 from .optimizer import build_optimizer
 
 __all__ = ["Trainer"]
@@ -34,7 +36,14 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         on_cpu = cfg.MODEL.DEVICE == "cpu"
         model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        accum = cfg.SOLVER.GRAD_ACCUM_STEPS
+        if accum < 1:
+            raise ConfigError(f"SOLVER.GRAD_ACCUM_STEPS={accum}: use 1 (no accumulation) or more.")
+        if accum == 1:
+            self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        else:
+            trainer_cls = AccumulatingAMPTrainer if cfg.SOLVER.AMP.ENABLED else AccumulatingTrainer
+            self._trainer = trainer_cls(model, data_loader, optimizer, accum)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
