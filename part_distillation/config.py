@@ -30,6 +30,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_part_metrics_config(cfg)
     _add_part_discovery_config(cfg)
     _add_part_ranking_config(cfg)
+    _add_part_distillation_model_config(cfg)
     return cfg
 
 

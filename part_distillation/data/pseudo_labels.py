@@ -1082,11 +1082,12 @@ def register_pseudo_label_dataset(name, root, source, stage, metadata_from=None,
     return name
 
 
-def register_all_pseudo_label_datasets(root: str) -> list:
+def register_all_pseudo_label_datasets(root: str, thing_classes=("part",)) -> list:
     """Register every store under ``root`` as ``<source>_pseudo_<stage>``; returns the names.
 
     Scans ``root`` when called (never at import). A source that is itself a registered dataset
-    lends its ``evaluator_type``.
+    lends its ``evaluator_type``. ``thing_classes`` names the label space the stores are trained
+    with (class-agnostic ``["part"]``, or P part classes when training on ranked stores).
     """
     names = []
     if not os.path.isdir(root):
@@ -1103,7 +1104,8 @@ def register_all_pseudo_label_datasets(root: str) -> list:
                 continue
             name = pseudo_label_dataset_name(source, stage)
             register_pseudo_label_dataset(
-                name, root, source, stage, metadata_from=source if source in registered else None
+                name, root, source, stage, metadata_from=source if source in registered else None,
+                thing_classes=thing_classes,
             )
             names.append(name)
     return names

@@ -28,10 +28,20 @@ def outputs_to_record(inp: dict, out: dict) -> dict:
     part_masks = parts.pred_masks.numpy() if len(parts) else None
     part_scores = parts.scores.numpy() if len(parts) else None
     obj_masks, obj_scores, obj_classes = objects.pred_masks.numpy(), objects.scores.numpy(), objects.pred_classes.numpy()
+    # Ranked parts (stage 3) carry soft_scores; only then are pred_classes their part classes (stage-1
+    # part_instances have pred_classes 0 and no part_class).
+    ranked = len(parts) > 0 and parts.has("soft_scores")
+    part_classes = parts.pred_classes.numpy() if ranked else None
+    part_soft = parts.soft_scores.numpy() if ranked else None
     records = []
     for j in range(len(objects)):
         mine = np.nonzero(owner == j)[0]
-        obj_parts = [make_part(part_masks[p], score=float(part_scores[p])) for p in mine]
+        obj_parts = [
+            make_part(part_masks[p], score=float(part_scores[p]))
+            if not ranked
+            else make_part(part_masks[p], score=float(part_scores[p]), part_class=int(part_classes[p]), soft_scores=part_soft[p])
+            for p in mine
+        ]
         records.append(make_object(obj_masks[j], obj_parts, score=float(obj_scores[j]), category_id=int(obj_classes[j])))
     h, w = objects.image_size
     record = {"image_id": inp["image_id"], "file_name": inp["file_name"], "height": h, "width": w, "objects": records}

@@ -9,6 +9,7 @@ does after augmentation (spec §4.3 step 6). If no part survives, the augmentati
 Output ``instances``: ``gt_masks`` (N×H×W bool), ``gt_classes`` (0, or the part's ``part_class`` when
 ``use_part_classes``), ``gt_boxes``, ``gt_scores`` (pseudo-label confidence) and ``gt_object_index``
 (row of ``object_masks``); ``object_masks`` (M×H×W bool) holds the objects that kept a part.
+Also ``gt_object_classes``: the ``category_id`` of each part's object (-1 = unknown; stage 4).
 
 Pseudo-labels may be stored at a resized resolution (e.g. longer side 640 for ImageNet); the image
 is first resized to the record's ``height``×``width`` so that it matches its masks.
@@ -172,6 +173,11 @@ class PseudoLabelDatasetMapper:
         instances.gt_scores = torch.tensor([float(parts[i].get("score", 1.0)) for i in keep], dtype=torch.float32)
         instances.gt_object_index = torch.tensor(
             [new_row[row_of[parts[i]["object_id"]]] for i in keep], dtype=torch.int64
+        )
+        # object class of each part's object (the store object's category_id, -1 = unknown; stage 4's
+        # per-object-class part classifiers)
+        instances.gt_object_classes = torch.tensor(
+            [int(objects[row_of[parts[i]["object_id"]]].get("category_id", -1)) for i in keep], dtype=torch.int64
         )
         return instances, torch.from_numpy(object_masks[used])
 

@@ -3,3 +3,5 @@ from .mask2former import Mask2Former  # noqa: F401
 from .proposal import ProposalModel  # noqa: F401
 from .pixel_grouping import PixelGroupingModel  # noqa: F401
 from .discovery import PartDiscovery  # noqa: F401
+from .ranking import PartRankingModel  # noqa: F401
+from .distillation import PartDistillationModel  # noqa: F401

@@ -1,0 +1,424 @@
+"""Stage 4: part distillation (self-training) with per-object-class part classifiers (seed 000 Eq. 6; spec §6).
+
+:class:`PartDistillationModel` is a :class:`Mask2Former` whose class prediction is factorised in two:
+
+* **objectness** — the decoder's own class head with ``MODEL.SEM_SEG_HEAD.NUM_CLASSES 1`` (logits
+  (part, no-part), exactly the stage-2 :class:`ProposalModel` head, so ``INIT_FROM`` a proposal checkpoint
+  loads it too);
+* **part class within the object** — :class:`PerObjectPartClassifier`, a table of N_c^o classifiers of
+  N_c^p × D weights (+ N_c^p biases) stored as ``nn.Embedding(N_c^o, N_c^p·D)``. For a query embedding f
+  (the decoder's LayerNorm-ed query, the class head's input) of an object of class o, the part logits are
+  ``W[o] f + b[o]`` (N_c^p values): only the rows of o are gathered, so 21K object classes never build a dense
+  N_c^o·N_c^p-way layer (the reference computes all 176,001 logits and slices; spec §6.2 memory note). With
+  N_c^o = 21000, N_c^p = 8, D = 256 the table holds 43M parameters.
+
+Loss (:class:`PartDistillationCriterion`, a subclass of Mask2Former's ``SetCriterion`` reusing its matcher,
+``loss_labels`` and ``loss_masks``): per prediction set (final + every auxiliary one, deep supervision)
+
+1. Hungarian matching on objectness + mask costs (all targets labelled 0 = "part"), as stage 2;
+2. ``loss_ce`` — objectness CE with the no-object weight ``NO_OBJECT_WEIGHT``; ``loss_mask``/``loss_dice``
+   — Mask2Former's point losses; all with the same indices;
+3. ``loss_part_ce`` — CE over the N_c^p part logits of the GT object's classifier, on matched queries only
+   (target: the pseudo-label's ``part_class``), summed and divided by the number of target masks like the
+   mask losses, weighted by ``MODEL.PART_DISTILLATION.PART_CLASS_WEIGHT``.
+
+The gradient of ``loss_part_ce`` therefore reaches only the classifier rows of object classes present in the
+batch (others get exactly zero gradient). The table is an ``nn.Embedding``, so the optimizer builder gives it
+``SOLVER.WEIGHT_DECAY_EMBED`` (0.0): classifiers of object classes absent from a batch are not decayed. This differs from the reference, which uses one (N_c^p+1)-way
+softmax with a shared no-object row (spec §6.2); here "no part" is the objectness head's job and the part
+softmax runs over the N_c^p parts only, as in seed 000 Eq. 6.
+
+Targets: ``instances.gt_classes`` = part class in [0, N_c^p) (``MODEL.PSEUDO_LABELS.USE_PART_CLASSES True``)
+and ``instances.gt_object_classes`` = the object class in [0, N_c^o) of each part's object (set by
+:class:`PseudoLabelDatasetMapper` from the store object's ``category_id``).
+
+Initialisation (``MODEL.PART_DISTILLATION.INIT_FROM``): every ``backbone.*``/``sem_seg_head.*`` tensor of a
+checkpoint (e.g. the stage-2 proposal model) whose shape matches; the part classifier is always new. Loaded
+and skipped tensors are logged and kept in ``model.init_report``. ``MODEL.WEIGHTS`` (loaded afterwards by the
+checkpointer) overrides it where it holds the same tensors.
+
+Inference needs the object masks and classes (``objects``: ``gt_masks``, ``gt_classes``, e.g. from
+:class:`PartEvalDatasetMapper`). For each object m of class o (:func:`object_part_inference`):
+
+1. score_{j,k} = P(part | q_j) · softmax_k(W[o] f_j + b[o]); each query keeps its best part k_j;
+   the top ``TEST.DETECTIONS_PER_IMAGE`` queries by that score are kept;
+2. mask logits × the object's mask; with ``PER_PIXEL_ASSIGNMENT`` a pixel of the object goes to
+   argmax_j score_j·sigmoid(m_j(x)) inside the support {max_j m_j > 0} (as :class:`ProposalModel`);
+3. with ``MERGE_SAME_CLASS`` masks sharing a part class are OR-ed and keep the best score (reference);
+   empty predictions are dropped.
+
+Output ``instances``: ``pred_masks``, ``scores`` (in [0, 1]), ``pred_classes`` (part class in [0, N_c^p)),
+``pred_object_index`` (row of ``objects``), ``pred_object_classes``, ``pred_boxes``. Objects whose class is
+outside [0, N_c^o) are skipped (warning). Without ``objects`` the output is the class-agnostic proposal
+inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with the GT object
+class (seed 000 says the predicted one): here the class is whatever ``objects.gt_classes`` holds.
+"""
+import logging
+import math
+import os
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, ImageList, Instances
+from torch import nn
+from torch.nn import functional as F
+
+from ...utils.errors import ConfigError
+from .mask2former import Mask2Former, SetCriterion
+from .proposal import _object_union, _read_checkpoint, proposal_inference
+
+__all__ = [
+    "PartDistillationModel",
+    "PartDistillationCriterion",
+    "PerObjectPartClassifier",
+    "object_part_inference",
+    "DISTILLATION_INIT_PREFIXES",
+]
+
+logger = logging.getLogger(__name__)
+
+# Tensors MODEL.PART_DISTILLATION.INIT_FROM may initialise: everything but the part classifier.
+DISTILLATION_INIT_PREFIXES = ("backbone.", "sem_seg_head.")
+
+
+class PerObjectPartClassifier(nn.Module):
+    """N_c^o linear classifiers of N_c^p parts over D-dim query embeddings, looked up per object class."""
+
+    def __init__(self, num_object_classes: int, num_part_classes: int, hidden_dim: int):
+        super().__init__()
+        self.num_object_classes = num_object_classes
+        self.num_part_classes = num_part_classes
+        self.hidden_dim = hidden_dim
+        self.weight = nn.Embedding(num_object_classes, num_part_classes * hidden_dim)
+        self.bias = nn.Embedding(num_object_classes, num_part_classes)
+        # as nn.Linear(D, N_c^p) initialises each classifier's weight; biases start at 0
+        bound = 1.0 / math.sqrt(hidden_dim)
+        nn.init.uniform_(self.weight.weight, -bound, bound)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, feats: torch.Tensor, object_classes: torch.Tensor) -> torch.Tensor:
+        """Part logits [N, N_c^p] of N query embeddings ``feats`` [N, D], each with its object class [N]."""
+        n = feats.shape[0]
+        w = self.weight(object_classes).view(n, self.num_part_classes, self.hidden_dim)
+        return torch.einsum("npd,nd->np", w.to(feats.dtype), feats) + self.bias(object_classes).to(feats.dtype)
+
+    def logits_for_class(self, feats: torch.Tensor, object_class: int) -> torch.Tensor:
+        """Part logits [Q, N_c^p] of queries ``feats`` [Q, D] under one object class's classifier."""
+        index = torch.full((feats.shape[0],), int(object_class), dtype=torch.int64, device=feats.device)
+        return self(feats, index)
+
+
+class PartDistillationCriterion(SetCriterion):
+    """SetCriterion (objectness + masks, num_classes 1) plus ``loss_part_ce`` on the matched queries."""
+
+    def __init__(self, *args, part_class_weight: float = 2.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        sets = [""] + [f"_{i}" for i in range(sum(1 for k in self.weight_dict if k.startswith("loss_ce_")))]
+        for suffix in sets:
+            self.weight_dict["loss_part_ce" + suffix] = part_class_weight
+
+    @classmethod
+    def from_set_criterion(cls, base: SetCriterion, part_class_weight: float):
+        """The same criterion (matcher, weights, point sampling) as ``base`` with the part-class loss."""
+        num_layers = sum(1 for k in base.weight_dict if k.startswith("loss_ce_"))
+        return cls(
+            base.num_classes,
+            matcher=base.matcher,
+            class_weight=base.weight_dict["loss_ce"],
+            mask_weight=base.weight_dict["loss_mask"],
+            dice_weight=base.weight_dict["loss_dice"],
+            num_layers=num_layers,
+            eos_coef=base.eos_coef,
+            losses=list(base.losses),
+            num_points=base.num_points,
+            oversample_ratio=base.oversample_ratio,
+            importance_sample_ratio=base.importance_sample_ratio,
+            part_class_weight=part_class_weight,
+        )
+
+    def loss_part_classes(self, outputs, targets, indices, num_masks, classifier):
+        batch_idx, src_idx = self._get_src_permutation_idx(indices)
+        feats = outputs["query_feats"][batch_idx, src_idx]
+        parts = torch.cat([t["part_labels"][J] for t, (_, J) in zip(targets, indices)])
+        objects = torch.cat([t["object_classes"][J] for t, (_, J) in zip(targets, indices)])
+        logits = classifier(feats, objects).float()  # an empty batch still touches the table (zero gradient)
+        return {"loss_part_ce": F.cross_entropy(logits, parts, reduction="sum") / num_masks}
+
+    def forward(self, outputs, targets, classifier):
+        """Losses of every prediction set; ``outputs`` (and each aux set) carry ``query_feats`` [B, Q, D]."""
+        num_masks = sum(len(t["labels"]) for t in targets)
+        num_masks = torch.as_tensor([num_masks], dtype=torch.float, device=outputs["pred_logits"].device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(num_masks)
+            num_masks = num_masks / torch.distributed.get_world_size()
+        num_masks = torch.clamp(num_masks, min=1).item()
+        final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        sets = [(final, "")] + [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        losses = {}
+        for out, suffix in sets:
+            indices = self.matcher({"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}, targets)
+            for loss in self.losses:
+                losses.update({k + suffix: v for k, v in self.get_loss(loss, out, targets, indices, num_masks).items()})
+            part = self.loss_part_classes(out, targets, indices, num_masks, classifier)
+            losses.update({k + suffix: v for k, v in part.items()})
+        return losses
+
+
+def load_shared_tensors(model: nn.Module, path: str, prefixes=DISTILLATION_INIT_PREFIXES) -> dict:
+    """Copy the tensors under ``prefixes`` of checkpoint ``path`` into ``model`` where shapes match.
+
+    Returns ``{"loaded", "shape_mismatch": [(name, theirs, ours)], "missing"}`` and logs them.
+
+    Raises:
+        ConfigError: ``path`` does not exist or shares no tensor with the model.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"MODEL.PART_DISTILLATION.INIT_FROM={path!r} does not exist; give a stage-2 proposal checkpoint "
+            "(e.g. output/stage2_proposals/model_final.pth) or set it to \"\"."
+        )
+    checkpoint = _read_checkpoint(path)
+    own = model.state_dict()
+    loaded, mismatch, missing = [], [], []
+    with torch.no_grad():
+        for name, target in own.items():
+            if not name.startswith(tuple(prefixes)):
+                continue
+            if name not in checkpoint:
+                missing.append(name)
+            elif tuple(checkpoint[name].shape) != tuple(target.shape):
+                mismatch.append((name, tuple(checkpoint[name].shape), tuple(target.shape)))
+            else:
+                target.copy_(checkpoint[name].to(dtype=target.dtype))
+                loaded.append(name)
+    if not loaded:
+        raise ConfigError(
+            f"MODEL.PART_DISTILLATION.INIT_FROM={path!r} shares no tensor with this model "
+            "(is it a Mask2Former checkpoint of the same architecture?)."
+        )
+    logger.info("Loaded %d tensors from %s (MODEL.PART_DISTILLATION.INIT_FROM).", len(loaded), path)
+    for name, theirs, ours in mismatch:
+        logger.info("Skipped %s: shape %s in the checkpoint, %s in the model.", name, theirs, ours)
+    if missing:
+        logger.info("%d tensors are not in %s and keep their initialisation: %s", len(missing), path, missing)
+    return {"loaded": loaded, "shape_mismatch": mismatch, "missing": missing}
+
+
+def object_part_inference(
+    objectness_logits, part_logits, mask_pred, object_mask, topk: int, per_pixel_assignment=True, merge_same_class=True
+):
+    """Part predictions inside one object (module doc, inference steps 1-3).
+
+    Args:
+        objectness_logits: [Q, 2] (part, no-part) logits.
+        part_logits: [Q, P] part logits of the object's class classifier.
+        mask_pred: [Q, H, W] mask logits at the output resolution.
+        object_mask: bool [H, W].
+        topk: queries kept by score.
+    Returns:
+        (masks bool [K, H, W], scores [K] in [0, 1], part classes int64 [K]) sorted by descending score.
+    """
+    objectness = F.softmax(objectness_logits.float(), dim=-1)[:, 0]
+    part_prob = F.softmax(part_logits.float(), dim=-1)
+    score, label = (objectness[:, None] * part_prob).max(dim=-1)
+    topk = min(int(topk), score.numel())
+    score, index = score.topk(topk)
+    label = label[index]
+    logits = mask_pred[index].float() * object_mask.to(mask_pred.device, torch.float32)
+    positive = logits > 0
+    if per_pixel_assignment and topk > 0:
+        support = positive.any(dim=0)
+        winner = (score[:, None, None] * logits.sigmoid()).argmax(dim=0)
+        masks = (winner[None] == torch.arange(topk, device=logits.device)[:, None, None]) & support[None]
+    else:
+        masks = positive
+    keep = masks.flatten(1).any(dim=1)
+    masks, score, label = masks[keep], score[keep], label[keep]
+    if merge_same_class and len(label):
+        classes = label.unique()
+        masks = torch.stack([masks[label == c].any(dim=0) for c in classes])
+        score = torch.stack([score[label == c].max() for c in classes])
+        label = classes
+    order = torch.argsort(score, descending=True, stable=True)
+    return masks[order], score[order], label[order]
+
+
+def _check_one_class(num_classes: int) -> None:
+    if num_classes != 1:
+        raise ConfigError(
+            "PartDistillationModel's decoder class head is the objectness (part, no-part): set "
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 (got {num_classes}); part classes are "
+            "MODEL.PART_DISTILLATION.NUM_PART_CLASSES."
+        )
+
+
+@META_ARCH_REGISTRY.register()
+class PartDistillationModel(Mask2Former):
+    """Mask2Former with objectness × per-object-class part classification (module doc)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_object_classes: int,
+        num_part_classes: int = 8,
+        part_class_weight: float = 2.0,
+        init_from: str = "",
+        per_pixel_assignment: bool = True,
+        merge_same_class: bool = True,
+        **kwargs,
+    ):
+        """
+        Args:
+            num_object_classes: ``MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES`` (N_c^o).
+            num_part_classes: ``MODEL.PART_DISTILLATION.NUM_PART_CLASSES`` (N_c^p).
+            part_class_weight: ``MODEL.PART_DISTILLATION.PART_CLASS_WEIGHT``.
+            init_from: ``MODEL.PART_DISTILLATION.INIT_FROM`` ("" = none).
+            per_pixel_assignment / merge_same_class: inference switches (module doc).
+            kwargs: :class:`Mask2Former`'s arguments.
+        """
+        super().__init__(**kwargs)
+        _check_one_class(self.sem_seg_head.num_classes)
+        if num_object_classes < 1 or num_part_classes < 1:
+            raise ConfigError(
+                "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES and NUM_PART_CLASSES must be >= 1 "
+                f"(got {num_object_classes}, {num_part_classes})."
+            )
+        predictor = self.sem_seg_head.predictor
+        self.part_classifier = PerObjectPartClassifier(
+            num_object_classes, num_part_classes, predictor.class_embed.in_features
+        )
+        self.criterion = PartDistillationCriterion.from_set_criterion(self.criterion, part_class_weight)
+        self.per_pixel_assignment = per_pixel_assignment
+        self.merge_same_class = merge_same_class
+        # The class head's input of each prediction set is the query embedding the part classifiers read.
+        self._query_feats = []
+        predictor.class_embed.register_forward_hook(self._capture_query_feats)
+        self.init_report = load_shared_tensors(self, init_from) if init_from else None
+
+    def _capture_query_feats(self, module, inputs, output):
+        self._query_feats.append(inputs[0])
+
+    @classmethod
+    def from_config(cls, cfg):
+        _check_one_class(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        ret = super().from_config(cfg)
+        group = cfg.MODEL.PART_DISTILLATION
+        ret.update(
+            num_object_classes=group.NUM_OBJECT_CLASSES,
+            num_part_classes=group.NUM_PART_CLASSES,
+            part_class_weight=group.PART_CLASS_WEIGHT,
+            init_from=group.INIT_FROM,
+            per_pixel_assignment=group.PER_PIXEL_ASSIGNMENT,
+            merge_same_class=group.MERGE_SAME_CLASS,
+        )
+        return ret
+
+    def _run_head(self, batched_inputs):
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        self._query_feats = []
+        try:
+            outputs = self.sem_seg_head(self.backbone(images.tensor))
+            feats = self._query_feats
+        finally:
+            self._query_feats = []
+        aux = outputs.get("aux_outputs") or []
+        if len(feats) != len(aux) + 1:
+            raise RuntimeError(f"captured {len(feats)} query embeddings for {len(aux) + 1} prediction sets")
+        outputs["query_feats"] = feats[-1]
+        for out, f in zip(aux, feats[:-1]):
+            out["query_feats"] = f
+        return images, outputs
+
+    def prepare_targets(self, targets, images):
+        """Padded masks, objectness labels (0), part labels and object classes of each image."""
+        new_targets = super().prepare_targets(targets, images)
+        num_o, num_p = self.part_classifier.num_object_classes, self.part_classifier.num_part_classes
+        for t, inst in zip(new_targets, targets):
+            if not inst.has("gt_object_classes"):
+                raise ConfigError(
+                    "PartDistillationModel needs instances.gt_object_classes (PseudoLabelDatasetMapper sets it "
+                    "from the store objects' category_id)."
+                )
+            parts, objects = inst.gt_classes.long(), inst.gt_object_classes.long()
+            if len(parts) and (parts.min() < 0 or parts.max() >= num_p):
+                raise ConfigError(
+                    f"part classes {parts.unique().tolist()} outside [0, {num_p}) (MODEL.PART_DISTILLATION."
+                    "NUM_PART_CLASSES; train with MODEL.PSEUDO_LABELS.USE_PART_CLASSES True on a store with part_class)"
+                )
+            if len(objects) and (objects.min() < 0 or objects.max() >= num_o):
+                raise ConfigError(
+                    f"object classes {objects.unique().tolist()} outside [0, {num_o}) "
+                    "(MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES; the store objects need a category_id)"
+                )
+            t["labels"] = torch.zeros_like(parts)
+            t["part_labels"] = parts
+            t["object_classes"] = objects
+        return new_targets
+
+    def forward(self, batched_inputs):
+        images, outputs = self._run_head(batched_inputs)
+        if self.training:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            targets = self.prepare_targets(gt_instances, images)
+            losses = self.criterion(outputs, targets, self.part_classifier)
+            return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
+        mask_pred_results = F.interpolate(
+            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        processed = []
+        for i, (inp, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            height, width = inp.get("height", image_size[0]), inp.get("width", image_size[1])
+            mask_pred = sem_seg_postprocess(mask_pred_results[i], image_size, height, width)
+            objects = inp.get("objects")
+            if objects is None:
+                result = proposal_inference(outputs["pred_logits"][i], mask_pred, self.test_topk_per_image)
+            else:
+                result = self._object_inference(
+                    outputs["pred_logits"][i], outputs["query_feats"][i], mask_pred, objects, image_size
+                )
+            processed.append({"instances": result})
+        return processed
+
+    def _object_inference(self, mask_cls, feats, mask_pred, objects, image_size):
+        out_size = tuple(mask_pred.shape[-2:])
+        device = mask_pred.device
+        classes = objects.gt_classes.tolist() if objects.has("gt_classes") else [-1] * len(objects)
+        all_masks, all_scores, all_labels, all_index, all_objects = [], [], [], [], []
+        for m, object_class in enumerate(classes):
+            if not 0 <= object_class < self.part_classifier.num_object_classes:
+                logger.warning("Object %d has class %d outside [0, %d): no part predictions for it.",
+                               m, object_class, self.part_classifier.num_object_classes)  # fmt: skip
+                continue
+            single = Instances(objects.image_size)
+            single.gt_masks = objects.gt_masks[m : m + 1]
+            object_mask = _object_union(single, image_size, out_size, device)
+            part_logits = self.part_classifier.logits_for_class(feats, object_class)
+            masks, scores, labels = object_part_inference(
+                mask_cls, part_logits, mask_pred, object_mask, self.test_topk_per_image,
+                self.per_pixel_assignment, self.merge_same_class,
+            )  # fmt: skip
+            all_masks.append(masks)
+            all_scores.append(scores)
+            all_labels.append(labels)
+            all_index.append(torch.full_like(labels, m))
+            all_objects.append(torch.full_like(labels, object_class))
+        result = Instances(out_size)
+        if all_masks:
+            masks = torch.cat(all_masks)
+            result.pred_masks = masks.float()
+            result.scores = torch.cat(all_scores)
+            result.pred_classes = torch.cat(all_labels)
+            result.pred_object_index = torch.cat(all_index)
+            result.pred_object_classes = torch.cat(all_objects)
+        else:
+            masks = torch.zeros((0,) + out_size, dtype=torch.bool, device=device)
+            result.pred_masks = masks.float()
+            result.scores = torch.zeros(0, device=device)
+            for name in ("pred_classes", "pred_object_index", "pred_object_classes"):
+                result.set(name, torch.zeros(0, dtype=torch.int64, device=device))
+        result.pred_boxes = BitMasks(masks).get_bounding_boxes().to(device)
+        return result

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Stage 3: class-specific part ranking (seed 000 "Class-specific part ranking"; spec §5) in two passes.
+
+    python tools/rank_parts.py --config-file configs/quick_schedules/stage3_ranking_toyparts.yaml \
+        MODEL.WEIGHTS output/quick_schedules/stage2_proposals_toyparts/model_final.pth
+    python tools/rank_parts.py --config-file configs/stage3_ranking.yaml --num-gpus 8 MODEL.WEIGHTS <stage-2 .pth>
+
+1. Cluster pass: :class:`PartRankingModel` runs over DATASETS.TEST[0] (rank r of W takes images r, r+W,
+   ...) and keeps, per object, the parts that pass τr/τs with their query features. The (object class,
+   feature) pairs are all-gathered and put in dataset order, then each object class is clustered into
+   ``MODEL.PART_RANKING.NUM_CLUSTERS`` prototypes with :func:`batched_kmeans` ("l2" on the normalised
+   features, best of ``KMEANS_N_INIT`` k-means++ restarts). Classes are sharded over the ranks (rank r
+   clusters classes r, r+W, ...; one deterministic K-means per class), the results are all-gathered and
+   rank 0 saves ``OUTPUT_DIR/prototypes.pth`` atomically: ``{"prototypes": [C, K, D], "num_clusters": [C],
+   "num_features": [C]}`` (rows beyond a class's ``num_clusters`` are zeros). ``--resume`` reuses an
+   existing prototypes file.
+2. Labelling pass: the same model with the prototypes assigns every kept part its prototype id
+   (``part_class``) and soft scores softmax_k(−‖f − μ_k‖ / T), written through the writer-evaluator to the
+   store ``DATASETS.PSEUDO_LABEL_ROOT/<dataset>/<--stage>`` (default "ranking"), sharded like stage 1.
+"""
+import io
+import json
+import logging
+import os
+import sys
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import launch
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from tabulate import tabulate
+
+from part_distillation.data import build_labelling_loader
+from part_distillation.data.build import check_dataset_names
+from part_distillation.data.dataset_mappers import build_dataset_mapper
+from part_distillation.data.dataset_mappers.part_eval import group_parts_by_object
+from part_distillation.data.pseudo_labels import PseudoLabelWriter, atomic_write_bytes
+from part_distillation.engine import check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
+from part_distillation.evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
+from part_distillation.modeling.grouping.kmeans import batched_kmeans
+from part_distillation.modeling.meta_arch.ranking import PartRankingModel
+from part_distillation.utils.errors import ConfigError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_pseudo_labels import SkipAwareModel  # noqa: E402 (the labelling tool's skipped-input wrapper)
+
+logger = logging.getLogger("part_distillation.rank_parts")
+
+_LABEL_KEYS = ("MODEL", "INPUT", "DATASETS.TEST")
+
+
+def parse_args(argv=None):
+    parser = default_argument_parser()
+    parser.add_argument("--stage", default="ranking", help="store name of this labelling stage")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (fixed per store)")
+    parser.add_argument("--prototypes", default="", help="prototypes file (default OUTPUT_DIR/prototypes.pth)")
+    return parser.parse_args(argv)
+
+
+def label_config(cfg) -> dict:
+    out = {}
+    for key in _LABEL_KEYS:
+        node = cfg
+        for k in key.split("."):
+            node = node[k]
+        out[key] = json.loads(json.dumps(node, default=list))
+    return out
+
+
+class ObjectClassMapper:
+    """Wraps the test mapper; objects without a class (-1) get the object class of their parts.
+
+    Part datasets without object annotations (e.g. toyparts) give :class:`PartEvalDatasetMapper` objects
+    of class -1; the metadata's ``part_to_object`` maps the (first) part's category to its object class.
+    Objects are listed in :func:`group_parts_by_object` order, as the mapper lists them.
+    """
+
+    def __init__(self, mapper, part_to_object=None):
+        self.mapper = mapper
+        self.part_to_object = list(part_to_object) if part_to_object else None
+
+    def __call__(self, dataset_dict):
+        out = self.mapper(dataset_dict)
+        if out is None or self.part_to_object is None or out.get("objects") is None:
+            return out
+        classes = out["objects"].gt_classes.clone()
+        groups = group_parts_by_object(dataset_dict)
+        for j, (_, _, members) in enumerate(groups[: len(classes)]):
+            if int(classes[j]) < 0 and members:
+                classes[j] = int(self.part_to_object[int(members[0]["category_id"])])
+        out["objects"].gt_classes = classes
+        return out
+
+
+def collect_features(model, loader):
+    """This rank's kept parts: (keys [P, 3] = (dataset index, object, part), classes [P], features [P, D])."""
+    keys, classes, feats = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            keep = [x for x in batch if not x.get("skipped")]
+            if not keep:
+                continue
+            for inp, out in zip(keep, model(keep)):
+                parts = out["part_instances"].to("cpu")
+                obj_classes = out["instances"].pred_classes.to("cpu")
+                for p in range(len(parts)):
+                    owner = int(parts.object_index[p])
+                    keys.append([int(inp["dataset_index"]), owner, p])
+                    classes.append(int(obj_classes[owner]))
+                    feats.append(parts.query_features[p].float())
+    dim = model.sem_seg_head.predictor.decoder_norm.normalized_shape[0]
+    return (
+        torch.tensor(keys, dtype=torch.long).reshape(-1, 3),
+        torch.tensor(classes, dtype=torch.long),
+        torch.stack(feats) if feats else torch.zeros(0, dim),
+    )
+
+
+def gather_features(keys, classes, feats):
+    """All ranks' pairs in dataset order (independent of the number of processes)."""
+    gathered = comm.all_gather((keys, classes, feats))
+    keys = torch.cat([g[0] for g in gathered])
+    classes = torch.cat([g[1] for g in gathered])
+    feats = torch.cat([g[2] for g in gathered])
+    order = sorted(range(len(keys)), key=lambda i: tuple(keys[i].tolist()))
+    order = torch.tensor(order, dtype=torch.long)
+    return classes[order], feats[order]
+
+
+def cluster_prototypes(classes, feats, num_classes: int, k: int, n_init: int, max_iter: int, seed: int,
+                       rank: int = 0, world_size: int = 1):  # fmt: skip
+    """Prototypes of the classes r, r+W, ... of this rank, all-gathered: ([C, K, D], num_clusters [C], counts [C])."""
+    dim = feats.shape[1]
+    mine = {}
+    for c in range(rank, num_classes, world_size):
+        x = feats[classes == c]
+        if len(x) == 0:
+            continue
+        result = batched_kmeans(x[None].float(), None, k, n_init=n_init, max_iter=max_iter, metric="l2", seed=seed)
+        mine[c] = (result.centers[0].float(), int(result.num_clusters[0]), len(x))
+    prototypes = torch.zeros(num_classes, k, dim)
+    num_clusters = torch.zeros(num_classes, dtype=torch.long)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for part in comm.all_gather(mine):
+        for c, (centers, n, count) in part.items():
+            prototypes[c], num_clusters[c], counts[c] = centers, n, count
+    return prototypes, num_clusters, counts
+
+
+def save_prototypes(path: str, prototypes, num_clusters, counts) -> None:
+    buffer = io.BytesIO()
+    torch.save({"prototypes": prototypes, "num_clusters": num_clusters, "num_features": counts}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _num_object_classes(cfg, dataset_name, classes) -> int:
+    if cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES > 0:
+        n = cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES
+    else:
+        names = MetadataCatalog.get(dataset_name).get("object_classes", None)
+        n = len(names) if names else (int(classes.max()) + 1 if len(classes) else 0)
+    if len(classes) and int(classes.max()) >= n:
+        raise ConfigError(
+            f"object class {int(classes.max())} is out of range for MODEL.PART_RANKING.NUM_OBJECT_CLASSES={n}."
+        )
+    if len(classes) and int(classes.min()) < 0:
+        logger.warning("Parts of objects without a class (-1) are not clustered.")
+    return n
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    dataset_name = cfg.DATASETS.TEST[0]
+    check_dataset_names([dataset_name], "DATASETS.TEST")
+    if cfg.MODEL.META_ARCHITECTURE != "PartRankingModel":
+        raise ConfigError(f"MODEL.META_ARCHITECTURE must be PartRankingModel, got {cfg.MODEL.META_ARCHITECTURE!r}.")
+    if not cfg.MODEL.WEIGHTS:
+        raise ConfigError("MODEL.WEIGHTS must name a stage-2 (ProposalModel) checkpoint.")
+    model = build_model(cfg)
+    assert isinstance(model, PartRankingModel)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    rank, world = comm.get_rank(), comm.get_world_size()
+    dicts = DatasetCatalog.get(dataset_name)
+    mapper = ObjectClassMapper(build_dataset_mapper(cfg, is_train=False), MetadataCatalog.get(dataset_name).get("part_to_object", None))
+    ranking = cfg.MODEL.PART_RANKING
+    path = args.prototypes or os.path.join(cfg.OUTPUT_DIR, "prototypes.pth")
+
+    # 1. cluster pass
+    if args.resume and os.path.isfile(path):
+        logger.info("Reusing prototypes %s (--resume)", path)
+    else:
+        loader = build_labelling_loader(dicts, range(rank, len(dicts), world), mapper, 1, cfg.DATALOADER.NUM_WORKERS)
+        classes, feats = gather_features(*collect_features(model, loader))
+        num_classes = _num_object_classes(cfg, dataset_name, classes)
+        prototypes, num_clusters, counts = cluster_prototypes(
+            classes, feats, num_classes, ranking.NUM_CLUSTERS, ranking.KMEANS_N_INIT, ranking.KMEANS_MAX_ITER,
+            ranking.KMEANS_SEED, rank, world,
+        )  # fmt: skip
+        if comm.is_main_process():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            save_prototypes(path, prototypes, num_clusters, counts)
+            logger.info("Saved prototypes %s for %d classes (%d parts)", path, num_classes, len(classes))
+        comm.synchronize()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model.set_prototypes(saved["prototypes"], saved["num_clusters"])
+
+    # 2. labelling pass
+    writer = PseudoLabelWriter(
+        cfg.DATASETS.PSEUDO_LABEL_ROOT, dataset_name, args.stage, shard_size=args.shard_size,
+        config=label_config(cfg), num_images=len(dicts), resume=args.resume,
+    )  # fmt: skip
+    indices = writer.pending_indices(rank=rank, world_size=world)
+    loader = build_labelling_loader(dicts, indices, mapper, 1, cfg.DATALOADER.NUM_WORKERS)
+    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer))
+    if not comm.is_main_process():
+        return {}
+    summary = results["pseudo_labels"]
+    summary["prototypes"] = path
+    rows = [[k, v] for k, v in summary.items() if k != "skipped_files"]
+    print(tabulate(rows, headers=["part ranking", "value"], tablefmt="pipe"))
+    return summary
+
+
+def checked_main(args):
+    return run_worker(main, args)
+
+
+def cli():
+    args = parse_args()
+    run_cli(lambda: check_runtime(load_cfg(args.config_file, args.opts)))
+    return launch(
+        checked_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        dist_url=args.dist_url, args=(args,),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    cli()
