@@ -36,7 +36,6 @@ from tabulate import tabulate
 from part_distillation.data import build_labelling_loader
 from part_distillation.data.build import check_dataset_names
 from part_distillation.data.dataset_mappers import build_dataset_mapper
-from part_distillation.data.dataset_mappers.part_eval import group_parts_by_object
 from part_distillation.data.pseudo_labels import PseudoLabelWriter, atomic_write_bytes
 from part_distillation.engine import check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
 from part_distillation.evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
@@ -68,31 +67,6 @@ def label_config(cfg) -> dict:
             node = node[k]
         out[key] = json.loads(json.dumps(node, default=list))
     return out
-
-
-class ObjectClassMapper:
-    """Wraps the test mapper; objects without a class (-1) get the object class of their parts.
-
-    Part datasets without object annotations (e.g. toyparts) give :class:`PartEvalDatasetMapper` objects
-    of class -1; the metadata's ``part_to_object`` maps the (first) part's category to its object class.
-    Objects are listed in :func:`group_parts_by_object` order, as the mapper lists them.
-    """
-
-    def __init__(self, mapper, part_to_object=None):
-        self.mapper = mapper
-        self.part_to_object = list(part_to_object) if part_to_object else None
-
-    def __call__(self, dataset_dict):
-        out = self.mapper(dataset_dict)
-        if out is None or self.part_to_object is None or out.get("objects") is None:
-            return out
-        classes = out["objects"].gt_classes.clone()
-        groups = group_parts_by_object(dataset_dict)
-        for j, (_, _, members) in enumerate(groups[: len(classes)]):
-            if int(classes[j]) < 0 and members:
-                classes[j] = int(self.part_to_object[int(members[0]["category_id"])])
-        out["objects"].gt_classes = classes
-        return out
 
 
 def collect_features(model, loader):
@@ -185,7 +159,7 @@ def main(args):
     model.eval()
     rank, world = comm.get_rank(), comm.get_world_size()
     dicts = DatasetCatalog.get(dataset_name)
-    mapper = ObjectClassMapper(build_dataset_mapper(cfg, is_train=False), MetadataCatalog.get(dataset_name).get("part_to_object", None))
+    mapper = build_dataset_mapper(cfg, is_train=False)
     ranking = cfg.MODEL.PART_RANKING
     path = args.prototypes or os.path.join(cfg.OUTPUT_DIR, "prototypes.pth")
 

@@ -80,6 +80,11 @@ def setup_cfg(args):
         classes = [f"part {i}" for i in range(num_parts)] if num_parts else ["part"]
         register_all_pseudo_label_datasets(cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes)
     default_setup(cfg, args)
+    # detectron2 configures only its own loggers; ours (evaluator tables, skips, progress) go to the same places
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="part_distillation", abbrev_name="pd")
     return cfg
 
 

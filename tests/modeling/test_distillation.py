@@ -96,7 +96,9 @@ def store_root(datasets_root, tmp_path_factory):
 @pytest.fixture
 def stage4_cfg(store_root, tmp_path):
     def make(max_iter=4, extra=()):
-        opts = tiny_quick_opts(tmp_path / "out", max_iter) + ["DATASETS.PSEUDO_LABEL_ROOT", store_root]
+        opts = tiny_quick_opts(tmp_path / "out", max_iter) + [
+            "DATASETS.PSEUDO_LABEL_ROOT", store_root, "DATASETS.TRAIN", f"('{STORE_NAME}',)",
+        ]  # fmt: skip
         return load_cfg(QUICK_STAGE4, opts + list(extra))
 
     return make

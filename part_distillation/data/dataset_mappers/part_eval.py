@@ -30,6 +30,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
@@ -102,14 +103,17 @@ class PartEvalDatasetMapper:
     """Part-dataset dict → ``{"image", "objects", "height", "width", ...}`` (see module doc)."""
 
     @configurable
-    def __init__(self, *, augmentations: list, image_format: str):
+    def __init__(self, *, augmentations: list, image_format: str, part_to_object=None):
         """
         Args:
             augmentations: deterministic resizes (e.g. ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``).
             image_format: ``INPUT.FORMAT``.
+            part_to_object: the dataset's part class → object class table (metadata); objects without an
+                annotation of their own (e.g. toyparts' part views) take the class of their parts.
         """
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
+        self.part_to_object = list(part_to_object) if part_to_object else None
         logger.info("%s (test): %s", type(self).__name__, augmentations)
 
     @classmethod
@@ -119,10 +123,22 @@ class PartEvalDatasetMapper:
                 "PartEvalDatasetMapper is an evaluation mapper: set it as INPUT.TEST_DATASET_MAPPER_NAME, "
                 "not INPUT.DATASET_MAPPER_NAME."
             )
+        meta = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
         return {
             "augmentations": [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
             "image_format": cfg.INPUT.FORMAT,
+            "part_to_object": meta.get("part_to_object", None) if meta is not None else None,
         }
+
+    def _object_class(self, obj, members) -> int:
+        if obj is not None and "category_id" in obj:
+            return int(obj["category_id"])
+        if self.part_to_object and members:
+            owner = self.part_to_object[int(members[0]["category_id"])]
+            if isinstance(owner, (list, tuple)):  # a part class shared by several objects: ambiguous
+                return int(owner[0]) if len(owner) == 1 else -1
+            return int(owner)
+        return -1
 
     def __call__(self, dataset_dict: dict):
         record = copy.deepcopy(dataset_dict)
@@ -141,7 +157,7 @@ class PartEvalDatasetMapper:
         for i, (_, obj, members) in enumerate(groups):
             mask = _object_mask(obj, members, orig_h, orig_w)
             masks[i] = transforms.apply_segmentation(mask.astype(np.uint8)).astype(bool)
-            classes.append(int(obj.get("category_id", -1)) if obj is not None else -1)
+            classes.append(self._object_class(obj, members))
         objects = Instances(tuple(new_hw))
         objects.gt_masks = torch.from_numpy(masks)
         objects.gt_classes = torch.tensor(classes, dtype=torch.int64)

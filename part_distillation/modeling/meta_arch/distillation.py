@@ -380,6 +380,11 @@ class PartDistillationModel(Mask2Former):
                 result = self._object_inference(
                     outputs["pred_logits"][i], outputs["query_feats"][i], mask_pred, objects, image_size
                 )
+                # the part-metric evaluators read per-object parts from "part_instances" (object_index)
+                parts = Instances(result.image_size, pred_masks=result.pred_masks > 0.5, scores=result.scores,
+                                  pred_classes=result.pred_classes, object_index=result.pred_object_index)  # fmt: skip
+                processed.append({"instances": result, "part_instances": parts})
+                continue
             processed.append({"instances": result})
         return processed
 
