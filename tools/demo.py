@@ -1,11 +1,16 @@
 #!/usr/bin/env python
 """End-to-end CPU demo on the embedded toyparts dataset (what `make demo` runs).
 
-Today it runs stages 0 and 1: generate toyparts (if absent); train the Mask2Former object-instance
-quick schedule on the bundled ImageNet EfficientNet-Lite0, evaluate COCO mask AP on toyparts_val and
-write prediction overlays; then label toyparts_val with part pseudo-labels by pixel grouping (GT object
-masks) on EfficientNet features and, as the baseline, on raw RGB, reporting AR@k against GT parts.
-Later stages are appended here as they land.
+Generates toyparts (if absent), then runs the pipeline on the quick schedules:
+
+0. Mask2Former object instances on the bundled ImageNet EfficientNet-Lite0 → COCO mask AP on toyparts_val;
+1. part pseudo-labels by pixel grouping inside GT objects (EfficientNet features; raw RGB as the baseline)
+   → AR@k against GT parts on toyparts_val; the same labelling of toyparts_train feeds stage 2;
+2. class-agnostic part proposals trained on the stage-1 labels → AR@k on toyparts_parts_val;
+3. part ranking: per-object-class prototypes over proposal features → a ranked store of toyparts_train;
+4. part distillation (per-object-class part classifiers) trained on it → mIoU-mapped on toyparts_parts_val.
+
+It prints one table and writes overlays to ``--output``.
 """
 import argparse
 import logging
@@ -14,16 +19,22 @@ import os
 import cv2
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from part_distillation.data.datasets.toyparts import default_toyparts_root, ensure_toyparts
+from part_distillation.data.pseudo_labels import register_all_pseudo_label_datasets
 from part_distillation.engine import Trainer, check_runtime, load_cfg, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE0_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage0_instance_toyparts.yaml")
-STAGE1_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts.yaml")
-STAGE1_RGB_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts_rgb.yaml")
+QUICK = os.path.join(REPO, "configs", "quick_schedules")
+STAGE0_CONFIG = os.path.join(QUICK, "stage0_instance_toyparts.yaml")
+STAGE1_CONFIG = os.path.join(QUICK, "stage1_pixel_grouping_toyparts.yaml")
+STAGE1_RGB_CONFIG = os.path.join(QUICK, "stage1_pixel_grouping_toyparts_rgb.yaml")
+STAGE2_CONFIG = os.path.join(QUICK, "stage2_proposals_toyparts.yaml")
+STAGE3_CONFIG = os.path.join(QUICK, "stage3_ranking_toyparts.yaml")
+STAGE4_CONFIG = os.path.join(QUICK, "stage4_distillation_toyparts.yaml")
 logger = logging.getLogger("part_distillation.demo")
 
 
@@ -33,28 +44,31 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=200, help="toyparts training images (if generated)")
     p.add_argument("--num-val", type=int, default=50, help="toyparts validation images (if generated)")
     p.add_argument("--num-vis", type=int, default=6, help="validation images to render with predictions")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for stage 0 (KEY VALUE ...)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides applied to every stage (KEY VALUE ...)")
     return p.parse_args(argv)
 
 
-def train_stage0(output_dir, opts):
-    cfg = check_runtime(load_cfg(STAGE0_CONFIG, ["OUTPUT_DIR", os.path.join(output_dir, "stage0"), *opts]))
+def train(config, output_dir, opts, part_classes=0):
+    """Train a quick schedule in this process; returns (cfg, model, last evaluation results)."""
+    cfg = check_runtime(load_cfg(config, ["OUTPUT_DIR", output_dir, *opts]))
     cfg.freeze()
+    names = [f"part {i}" for i in range(part_classes)] if part_classes else ["part"]
+    register_all_pseudo_label_datasets(cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=names)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    seed_all_rng(cfg.SEED)  # what default_setup does for train_net: same data order and initialisation
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    results = trainer.train()  # the final evaluation hook's results
-    return cfg, trainer.model, results
+    return cfg, trainer.model, trainer.train()  # train() returns the final evaluation's results
 
 
-def run_stage1(config, output_dir, name, vis=0):
-    """Pixel grouping on toyparts_val with GT object masks; returns the labelling summary with AR@k."""
-    import make_pseudo_labels
+def label(tool, config, output_dir, opts, flags=()):
+    """Run a labelling tool (make_pseudo_labels / rank_parts) in this process; returns its summary.
 
-    argv = ["--config-file", config, "--shard-size", "100", "--vis", str(vis),
-            "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(output_dir, "pseudo_labels", name),
-            "OUTPUT_DIR", os.path.join(output_dir, name)]  # fmt: skip
-    return make_pseudo_labels.main(make_pseudo_labels.parse_args(argv))
+    ``flags`` are the tool's own options (e.g. ``--vis 2``), ``opts`` config overrides (KEY VALUE ...).
+    """
+    module = __import__(tool)
+    argv = ["--config-file", config, "--shard-size", "100", *flags, *opts, "OUTPUT_DIR", output_dir]
+    return module.main(module.parse_args(argv))
 
 
 @torch.no_grad()
@@ -82,11 +96,6 @@ def render_predictions(cfg, model, out_dir, num_images, score_threshold=0.5):
     return paths
 
 
-def _ars(summary):
-    ar = summary["ar"]
-    return f"{ar['AR@1']:.1f} / {ar['AR@10']:.1f} / {ar['AR@200']:.1f}"
-
-
 def print_table(rows):
     width = max(len(r[0]) for r in rows)
     print("\n" + "=" * (width + 24))
@@ -95,32 +104,60 @@ def print_table(rows):
     print("=" * (width + 24))
 
 
+def _ars(ar):
+    return f"{ar['AR@1']:.1f} / {ar['AR@10']:.1f} / {ar['AR@200']:.1f}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logger()
     setup_logger(name="part_distillation")
+    out = args.output
     root = ensure_toyparts(default_toyparts_root(), num_train=args.num_train, num_val=args.num_val)
     logger.info("toyparts at %s", root)
-    cfg, model, results = train_stage0(args.output, args.opts)
-    pictures = render_predictions(cfg, model, os.path.join(args.output, "stage0_predictions"), args.num_vis)
-    stage1 = run_stage1(STAGE1_CONFIG, args.output, "stage1_grouping", vis=args.num_vis)
-    stage1_rgb = run_stage1(STAGE1_RGB_CONFIG, args.output, "stage1_grouping_rgb")
-    segm = results.get("segm", {})
+    labels = os.path.join(out, "pseudo_labels")
+
+    cfg0, model0, stage0 = train(STAGE0_CONFIG, os.path.join(out, "stage0"), args.opts)
+    pictures = render_predictions(cfg0, model0, os.path.join(out, "stage0_predictions"), args.num_vis)
+
+    extra = list(args.opts)
+    stage1 = label("make_pseudo_labels", STAGE1_CONFIG, os.path.join(out, "stage1_val"),
+                   ["DATASETS.PSEUDO_LABEL_ROOT", os.path.join(labels, "val"), *extra], ["--vis", str(args.num_vis)])
+    stage1_rgb = label("make_pseudo_labels", STAGE1_RGB_CONFIG, os.path.join(out, "stage1_val_rgb"),
+                       ["DATASETS.PSEUDO_LABEL_ROOT", os.path.join(labels, "val_rgb"), *extra])
+    label("make_pseudo_labels", STAGE1_CONFIG, os.path.join(out, "stage1_train"),
+          ["DATASETS.PSEUDO_LABEL_ROOT", labels, "DATASETS.TEST", "('toyparts_train',)",
+           "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", *extra])  # fmt: skip
+
+    stage2_dir = os.path.join(out, "stage2")
+    _, _, stage2 = train(STAGE2_CONFIG, stage2_dir, ["DATASETS.PSEUDO_LABEL_ROOT", labels, *args.opts])
+    stage2_weights = os.path.join(stage2_dir, "model_final.pth")
+    label("rank_parts", STAGE3_CONFIG, os.path.join(out, "stage3"),
+          ["DATASETS.PSEUDO_LABEL_ROOT", labels, "MODEL.WEIGHTS", stage2_weights, *extra])  # fmt: skip
+    stage4_opts = ["DATASETS.PSEUDO_LABEL_ROOT", labels, "MODEL.PART_DISTILLATION.INIT_FROM", stage2_weights,
+                   "DATASETS.TEST", "('toyparts_parts_val',)", "TEST.EVALUATOR_TYPE", "part_miou_mapped", *args.opts]
+    cfg4, _, stage4 = train(STAGE4_CONFIG, os.path.join(out, "stage4"), stage4_opts,
+                            part_classes=load_cfg(STAGE4_CONFIG).MODEL.PART_DISTILLATION.NUM_PART_CLASSES)  # fmt: skip
+
+    segm, miou = stage0.get("segm", {}), stage4.get("part_miou_mapped", {})
     print_table(
         [
-            ("stage 0: objects (Mask2Former, EfficientNet-Lite0)", ""),
-            ("  toyparts_val mask AP", f"{segm.get('AP', float('nan')):.1f}"),
-            ("  toyparts_val mask AP50", f"{segm.get('AP50', float('nan')):.1f}"),
-            ("  toyparts_val mask AP75", f"{segm.get('AP75', float('nan')):.1f}"),
-            ("  checkpoint", os.path.join(cfg.OUTPUT_DIR, "model_final.pth")),
-            ("  prediction overlays", f"{len(pictures)} in {os.path.dirname(pictures[0]) if pictures else '-'}"),
-            ("stage 1: part pseudo-labels (GT objects, K-means K=4 + dense CRF), AR@1 / AR@10 / AR@200", ""),
-            ("  EfficientNet-Lite0 res3+res4 features", _ars(stage1)),
-            ("  raw RGB (baseline)", _ars(stage1_rgb)),
-            ("  pseudo-label overlays", os.path.join(args.output, "stage1_grouping", "vis")),
+            ("stage 0: objects (Mask2Former, EfficientNet-Lite0), toyparts_val mask AP / AP50 / AP75",
+             f"{segm.get('AP', float('nan')):.1f} / {segm.get('AP50', float('nan')):.1f} / "
+             f"{segm.get('AP75', float('nan')):.1f}"),
+            ("stage 1: part pseudo-labels (GT objects, K=4 + dense CRF), AR@1 / AR@10 / AR@200", ""),
+            ("  EfficientNet-Lite0 res3+res4 features", _ars(stage1["ar"])),
+            ("  raw RGB (baseline)", _ars(stage1_rgb["ar"])),
+            ("stage 2: part proposals trained on stage-1 labels, AR@1 / AR@10 / AR@200", _ars(stage2["part_proposals"])),
+            ("stage 4: part distillation, mIoU-mapped C-mIoU / A-mIoU",
+             f"{miou.get('C-mIoU', float('nan')):.1f} / {miou.get('A-mIoU', float('nan')):.1f}"),
+            ("checkpoints", f"{out}/stage{{0,2,4}}/model_final.pth"),
+            ("object overlays", f"{len(pictures)} in {os.path.join(out, 'stage0_predictions')}"),
+            ("pseudo-label overlays", os.path.join(out, "stage1_val", "vis")),
         ]
-    )
-    return {"stage0": results, "stage1": stage1, "stage1_rgb": stage1_rgb}
+    )  # fmt: skip
+    return {"stage0": stage0, "stage1": stage1, "stage1_rgb": stage1_rgb, "stage2": stage2, "stage4": stage4,
+            "stage4_config": cfg4}  # fmt: skip
 
 
 if __name__ == "__main__":

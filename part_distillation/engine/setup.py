@@ -84,7 +84,8 @@ def setup_cfg(args):
     from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger
 
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="part_distillation", abbrev_name="pd")
+    if not logging.getLogger("part_distillation").handlers:  # a calling tool may have set it up already
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="part_distillation", abbrev_name="pd")
     return cfg
 
 
