@@ -26,6 +26,9 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from part_distillation.data.datasets.toyparts import default_toyparts_root, ensure_toyparts
 from part_distillation.data.pseudo_labels import register_all_pseudo_label_datasets
 from part_distillation.engine import Trainer, check_runtime, load_cfg, run_cli
+from part_distillation.utils.compat import quiet_upstream_warnings
+
+quiet_upstream_warnings()  # upstream deprecation warnings at every step would bury the log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules")

@@ -42,6 +42,9 @@ from part_distillation.evaluation.pseudo_label_writer import PseudoLabelWriterEv
 from part_distillation.modeling.grouping.kmeans import batched_kmeans
 from part_distillation.modeling.meta_arch.ranking import PartRankingModel
 from part_distillation.utils.errors import ConfigError
+from part_distillation.utils.compat import quiet_upstream_warnings
+
+quiet_upstream_warnings()  # upstream deprecation warnings at every step would bury the log
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_pseudo_labels import SkipAwareModel  # noqa: E402 (the labelling tool's skipped-input wrapper)

@@ -9,6 +9,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import launch
 
 from part_distillation.engine import Trainer, check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
+from part_distillation.utils.compat import quiet_upstream_warnings
+
+quiet_upstream_warnings()  # upstream deprecation warnings at every step would bury the log
 
 
 def main(args):

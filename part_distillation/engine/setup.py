@@ -79,7 +79,10 @@ def setup_cfg(args):
         num_parts = cfg.MODEL.PART_DISTILLATION.NUM_PART_CLASSES if cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES else 0
         classes = [f"part {i}" for i in range(num_parts)] if num_parts else ["part"]
         register_all_pseudo_label_datasets(cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes)
-    default_setup(cfg, args)
+    if logging.getLogger("detectron2").handlers:
+        _setup_again(cfg)  # a second tool run in this process (the demo): don't stack log handlers
+    else:
+        default_setup(cfg, args)
     # detectron2 configures only its own loggers; ours (evaluator tables, skips, progress) go to the same places
     from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger
@@ -87,6 +90,19 @@ def setup_cfg(args):
     if not logging.getLogger("part_distillation").handlers:  # a calling tool may have set it up already
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="part_distillation", abbrev_name="pd")
     return cfg
+
+
+def _setup_again(cfg):
+    """What ``default_setup`` does besides adding log handlers: output dir, config dump, seeding."""
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
 
 
 def run_cli(fn, *args):

@@ -63,3 +63,17 @@ def import_panoptic_parts():
     finally:
         platform.python_version = real_python_version
     return panoptic_parts
+
+
+def quiet_upstream_warnings() -> None:
+    """Hide deprecation warnings that pinned upstream packages emit on every call (CLI tools only).
+
+    Mask2Former's matcher warns about ``torch.cuda.amp.autocast`` at every training step, which
+    buries the training log; our own warnings stay visible.
+    """
+    import warnings
+
+    for module in ("mask2former", "torch", "timm", "detectron2", "pycocotools"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    warnings.filterwarnings("ignore", message="torch.meshgrid")
