@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from part_distillation.data.pseudo_labels import atomic_write_bytes  # noqa: E402
 from part_distillation.modeling.grouping.crf import DenseCRFRefiner  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "crf.json")
@@ -114,18 +114,6 @@ def machine_info(device):
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def write_json_atomic(result, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".crf-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None):
@@ -232,7 +220,8 @@ def main(argv=None):
         "target": "torch >= 1x pydensecrf speed with >= 95% label agreement",
         "target_met": target_met,
     }
-    write_json_atomic(result, args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_bytes(args.out, json.dumps(result, indent=1).encode())
     print(f"wrote {args.out}")
     return result
 

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from part_distillation.data.pseudo_labels import atomic_write_bytes  # noqa: E402
 from part_distillation.modeling.grouping.kmeans import batched_kmeans  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kmeans.json")
@@ -145,19 +145,6 @@ def _load():
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def write_json_atomic(path, payload):
-    """Write via a temporary file in the same directory + rename, so readers never see half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".kmeans.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def compare(name, seconds, inertia, labels, reference):
     """One table row: timing and inertia of a torch run against the scikit-learn reference."""
     from sklearn.metrics import adjusted_rand_score
@@ -246,7 +233,8 @@ def main(argv=None):
         "sklearn": sk_row,
         "torch": rows,
     }
-    write_json_atomic(args.output, payload)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    atomic_write_bytes(args.output, json.dumps(payload, indent=1).encode())
     print(f"wrote {args.output}")
     return payload
 

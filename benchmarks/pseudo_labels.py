@@ -137,6 +137,7 @@ def main():
     from detectron2.modeling import build_model
 
     from part_distillation.data.dataset_mappers import build_dataset_mapper
+    from part_distillation.data.pseudo_labels import atomic_write_bytes
     from part_distillation.data.datasets.toyparts import ensure_toyparts
     from part_distillation.engine import load_cfg
 
@@ -197,10 +198,7 @@ def main():
         print(f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
               f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), growth {lr['rss_growth_mb']:+.0f} MB")  # fmt: skip
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
     print(f"wrote {args.out}")
 
 

@@ -13,16 +13,9 @@ __all__ = ["AccumulatingTrainer", "AccumulatingAMPTrainer"]
 
 
 class _AccumulationMixin:
+    """Shared ``run_step``; the trainer classes below supply ``_forward``, ``_backward`` and ``_step``."""
+
     accum_steps = 1
-
-    def _forward(self, data):
-        raise NotImplementedError
-
-    def _backward(self, losses):
-        raise NotImplementedError
-
-    def _step(self):
-        raise NotImplementedError
 
     def run_step(self):
         assert self.model.training, f"[{type(self).__name__}] model was changed to eval mode!"

@@ -25,6 +25,7 @@ Contract of a head (``MODEL.PART_DISCOVERY.HEAD`` names its class in the registr
   channel (PartFormer, MPAE) set it False.
 """
 
+import abc
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -114,7 +115,7 @@ def masks_to_grid(masks: torch.Tensor, grid_hw) -> torch.Tensor:
     return out
 
 
-class PartHead(nn.Module):
+class PartHead(nn.Module, metaclass=abc.ABCMeta):
     """Base class of part-discovery heads (see the module docstring for the contract).
 
     Attributes set by subclasses: ``num_parts`` (K) and ``feature_levels`` (backbone levels read, in order).
@@ -160,5 +161,6 @@ class PartHead(nn.Module):
     def losses(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> Dict[str, torch.Tensor]:
         return {}
 
+    @abc.abstractmethod
     def inference(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> torch.Tensor:
-        raise NotImplementedError
+        """Non-negative part scores [B, K+1, h, w], background in channel 0 (every head must define it)."""
