@@ -29,6 +29,10 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_proposal_config(cfg)
     _add_part_metrics_config(cfg)
     _add_part_discovery_config(cfg)
+    _add_choudhury21_config(cfg)
+    _add_partformer_config(cfg)
+    _add_mpae_config(cfg)
+    _add_vit_backbone_config(cfg)
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
     return cfg
@@ -313,6 +317,26 @@ def _add_part_discovery_config(cfg: CN) -> None:
     # Without an fg mask: cells whose summed loading is below this fraction of the image's largest are
     # background; 0 = off, every pixel is a part (spec §1.6 takes the background from the fg mask instead).
     cfg.MODEL.PART_DISCOVERY.DFF.BG_THRESHOLD = 0.0
+
+
+def _add_choudhury21_config(cfg: CN) -> None:
+    # Choudhury et al. 2021 head (part_heads/choudhury21.py; spec §3).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21 = CN()
+
+
+def _add_partformer_config(cfg: CN) -> None:
+    # PartFormer / dual representation alignment head (part_heads/partformer.py; spec §4).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER = CN()
+
+
+def _add_mpae_config(cfg: CN) -> None:
+    # MPAE head (part_heads/mpae.py; spec §5).
+    cfg.MODEL.PART_DISCOVERY.MPAE = CN()
+
+
+def _add_vit_backbone_config(cfg: CN) -> None:
+    # Plain ViT backbone loading DINO / DINOv2 checkpoints (backbone/vit.py; MODEL.BACKBONE.NAME "build_dino_vit_backbone").
+    cfg.MODEL.VIT = CN()
 
 
 def _add_part_ranking_config(cfg: CN) -> None:
