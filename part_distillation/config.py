@@ -25,6 +25,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_mask_former_overrides(cfg)
     _add_view_mapper_config(cfg)
     _add_pixel_grouping_config(cfg)
+    _add_one_stage_config(cfg)
     _add_pseudo_label_config(cfg)
     _add_proposal_config(cfg)
     _add_part_metrics_config(cfg)
@@ -154,8 +155,13 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_GROUPING.KMEANS_TOL = 1e-4
     # Seed of the k-means++ generator (reference: random_state=0).
     cfg.MODEL.PIXEL_GROUPING.SEED = 0
+    # K-means restarts run on a random projection of the features to this many dimensions, the best one is
+    # then finished by exact Lloyd (batched_kmeans(project_dim=...)); 0 = exact K-means as the reference.
+    # 64: ~2x faster on 1536-d features, mean inertia +0.5 % vs sklearn (benchmarks/kmeans.py).
+    cfg.MODEL.PIXEL_GROUPING.KMEANS_PROJECT_DIM = 64
     # Where object masks come from: "gt" (dataset annotations of an object-view dataset), "json" (a
-    # COCO-format instance results file), "model" (a stage-0 Mask2Former) or "detic" (a Detic model).
+    # COCO-format instance results file), "store" (the objects of a pseudo-label dataset, e.g. stage 3 on the
+    # stage-1 store), "model" (a stage-0 Mask2Former) or "detic" (a Detic model).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE = "gt"
     # COCO results JSON (list of {image_id, category_id, segmentation, score}) for source "json".
     cfg.MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON = ""
@@ -195,6 +201,21 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_GROUPING.CRF.NUM_ITERS = 10
     # Clip refined parts to the object mask (the reference does not, so parts may leak into background).
     cfg.MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT = True
+    # Torch backend: mean-field on a grid this many times coarser, last update at full resolution (~f² cheaper;
+    # 2 agrees with pydensecrf on ~98 % of object pixels); 1 = full resolution as the reference.
+    cfg.MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE = 2
+
+
+def _add_one_stage_config(cfg: CN) -> None:
+    # Class-level pixel grouping (ClassPixelGroupingModel): the one-stage baseline's labels (seed 000 supplement,
+    # spec §7.2). Clustering uses MODEL.PART_RANKING's NUM_CLUSTERS (K = 8), KMEANS_* and TEMPERATURE keys.
+    cfg.MODEL.ONE_STAGE = CN()
+    # Feature-grid cells per object, evenly spaced, that enter the per-class K-means (the supplement leaves the
+    # sub-sampling unspecified).
+    cfg.MODEL.ONE_STAGE.SAMPLES_PER_OBJECT = 64
+    # Prototypes file of the cluster pass (tools/rank_parts.py writes OUTPUT_DIR/prototypes.pth); set it to label
+    # or evaluate with fixed prototypes (e.g. train-split prototypes on val with train_net.py --eval-only).
+    cfg.MODEL.ONE_STAGE.PROTOTYPES = ""
 
 
 def _add_pseudo_label_config(cfg: CN) -> None:
@@ -208,6 +229,12 @@ def _add_pseudo_label_config(cfg: CN) -> None:
     cfg.MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
     # Root of the pseudo-label store; its stores register as "<source>_pseudo_<stage>" datasets.
     cfg.DATASETS.PSEUDO_LABEL_ROOT = "pseudo_labels"
+    # Few-shot subset p (percent, float in (0, 100]; 100 = all): the train loader shuffles the training
+    # dataset dicts with np.random.RandomState(TRAIN_LABEL_SEED) and keeps the first max(1, floor(N·p/100))
+    # (spec §7.4, reference FEWSHOT_LEARNING.LABEL_PERCENTAGE; seed 000 few-shot: 1%).
+    cfg.DATASETS.TRAIN_LABEL_PERCENTAGE = 100.0
+    # NumPy seed of that shuffle (reference: np.random.seed(1234)).
+    cfg.DATASETS.TRAIN_LABEL_SEED = 1234
 
 
 def _add_proposal_config(cfg: CN) -> None:
@@ -232,7 +259,8 @@ def _add_part_metrics_config(cfg: CN) -> None:
     # Part-metric evaluators (part_distillation/evaluation/{part_miou,nmi_ari,keypoint_nme}.py).
     cfg.TEST.PART_MIOU = CN()
     # Mode of evaluator_type "part_miou": "clustered" (seed 000: "In the main paper, we report mIOU-clustered"),
-    # "mapped" (the predictions' own ids, majority-vote mapped; seed 000 Tab. 3) or "direct" (ids = GT parts).
+    # "mapped" (the predictions' own ids, majority-vote mapped; seed 000 Tab. 3), "direct" (ids = GT parts) or
+    # "within_object" (ids = part index within the object class, the supervised/few-shot baselines).
     cfg.TEST.PART_MIOU.MODE = "clustered"
     # K of the per-object-class K-means over part features in mIoU-clustered (spec §5.1: NUM_CLUSTERS 8).
     cfg.TEST.PART_MIOU.NUM_CLUSTERS = 8
@@ -322,21 +350,208 @@ def _add_part_discovery_config(cfg: CN) -> None:
 def _add_choudhury21_config(cfg: CN) -> None:
     # Choudhury et al. 2021 head (part_heads/choudhury21.py; spec §3).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21 = CN()
+    # λe, weight of the equivariance loss L_e (seed 004 eq. 5; spec §3.4.5 code lambda_eqv 5.7e3, PASCAL-Part 5.7e4).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_EQV = 5.7e3
+    # λf, weight of the feature-consistency loss L_f (seed 004 eq. 2; spec §3.4.5 code lambda_sc 5).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_FEAT = 5.0
+    # λv, weight of the visual-consistency loss L_v (seed 004 eq. 4; spec §3.4.5 code lambda_rgb 30).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_VISUAL = 30.0
+    # λc, weight of the contrastive loss L_c (seed 004 eq. 3; spec §3.4.5 code lambda_contrastive 2.3e3).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_CONTRASTIVE = 2.3e3
+    # τ, temperature of L_c's cosine logits (seed 004 eq. 3; spec §3.4.3 code temperature 0.19).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TEMPERATURE = 0.19
+    # L_c negatives z_j^i (j ≠ k): "all_images" (code, the anchor's own image included) or "other_images"
+    # (seed 004 eq. 3, i ≠ n) (spec §3.4.3).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.NEGATIVES = "all_images"
+    # L_e divergence: "forward" KL(T(f(I)) ‖ f(T(I))) with a detached target (code) or "symmetric" (seed 004 eq. 5).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.KL_MODE = "forward"
+    # L_v on CIE-Lab colours (code use_lab: true; spec §3.2) instead of RGB in [0, 1].
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.USE_LAB = True
+    # "2-branch" classifier input: the second half of the channels (spec §3.1, DeepLab-v2 layer4 1024:2048); False = all.
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TWO_BRANCH = True
+    # Dilations of the summed parallel 3×3 ASPP convolutions (spec §3.1: 6, 12, 18, 24).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.ASPP_DILATIONS = [6, 12, 18, 24]
+    # Std of the N(0, σ²) ASPP weight initialisation (spec §3.1: 0.01).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.INIT_STD = 0.01
+    # Equivariance warp T: rotation ~ U(±ROTATION) degrees (spec §3.3: 60).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.ROTATION = 60.0
+    # T's zoom factor range [low, high] (spec §3.3: random_scale_low/high 0.7, 2.0).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.ZOOM = [0.7, 2.0]
+    # T's shift ~ U(±TRANSLATION) per axis in normalised [-1, 1] coordinates (spec §3.3: 0.1).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TRANSLATION = 0.1
+    # σ of the U(±σ) TPS control-point jitter (spec §3.3: 0.01); 0 = the pure similarity transform.
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TPS_SIGMA = 0.01
+    # TPS control grid side (spec §3.3: 5×5 on [-1, 1]²).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TPS_GRID = 5
+    # Colour jitter of the two L_e views: brightness factor ~ U[1 ± 0.3] (spec §3.2 code ColorJitter 0.3).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.BRIGHTNESS = 0.3
+    # Contrast factor ~ U[1 ± 0.3] (spec §3.2 code 0.3).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.CONTRAST = 0.3
+    # Saturation factor ~ U[1 ± 0.2] (spec §3.2 code 0.2; the seed-002 appendix says 0.3).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.SATURATION = 0.2
+    # Hue shift ~ U(±0.2) of the colour circle (spec §3.2 code 0.2; the seed-002 appendix says 0.3).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.HUE = 0.2
+    # Probability of applying the colour jitter to a view (spec §3.2 code RandomApply p = 0.8).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.JITTER_PROB = 0.8
+    # Probability of turning a view grey afterwards (spec §3.2 code RandomGrayscale p = 0.2).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.GRAYSCALE_PROB = 0.2
+    # Seed of the head's generator for jitter, warps and L_c positives (+ process rank; spec §3.5 seed 1234 is global).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.SEED = 0
 
 
 def _add_partformer_config(cfg: CN) -> None:
     # PartFormer / dual representation alignment head (part_heads/partformer.py; spec §4).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER = CN()
+    # 1×1 compression head F → C, output sizes (spec §4.1 CUB/CelebA code: 384→256→128→64, C = 64; PIN: [64]).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_DIMS = [256, 128, 64]
+    # Order inside the compression head: "conv_relu_bn" (CUB code) or "conv_bn_relu" (CelebA code).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_ORDER = "conv_relu_bn"
+    # Kernel of the compression convs: 1 (code, spec §4.1) or 3 (seed 003 §4.3 "3 × 3 CNN layer").
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_KERNEL = 1
+    # PartFormer ViT hidden size d (seed 003 §4.3: 256).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.WIDTH = 256
+    # PartFormer layers (seed 003: 6).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.DEPTH = 6
+    # PartFormer attention heads (seed 003: 8).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.HEADS = 8
+    # PartFormer MLP size (seed 003: 1024; QuickGELU in the code).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.MLP_DIM = 1024
+    # PartFormer patch size (seed 003: 16×16).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.PATCH_SIZE = 16
+    # PartFormer input = the image resized (nearest) by this factor (spec §4.1 code: ×0.5, 256² → 128²).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.INPUT_SCALE = 0.5
+    # Patch position embedding: "sincos" (fixed 2-D, CUB/CelebA code) or "learned" (PartImageNet code).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.POS_EMBED = "sincos"
+    # Patch grid side of the "learned" embedding (128² / 16 = 8); other grids interpolate it.
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.POS_GRID = 8
+    # τ of eq. 2, V = softmax_k(τ·<G_k, F_ij>) over the K+1 tokens (seed 003: 0.8; PIN code: ln(1/0.07), learned).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.TAU = 0.8
+    # <G_k, F_ij>: "dot" (raw inner product, eq. 2, CUB/CelebA code) or "cosine" (PartImageNet code).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.SIMILARITY = "dot"
+    # Make τ a learnable scalar, used as-is (PartImageNet code: True; CUB/CelebA: False).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.LEARN_SCALE = False
+    # ×2 upsamplings in the decoder: output = 2^this × the feature grid (spec §4.1: 2, 32² → 128²).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_UPSAMPLES = 2
+    # Decoder upsampling: "bilinear" (CUB/CelebA code) or "nearest" (PartImageNet code).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_UPSAMPLE = "bilinear"
+    # Decoder block: "conv_ln_relu" (code) or "conv_relu_ln" (seed 003 §3.1 text).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_ORDER = "conv_ln_relu"
+    # Kernel of the decoder's last conv to RGB: 1 (code) or 3 (seed 003 §3.1 text).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_FINAL_KERNEL = 1
+    # Exchange part representations between the paired views (two-stream, seed 003 Fig. 2); False = one-stream (Table 7).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.EXCHANGE = True
+    # α of L_area, eq. 6, z in grid cells (code: CUB 0.5, CelebA 2.0, PartImageNet 1.5; seed 003 Table 9: 0.5).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.ALPHA = 0.5
+    # L_area over all K+1 maps (eq. 6, PartImageNet code) instead of the K foreground maps (CUB/CelebA code).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.AREA_ON_BACKGROUND = False
+    # ArcFace scale s of L_sc, eq. 8 (seed 003: 20).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.ARCFACE_SCALE = 20.0
+    # ArcFace angular margin m of L_sc, eq. 8 (seed 003: 0.5).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.ARCFACE_MARGIN = 0.5
+    # Weight of L_rec, eq. 9 (seed 003: 1).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.REC_WEIGHT = 1.0
+    # λ_con, eq. 9 (seed 003: 0.3 with a pretrained encoder, 0.5 without).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.CON_WEIGHT = 0.3
+    # λ_area, eq. 9 (seed 003: 0.5).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.AREA_WEIGHT = 0.5
+    # λ_sc, eq. 9 (seed 003: 0.01).
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.SC_WEIGHT = 0.01
+    # Test-time bilinear upsampling of F before matching with G (spec §4.5 code: ×4; Table 11 "with interpolation").
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.INFER_UPSAMPLE = 4
+    # Class-specific part tokens: K per class + one shared background (PartImageNet code: 110 classes); 0 = shared.
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.NUM_CLASSES = 0
+    # Input field holding the integer class id when NUM_CLASSES > 0.
+    cfg.MODEL.PART_DISCOVERY.PARTFORMER.CLASS_KEY = "class_id"
 
 
 def _add_mpae_config(cfg: CN) -> None:
     # MPAE head (part_heads/mpae.py; spec §5).
     cfg.MODEL.PART_DISCOVERY.MPAE = CN()
+    # C, width of F (1×1 conv of the backbone features) and of the descriptors G (seed 001: C = 256).
+    cfg.MODEL.PART_DISCOVERY.MPAE.FEATURE_DIM = 256
+    # Patch side of the descriptor ViT on the input image (spec §5.1: 14).
+    cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_PATCH_SIZE = 14
+    # Descriptor ViT width (spec §5.1: 256).
+    cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_WIDTH = 256
+    # Descriptor ViT pre-LN blocks (spec §5.1: 6).
+    cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_DEPTH = 6
+    # Descriptor ViT attention heads (spec §5.1: 8).
+    cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_HEADS = 8
+    # Descriptor ViT MLP width, QuickGELU (spec §5.1: 1024).
+    cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_MLP_DIM = 1024
+    # MAE patch side on the input; its grid must match F's (spec §5.1: 14 = DINOv2's; else R is resized to it).
+    cfg.MODEL.PART_DISCOVERY.MPAE.MAE_PATCH_SIZE = 14
+    # MAE encoder width (spec §5.1: 256).
+    cfg.MODEL.PART_DISCOVERY.MPAE.MAE_DIM = 256
+    # MPAE encoder layers (seed 001 B.2: 2).
+    cfg.MODEL.PART_DISCOVERY.MPAE.ENCODER_LAYERS = 2
+    # MPAE encoder heads (spec §5.1: 4).
+    cfg.MODEL.PART_DISCOVERY.MPAE.ENCODER_HEADS = 4
+    # MPAE decoder layers, width C, C/64 heads (seed 001 B.3: 2).
+    cfg.MODEL.PART_DISCOVERY.MPAE.DECODER_LAYERS = 2
+    # Side of the restored patch per grid cell (spec §5.1 rec_patch: 8, i.e. 128² restorations at 224 px).
+    cfg.MODEL.PART_DISCOVERY.MPAE.REC_PATCH_SIZE = 8
+    # Fraction of input patches masked (spec §5.1 MODEL.RATIO: 0.9); masked cells are restored from R.
+    cfg.MODEL.PART_DISCOVERY.MPAE.MASK_RATIO = 0.9
+    # Weight of mean|Î − I| inside L_r (spec §5.3: 0.1).
+    cfg.MODEL.PART_DISCOVERY.MPAE.REC_PIXEL_WEIGHT = 0.1
+    # VGG "structural difference penalty" in L_r (seed 001 B.1: on); taps/weights from PART_DISCOVERY.PERCEPTUAL
+    # (spec §5.3: relu1_1 … relu5_1 × 5/32, 5/16, 5/8, 5/4, 5).
+    cfg.MODEL.PART_DISCOVERY.MPAE.STRUCTURAL_PENALTY = True
+    # λ_r, weight of L_r (spec §5.3: 1).
+    cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_R = 1.0
+    # λ_d, weight of L_tv + L_ent (seed 001: 0.5; the L_tv + L_ent reading is the spec's [ASSUMPTION]).
+    cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_D = 0.5
+    # λ_p, weight of the presence loss L_p (seed 001: 1.0).
+    cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_P = 1.0
+    # λ_s, weight of the ArcFace semantic loss L_s (seed 001: 0.25).
+    cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_S = 0.25
+    # s, ArcFace scale (seed 001: 20).
+    cfg.MODEL.PART_DISCOVERY.MPAE.ARC_SCALE = 20.0
+    # m, ArcFace angular margin in radians (seed 001: 0.5).
+    cfg.MODEL.PART_DISCOVERY.MPAE.ARC_MARGIN = 0.5
+    # Mini-group size g of the foreground presence loss (seed 001: 8 single-category, 64 PartImageNet).
+    cfg.MODEL.PART_DISCOVERY.MPAE.GROUP_SIZE = 8
+    # Average-pool window before the presence maxima (spec §5.3: 3×3, stride 1, no padding).
+    cfg.MODEL.PART_DISCOVERY.MPAE.PRESENCE_POOL = 3
+    # F upsampled bilinearly by this before ⟨G, F⟩ at test time (spec §5.5: CUB 4, others 8, i.e. 128² maps).
+    cfg.MODEL.PART_DISCOVERY.MPAE.INFERENCE_UPSAMPLE = 8
+    # Training view: "view1" (resize + flip) or "view2" (+ the mapper's random similarity, standing in for the
+    # reference's RandomAffine ±15°, ±5%, scale 0.95–1.05; spec §5.2).
+    cfg.MODEL.PART_DISCOVERY.MPAE.TRAIN_VIEW = "view1"
 
 
 def _add_vit_backbone_config(cfg: CN) -> None:
     # Plain ViT backbone loading DINO / DINOv2 checkpoints (backbone/vit.py; MODEL.BACKBONE.NAME "build_dino_vit_backbone").
     cfg.MODEL.VIT = CN()
+    # Defaults: DINOv2 ViT-B/14 with 4 registers (MPAE, spec §5.1). DINO ViT-S/8 (PartFormer, spec §4.1): PATCH_SIZE 8,
+    # EMBED_DIM 384, DEPTH 12, NUM_HEADS 6, NUM_REGISTERS 0, LAYER_SCALE False, PRETRAIN_IMAGE_SIZE 224, INTERPOLATE_OFFSET
+    # 0.1, INTERPOLATE_ANTIALIAS False. p, the patch side (DINOv2 14; DINO ViT-S/8 8, ViT-S/16 16).
+    cfg.MODEL.VIT.PATCH_SIZE = 14
+    # Token width D (ViT-S 384, ViT-B 768, ViT-L 1024).
+    cfg.MODEL.VIT.EMBED_DIM = 768
+    # Number of transformer blocks (S/B 12, L 24).
+    cfg.MODEL.VIT.DEPTH = 12
+    # Attention heads (S 6, B 12, L 16).
+    cfg.MODEL.VIT.NUM_HEADS = 12
+    # MLP hidden width / D (4 in DINO and DINOv2 S/B/L).
+    cfg.MODEL.VIT.MLP_RATIO = 4.0
+    # Register tokens (Darcet et al.; DINOv2 "_reg" models: 4; DINO and plain DINOv2: 0).
+    cfg.MODEL.VIT.NUM_REGISTERS = 4
+    # LayerScale ls1/ls2 in every block (DINOv2: True; DINO v1: False).
+    cfg.MODEL.VIT.LAYER_SCALE = True
+    # Image side the checkpoint's pos_embed was trained for: its grid is this // PATCH_SIZE (DINOv2 518 → 37²; DINO 224).
+    cfg.MODEL.VIT.PRETRAIN_IMAGE_SIZE = 518
+    # Pos-embed resize by the scale factor (n + offset) / N instead of to n (DINO and DINOv2 non-reg: 0.1; DINOv2 reg: 0.0).
+    cfg.MODEL.VIT.INTERPOLATE_OFFSET = 0.0
+    # Antialiased bicubic pos-embed resize (DINOv2 reg models: True; DINO: False).
+    cfg.MODEL.VIT.INTERPOLATE_ANTIALIAS = True
+    # Backbone state dict (dinov2_vitb14_reg4_pretrain.pth, dino_deitsmall8_pretrain.pth, ...), loaded strictly, never
+    # downloaded; "" = random init with a warning (tests only).
+    cfg.MODEL.VIT.WEIGHTS = ""
+    # Outputs, stride PATCH_SIZE: "vit" = final-norm patch tokens (DINOv2 x_norm_patchtokens; B and C use these),
+    # "vit_keys" = last block's attention keys (Amir et al.'s DINO features).
+    cfg.MODEL.VIT.OUT_FEATURES = ["vit"]
 
 
 def _add_part_ranking_config(cfg: CN) -> None:

@@ -16,7 +16,16 @@
    existing prototypes file.
 2. Labelling pass: the same model with the prototypes assigns every kept part its prototype id
    (``part_class``) and soft scores softmax_k(−‖f − μ_k‖ / T), written through the writer-evaluator to the
-   store ``DATASETS.PSEUDO_LABEL_ROOT/<dataset>/<--stage>`` (default "ranking"), sharded like stage 1.
+   store ``DATASETS.PSEUDO_LABEL_ROOT/<dataset>/<--stage>`` (default "ranking"), sharded like stage 1. When
+   DATASETS.TEST[0] is itself a pseudo-label dataset (``<source>_pseudo_<stage>``, e.g. ranking inside the
+   objects stage 1 stored: ``INPUT.TEST_DATASET_MAPPER_NAME PixelGroupingDatasetMapper`` with
+   ``MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE store``), the result is the store ``<root>/<source>/<--stage>``.
+
+The same two passes label with :class:`ClassPixelGroupingModel` (the one-stage baseline, seed 000
+supplement): pixel features sampled inside each object are clustered per object class instead of query
+features, and every object pixel gets its nearest prototype (no MODEL.WEIGHTS needed):
+
+    python tools/rank_parts.py --config-file configs/quick_schedules/onestage_grouping_toyparts.yaml --stage onestage
 """
 import io
 import json
@@ -40,7 +49,6 @@ from part_distillation.data.pseudo_labels import PseudoLabelWriter, atomic_write
 from part_distillation.engine import check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
 from part_distillation.evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
 from part_distillation.modeling.grouping.kmeans import batched_kmeans
-from part_distillation.modeling.meta_arch.ranking import PartRankingModel
 from part_distillation.utils.errors import ConfigError
 from part_distillation.utils.compat import quiet_upstream_warnings
 
@@ -52,6 +60,9 @@ from make_pseudo_labels import SkipAwareModel  # noqa: E402 (the labelling tool'
 logger = logging.getLogger("part_distillation.rank_parts")
 
 _LABEL_KEYS = ("MODEL", "INPUT", "DATASETS.TEST")
+# Models with the prototype protocol: a cluster pass (outputs carry features per object), set_prototypes(),
+# then a labelling pass whose parts carry pred_classes (prototype ids) and soft_scores.
+PROTOTYPE_MODELS = ("PartRankingModel", "ClassPixelGroupingModel")
 
 
 def parse_args(argv=None):
@@ -72,8 +83,17 @@ def label_config(cfg) -> dict:
     return out
 
 
+def _cluster_features(out):
+    """(object index [P], features [P, D]) of one output: ``cluster_features`` (class-level grouping) or the
+    ranked parts' query features."""
+    if "cluster_features" in out:
+        return out["cluster_features"]["object_index"].cpu(), out["cluster_features"]["features"].cpu()
+    parts = out["part_instances"].to("cpu")
+    return parts.object_index, parts.query_features
+
+
 def collect_features(model, loader):
-    """This rank's kept parts: (keys [P, 3] = (dataset index, object, part), classes [P], features [P, D])."""
+    """This rank's features: (keys [P, 3] = (dataset index, object, item), classes [P], features [P, D])."""
     keys, classes, feats = [], [], []
     with torch.no_grad():
         for batch in loader:
@@ -81,14 +101,14 @@ def collect_features(model, loader):
             if not keep:
                 continue
             for inp, out in zip(keep, model(keep)):
-                parts = out["part_instances"].to("cpu")
+                owners, features = _cluster_features(out)
                 obj_classes = out["instances"].pred_classes.to("cpu")
-                for p in range(len(parts)):
-                    owner = int(parts.object_index[p])
+                for p in range(len(owners)):
+                    owner = int(owners[p])
                     keys.append([int(inp["dataset_index"]), owner, p])
                     classes.append(int(obj_classes[owner]))
-                    feats.append(parts.query_features[p].float())
-    dim = model.sem_seg_head.predictor.decoder_norm.normalized_shape[0]
+                    feats.append(features[p].float())
+    dim = model.cluster_feature_dim
     return (
         torch.tensor(keys, dtype=torch.long).reshape(-1, 3),
         torch.tensor(classes, dtype=torch.long),
@@ -137,7 +157,11 @@ def _num_object_classes(cfg, dataset_name, classes) -> int:
     if cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES > 0:
         n = cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES
     else:
-        names = MetadataCatalog.get(dataset_name).get("object_classes", None)
+        meta = MetadataCatalog.get(dataset_name)
+        names = meta.get("object_classes", None)
+        if not names and meta.get("metadata_from", None):  # a pseudo-label dataset: its source's object classes
+            source = MetadataCatalog.get(meta.metadata_from)
+            names = source.get("object_classes", None) or source.get("thing_classes", None)
         n = len(names) if names else (int(classes.max()) + 1 if len(classes) else 0)
     if len(classes) and int(classes.max()) >= n:
         raise ConfigError(
@@ -152,13 +176,15 @@ def main(args):
     cfg = setup_cfg(args)
     dataset_name = cfg.DATASETS.TEST[0]
     check_dataset_names([dataset_name], "DATASETS.TEST")
-    if cfg.MODEL.META_ARCHITECTURE != "PartRankingModel":
-        raise ConfigError(f"MODEL.META_ARCHITECTURE must be PartRankingModel, got {cfg.MODEL.META_ARCHITECTURE!r}.")
-    if not cfg.MODEL.WEIGHTS:
+    if cfg.MODEL.META_ARCHITECTURE not in PROTOTYPE_MODELS:
+        raise ConfigError(
+            f"MODEL.META_ARCHITECTURE must be one of {PROTOTYPE_MODELS}, got {cfg.MODEL.META_ARCHITECTURE!r}."
+        )
+    if cfg.MODEL.META_ARCHITECTURE == "PartRankingModel" and not cfg.MODEL.WEIGHTS:
         raise ConfigError("MODEL.WEIGHTS must name a stage-2 (ProposalModel) checkpoint.")
     model = build_model(cfg)
-    assert isinstance(model, PartRankingModel)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     rank, world = comm.get_rank(), comm.get_world_size()
     dicts = DatasetCatalog.get(dataset_name)
@@ -180,14 +206,17 @@ def main(args):
         if comm.is_main_process():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             save_prototypes(path, prototypes, num_clusters, counts)
-            logger.info("Saved prototypes %s for %d classes (%d parts)", path, num_classes, len(classes))
+            logger.info("Saved prototypes %s for %d classes (%d features)", path, num_classes, len(classes))
         comm.synchronize()
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model.set_prototypes(saved["prototypes"], saved["num_clusters"])
 
     # 2. labelling pass
+    # ranking a pseudo-label dataset (the stage-1 store's objects) writes a sibling stage of the same source:
+    # toyparts_train_pseudo_grouping → <root>/toyparts_train/ranking = toyparts_train_pseudo_ranking
+    source = MetadataCatalog.get(dataset_name).get("pseudo_label_source", dataset_name)
     writer = PseudoLabelWriter(
-        cfg.DATASETS.PSEUDO_LABEL_ROOT, dataset_name, args.stage, shard_size=args.shard_size,
+        cfg.DATASETS.PSEUDO_LABEL_ROOT, source, args.stage, shard_size=args.shard_size,
         config=label_config(cfg), num_images=len(dicts), resume=args.resume,
     )  # fmt: skip
     indices = writer.pending_indices(rank=rank, world_size=world)

@@ -1,15 +1,36 @@
-"""Train/test loaders whose mapper comes from DATASET_MAPPER_REGISTRY (not a string switch)."""
-import difflib
+"""Train/test loaders whose mapper comes from DATASET_MAPPER_REGISTRY (not a string switch).
 
+Few-shot training (spec §7.4): with ``DATASETS.TRAIN_LABEL_PERCENTAGE`` p < 100 the train loader keeps a
+deterministic p% of the training images (:func:`label_percentage_subset`): the dataset dicts detectron2 would
+train on (all of ``DATASETS.TRAIN``, after its empty-annotation filter) are shuffled with
+``np.random.RandomState(DATASETS.TRAIN_LABEL_SEED)`` (1234, the reference's ``np.random.seed(1234)`` +
+``np.random.shuffle``: the same permutation) and the first max(1, floor(N·p/100)) are kept. The reference
+subsamples each dataset's list at load time, before any filtering; with one training dataset whose images
+all have parts (PartImageNet, toyparts) that is the same set.
+"""
+import difflib
+import logging
+import math
+
+import numpy as np
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data import build_detection_test_loader as d2_test_loader
 from detectron2.data import build_detection_train_loader as d2_train_loader
+from detectron2.data import get_detection_dataset_dicts
 
 from ..utils.errors import ConfigError
 from .dataset_mappers import build_dataset_mapper
 
-__all__ = ["build_detection_train_loader", "build_detection_test_loader", "build_labelling_loader", "check_dataset_names"]
+__all__ = [
+    "build_detection_train_loader",
+    "build_detection_test_loader",
+    "build_labelling_loader",
+    "check_dataset_names",
+    "label_percentage_subset",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def check_dataset_names(names, key: str) -> None:
@@ -25,9 +46,57 @@ def check_dataset_names(names, key: str) -> None:
             )
 
 
+def _check_percentage(percentage, key: str) -> float:
+    p = float(percentage)
+    if not 0.0 < p <= 100.0:  # NaN fails too
+        raise ConfigError(f"{key}={percentage!r}: use a percentage in (0, 100] (100 = all training images).")
+    return p
+
+
+def label_percentage_subset(dataset_dicts, percentage, seed: int = 1234, key: str = "DATASETS.TRAIN_LABEL_PERCENTAGE"):
+    """The first max(1, floor(N·p/100)) of ``dataset_dicts`` shuffled by ``np.random.RandomState(seed)``.
+
+    ``percentage`` 100 returns the list unchanged (same order). The kept dicts keep their shuffled order.
+
+    Raises:
+        ConfigError: ``percentage`` is outside (0, 100] (named by ``key``), or the list is empty.
+    """
+    p = _check_percentage(percentage, key)
+    dataset_dicts = list(dataset_dicts)
+    if p == 100.0:
+        return dataset_dicts
+    n = len(dataset_dicts)
+    if n == 0:
+        raise ConfigError(f"{key}={percentage}: the training set is empty, there is nothing to subsample.")
+    keep = max(1, int(math.floor(n * p / 100.0)))  # floating point, as the reference computes it
+    order = np.random.RandomState(int(seed)).permutation(n)
+    return [dataset_dicts[i] for i in order[:keep]]
+
+
+def _train_dataset_dicts(cfg):
+    """The dataset dicts detectron2's train loader would build from ``cfg`` (same filters)."""
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+
+
 def build_detection_train_loader(cfg):
     check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
-    return d2_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+    percentage = _check_percentage(cfg.DATASETS.get("TRAIN_LABEL_PERCENTAGE", 100.0), "DATASETS.TRAIN_LABEL_PERCENTAGE")
+    mapper = build_dataset_mapper(cfg, is_train=True)
+    if percentage == 100.0:
+        return d2_train_loader(cfg, mapper=mapper)
+    seed = cfg.DATASETS.get("TRAIN_LABEL_SEED", 1234)
+    dicts = _train_dataset_dicts(cfg)
+    kept = label_percentage_subset(dicts, percentage, seed)
+    logger.info(
+        "DATASETS.TRAIN_LABEL_PERCENTAGE: kept %d of %d images (%g%%) of %s, NumPy seed %d.",
+        len(kept), len(dicts), percentage, ", ".join(cfg.DATASETS.TRAIN), seed,
+    )  # fmt: skip
+    return d2_train_loader(cfg, mapper=mapper, dataset=kept)
 
 
 def build_detection_test_loader(cfg, dataset_name: str):

@@ -67,6 +67,13 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # DeepLab's builder = detectron2's schedulers + "WarmupPolyLR" (SOLVER.POLY_LR_POWER; Choudhury et al.: 0.9)
+        from detectron2.projects.deeplab import build_lr_scheduler
+
+        return build_lr_scheduler(cfg, optimizer)
+
     def train(self):
         """Train; return the last evaluation's results (detectron2 returns them only with EXPECTED_RESULTS)."""
         results = super().train()

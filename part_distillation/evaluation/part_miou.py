@@ -14,6 +14,15 @@ the evaluated split itself, and the mapped predictions are scored with the stand
   = 8, 10 k-means++ restarts, seed 0, L2-normalised features as the reference's
   ``PROPOSAL_FEATURE_NORM``), and the cluster ids become the predicted ids.
 * ``mode="direct"``: the predicted ids already are GT part class ids (supervised models); no mapping.
+* ``mode="within_object"``: the predicted ids are part indices *within the object's class* — what
+  :class:`~part_distillation.modeling.meta_arch.distillation.PartDistillationModel` predicts after supervised
+  or few-shot training on GT parts (:class:`~part_distillation.data.dataset_mappers.part_supervised.PartSupervisedDatasetMapper`).
+  Id k of an object of class o becomes the dataset part id ``object_part_lists(meta)[o][k]``, the k-th part
+  category p (ascending) with ``part_to_object[p]`` = o (:mod:`part_distillation.data.gt_parts`); then it is
+  scored as "direct". An index k that object class o does not have (k ≥ its number of parts, e.g. an
+  untrained output of an N_c^p = 8 classifier for a 4-part class) or an object of unknown class counts as
+  *background*: its pixels are misses on the GT parts they cover, never a part prediction.
+  Example (toyparts): a Car (o = 1, parts 4-6) predicted with id 1 is scored as part 5, "Car Window".
 
 Per evaluation instance, predicted masks are painted into a label map in their order (later masks
 overwrite earlier ones, as the reference rasterises), the GT parts likewise (background = G, the number
@@ -86,7 +95,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MIOU_MODES = ("mapped", "clustered", "direct")
+MIOU_MODES = ("mapped", "clustered", "direct", "within_object")
 # batched_kmeans chunks: at most this many padded feature values (B * N * D) per call.
 _KMEANS_CHUNK_ELEMENTS = 2**26
 
@@ -248,7 +257,7 @@ class PartMIoUEvaluator(DatasetEvaluator):
     ):
         """
         Args:
-            mode: "mapped", "clustered" or "direct" (see module docstring).
+            mode: "mapped", "clustered", "direct" or "within_object" (see module docstring).
             num_clusters, n_init, seed, normalize_features: K-means of the clustered mode (seed 000 /
                 spec §5.1: K = 8, 10 restarts, ``random_state=0``, unit-norm features).
             object_matching: "index" (``object_index`` = GT object index) or "iou" (through
@@ -280,6 +289,7 @@ class PartMIoUEvaluator(DatasetEvaluator):
         self._part_classes = list(part_classes) if part_classes is not None else None
         self._object_classes = meta.get("object_classes", None)
         self._part_to_object = meta.get("part_to_object", None)
+        self._object_parts = None  # object class → its dataset part ids (mode "within_object"), built lazily
         self._records = None  # image_id → record, loaded lazily
 
     # ------------------------------------------------------------------ GT
@@ -455,6 +465,8 @@ class PartMIoUEvaluator(DatasetEvaluator):
                 if num_ids > num_parts:
                     raise ValueError(f"direct mIoU: predicted id {num_ids - 1} ≥ number of part classes {num_parts}")
                 mapping = np.arange(num_ids, dtype=np.int64)
+            elif self.mode == "within_object":
+                mapping = self._within_object_mapping(c, num_ids, num_parts)
             else:
                 mapping = majority_vote_mapping(confusion, num_parts)
             mappings[c] = mapping
@@ -464,6 +476,27 @@ class PartMIoUEvaluator(DatasetEvaluator):
         self._write_mapping(mappings)
         self._log(results, len(objects))
         return {f"part_miou_{self.mode}": results}
+
+    def _within_object_mapping(self, object_class: int, num_ids: int, num_parts: int) -> np.ndarray:
+        """Within-object index k of class ``object_class`` → dataset part id; unknown → background (``num_parts``)."""
+        from ..data.gt_parts import object_part_lists
+
+        if self._part_to_object is None:
+            raise ConfigError(
+                f"PartMIoUEvaluator mode 'within_object' needs the 'part_to_object' metadata of {self.dataset_name!r} "
+                "to turn within-object part indices into dataset part ids."
+            )
+        if self._object_parts is None:
+            self._object_parts = object_part_lists(self._part_to_object)
+        parts = self._object_parts[object_class] if 0 <= object_class < len(self._object_parts) else []
+        mapping = np.full(num_ids, num_parts, dtype=np.int64)
+        mapping[: min(num_ids, len(parts))] = parts[:num_ids]
+        if num_ids > len(parts):
+            logger.info(
+                "within_object mIoU: object class %s has %d part classes; predicted indices %d..%d count as background.",
+                self._object_name(object_class), len(parts), len(parts), num_ids - 1,
+            )  # fmt: skip
+        return mapping
 
     # ------------------------------------------------------------------ reporting
 
@@ -500,7 +533,10 @@ class PartMIoUEvaluator(DatasetEvaluator):
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, f"part_miou_{self.mode}_mapping.json")
         payload = {
-            self._object_name(c): {str(p): str(self._part_classes[g]) for p, g in enumerate(m.tolist())}
+            self._object_name(c): {
+                str(p): str(self._part_classes[g]) if g < len(self._part_classes) else "background"
+                for p, g in enumerate(m.tolist())
+            }
             for c, m in mappings.items()
         }
         with open(path, "w") as f:

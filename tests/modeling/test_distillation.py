@@ -3,7 +3,6 @@ GT object class's classifier, training on a store whose parts carry part_class, 
 and INIT_FROM a stage-2 proposal checkpoint."""
 import logging
 import os
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -15,14 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from part_distillation.data.dataset_mappers import build_dataset_mapper
-from part_distillation.data.dataset_mappers.part_eval import decode_segmentation, group_parts_by_object
-from part_distillation.data.datasets.toyparts_meta import TOYPARTS_PART_TO_OBJECT
-from part_distillation.data.pseudo_labels import (
-    PseudoLabelWriter,
-    make_object,
-    make_part,
-    register_pseudo_label_dataset,
-)
+from part_distillation.data.gt_parts import write_gt_part_store
 from part_distillation.engine import Trainer, load_cfg
 from part_distillation.modeling.meta_arch.distillation import (
     DISTILLATION_INIT_PREFIXES,
@@ -48,48 +40,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _within_object_index(part_category):
-    """toyparts part category → (object class, index of the part within its object's parts)."""
-    obj = TOYPARTS_PART_TO_OBJECT[part_category]
-    return obj, part_category - TOYPARTS_PART_TO_OBJECT.index(obj)
-
-
-def _ranking_records(dataset_dicts):
-    """Store records of the GT parts with part_class (within-object index) and objects with their class."""
-    records = []
-    for record in dataset_dicts:
-        h, w = record["height"], record["width"]
-        objects = []
-        for _, _, members in group_parts_by_object(record):
-            by_part, object_class = OrderedDict(), None
-            for part in members:
-                object_class, index = _within_object_index(part["category_id"])
-                mask = decode_segmentation(part["segmentation"], h, w)
-                by_part[index] = by_part[index] | mask if index in by_part else mask
-            parts = [make_part(m, part_class=k) for k, m in by_part.items() if m.any()]
-            if parts:
-                union = np.any([m for m in by_part.values()], axis=0)
-                objects.append(make_object(union, parts, category_id=object_class))
-        records.append(
-            {"image_id": record["image_id"], "file_name": record["file_name"], "height": h, "width": w,
-             "objects": objects} if objects else None
-        )  # fmt: skip
-    return records
-
-
 @pytest.fixture(scope="module")
 def store_root(datasets_root, tmp_path_factory):
+    """The toyparts GT parts as a stage-3 store: part_class = the part's index within its object class's parts,
+    objects with their class (data/gt_parts.py)."""
     root = str(tmp_path_factory.mktemp("pseudo_labels"))
-    records = _ranking_records(DatasetCatalog.get("toyparts_parts_train"))
-    writer = PseudoLabelWriter(root, "toyparts_train", "ranking", shard_size=6, config="toyparts GT, part_class",
-                               num_images=len(records))  # fmt: skip
-    for index, record in enumerate(records):
-        writer.add(index, record)
-    writer.close()
-    writer.finalize()
     # category_id = part_class: detectron2's class histogram needs P thing classes
-    register_pseudo_label_dataset(STORE_NAME, root, "toyparts_train", "ranking",
-                                  thing_classes=[f"part {k}" for k in range(P)])  # fmt: skip
+    write_gt_part_store("toyparts_parts_train", root, "toyparts_train", "ranking", part_classes=True, shard_size=6,
+                        config="toyparts GT, part_class", register_as=STORE_NAME,
+                        thing_classes=[f"part {k}" for k in range(P)])  # fmt: skip
     return root
 
 
@@ -226,9 +185,14 @@ def test_object_part_inference_hand_built():
     assert torch.isclose(scores[0], expected)
     assert masks[0].any(0).nonzero().flatten().tolist() == [0, 1, 2] and masks[1].any(0).nonzero().flatten().tolist() == [3]
     # the same part class on two queries merges into one mask with the best score
+    _, _, _, queries = object_part_inference(objectness, part_logits, logits, obj, topk=3, return_queries=True)
+    assert queries.tolist() == [0, 2]  # query 1 lies outside the object
     part_logits[2] = part_logits[0]
-    masks, scores, labels = object_part_inference(objectness, part_logits, logits, obj, topk=3)
+    masks, scores, labels, queries = object_part_inference(
+        objectness, part_logits, logits, obj, topk=3, return_queries=True
+    )
     assert labels.tolist() == [2] and masks[0].any(0).nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert queries.tolist() == [0]  # the merged part keeps its best-scoring query
 
 
 def test_inference_per_object_part_classes(model):
@@ -243,7 +207,8 @@ def test_inference_per_object_part_classes(model):
     objects.gt_masks = masks
     objects.gt_classes = torch.tensor([4, 0, -1])  # the last has no known class: skipped
     with torch.no_grad():
-        inst = model([{"image": image, "height": 64, "width": 48, "objects": objects}])[0]["instances"]
+        out = model([{"image": image, "height": 64, "width": 48, "objects": objects}])[0]
+        inst = out["instances"]
         free = model([{"image": image, "height": 64, "width": 48}])[0]["instances"]
     assert inst.image_size == (64, 48) and len(inst) > 0 and len(free) > 0
     assert ((inst.pred_classes >= 0) & (inst.pred_classes < P)).all()
@@ -253,9 +218,12 @@ def test_inference_per_object_part_classes(model):
     pred = inst.pred_masks.bool()
     for m in (0, 1):
         mine = pred[inst.pred_object_index == m]
+        assert inst.pred_features.shape == (len(inst), model.part_classifier.hidden_dim)
         assert not (mine & ~small[m]).any() and (mine.sum(0) <= 1).all()
         labels = inst.pred_classes[inst.pred_object_index == m]
         assert len(labels.unique()) == len(labels)  # merged by part class
+    parts = out["part_instances"]
+    assert torch.equal(parts.features, inst.pred_features) and torch.equal(parts.object_index, inst.pred_object_index)
     # the scores are objectness × the object class's part probability
     objects.gt_classes = torch.tensor([4, 4, -1])
     with torch.no_grad():

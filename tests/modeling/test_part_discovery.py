@@ -65,7 +65,7 @@ def _object_union(record):
 @pytest.fixture(scope="module")
 def toyparts_inputs(datasets_root, tmp_path_factory):
     """The 6 toyparts val images through PairedViewDatasetMapper (eval); even ones carry the objects' union as
-    ``fg_mask`` (written as ``fg_mask_file`` PNGs), odd ones have no mask."""
+    ``fg_mask`` (written as ``fg_mask_file`` PNGs), odd ones have no mask (nor annotations)."""
     mask_dir = tmp_path_factory.mktemp("fg_masks")
     mapper = build_dataset_mapper(_cfg("kmeans"), is_train=False)
     inputs = []
@@ -75,6 +75,8 @@ def toyparts_inputs(datasets_root, tmp_path_factory):
             path = str(mask_dir / f"{i}.png")
             Image.fromarray(_object_union(record).astype(np.uint8) * 255).save(path)
             record["fg_mask_file"] = path
+        else:
+            record.pop("annotations")  # otherwise the mapper takes the annotations' union as the fg mask
         inputs.append(mapper(record))
     assert [("fg_mask" in x) for x in inputs] == [True, False] * 3
     return inputs

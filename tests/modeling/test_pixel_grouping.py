@@ -48,6 +48,22 @@ def test_group_pixels_two_textures():
     assert (labels[0, 4:28, 4:14] == left).all() and (labels[0, 4:28, 18:28] == right).all()
 
 
+def test_upsampled_window_equals_the_full_upsampling():
+    """group_pixels upsamples only the cells around each box; the values are the full map's."""
+    import torch.nn.functional as F
+
+    from part_distillation.modeling.meta_arch.pixel_grouping import _upsampled_window
+
+    sim = torch.randn(4, 10, 12, generator=torch.Generator().manual_seed(0))
+    full = F.interpolate(sim[None], size=(80, 96), mode="bilinear", align_corners=False)[0]
+    for y0, y1, x0, x1 in [(0, 80, 0, 96), (3, 9, 50, 51), (17, 64, 8, 95), (79, 80, 0, 5), (40, 41, 40, 41)]:
+        window, (oy, ox) = _upsampled_window(sim, (y0, y1, x0, x1), (80, 96))
+        torch.testing.assert_close(window[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox], full[:, y0:y1, x0:x1], rtol=0, atol=1e-6)
+    window, offset = _upsampled_window(sim, (3, 9, 50, 51), (77, 96))  # not a multiple of the grid: full map
+    assert offset == (0, 0)
+    torch.testing.assert_close(window, F.interpolate(sim[None], size=(77, 96), mode="bilinear", align_corners=False)[0])
+
+
 def test_filter_objects():
     inst = Instances((10, 10))
     masks = torch.zeros(3, 10, 10, dtype=torch.bool)

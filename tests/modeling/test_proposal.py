@@ -15,12 +15,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from part_distillation.data.dataset_mappers import build_dataset_mapper
-from part_distillation.data.dataset_mappers.part_eval import (
-    PartEvalDatasetMapper,
-    decode_segmentation,
-    part_dataset_to_pseudo_label_records,
-)
-from part_distillation.data.pseudo_labels import PseudoLabelWriter, register_pseudo_label_dataset
+from part_distillation.data.dataset_mappers.part_eval import PartEvalDatasetMapper, decode_segmentation
+from part_distillation.data.gt_parts import write_gt_part_store
 from part_distillation.engine import Trainer, load_cfg
 from part_distillation.evaluation import build_evaluator
 from part_distillation.evaluation.proposal_ar import ProposalAREvaluator
@@ -31,18 +27,6 @@ from conftest import QUICK_STAGE0, REPO_ROOT, tiny_quick_opts
 
 QUICK_STAGE2 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_proposals_toyparts.yaml")
 STORE_NAME = "toyparts_train_pseudo_grouping"
-
-
-def write_gt_part_store(root):
-    """The toyparts GT parts as a stage-1 store, registered as toyparts_train_pseudo_grouping."""
-    records = part_dataset_to_pseudo_label_records(DatasetCatalog.get("toyparts_parts_train"))
-    writer = PseudoLabelWriter(root, "toyparts_train", "grouping", shard_size=5, config="toyparts GT parts",
-                               num_images=len(records))  # fmt: skip
-    for index, record in enumerate(records):
-        writer.add(index, record)
-    writer.close()
-    writer.finalize()
-    return register_pseudo_label_dataset(STORE_NAME, root, "toyparts_train", "grouping")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,8 +40,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def store_root(datasets_root, tmp_path_factory):
+    """The toyparts GT parts as a class-agnostic stage-1 store, registered as toyparts_train_pseudo_grouping."""
     root = str(tmp_path_factory.mktemp("pseudo_labels"))
-    write_gt_part_store(root)
+    write_gt_part_store("toyparts_parts_train", root, "toyparts_train", "grouping", part_classes=False, shard_size=5,
+                        config="toyparts GT parts", register_as=STORE_NAME)  # fmt: skip
     return root
 
 

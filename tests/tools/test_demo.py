@@ -16,11 +16,20 @@ def test_demo_runs_all_stages(datasets_root, tmp_path, capsys):
     for stage in ("stage1", "stage1_rgb"):
         assert results[stage]["complete"] and 0.0 < results[stage]["ar"]["AR@10"] <= 100.0
     assert 0.0 <= results["stage2"]["part_proposals"]["AR@10"] <= 100.0
-    assert 0.0 <= results["stage4"]["part_miou_mapped"]["C-mIoU"] <= 100.0
-    for d in ("stage0", "stage2", "stage4"):
+    assert 0.0 <= results["stage4"]["part_miou_clustered"]["C-mIoU"] <= 100.0
+    assert 0.0 <= results["stage4_mapped"]["part_miou_mapped"]["C-mIoU"] <= 100.0
+    for name in ("rgb_kmeans", "onestage_labels", "onestage"):
+        clustered, mapped = results[name]
+        assert 0.0 < clustered["part_miou_clustered"]["C-mIoU"] <= 100.0, name
+        assert 0.0 < mapped["part_miou_mapped"]["C-mIoU"] <= 100.0, name
+    for d in ("stage0", "stage2", "stage4", "baseline_onestage"):
         assert os.path.isfile(tmp_path / "demo" / d / "model_final.pth")
     assert len(os.listdir(tmp_path / "demo" / "stage0_predictions")) == 2
     assert len(os.listdir(tmp_path / "demo" / "stage1_val" / "vis")) == 2
     assert os.path.isfile(tmp_path / "demo" / "stage3" / "prototypes.pth")
+    # stage-4 overlays: a folder per object class of the val objects, at most --num-vis pictures each
+    folders = os.listdir(tmp_path / "demo" / "stage4_parts")
+    assert folders and all(1 <= len(os.listdir(tmp_path / "demo" / "stage4_parts" / f)) <= 2 for f in folders)
+    assert len(results["overlays"]) == sum(len(os.listdir(tmp_path / "demo" / "stage4_parts" / f)) for f in folders)
     out = capsys.readouterr().out
-    assert "stage 4: part distillation" in out and "raw RGB (baseline)" in out
+    assert "PartDistillation (stages 1-4)" in out and "raw-RGB K-means" in out and "raw RGB (baseline)" in out

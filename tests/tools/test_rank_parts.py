@@ -52,7 +52,12 @@ def checkpoint(datasets_root, tmp_path_factory):
 
 
 def _opts(root, out, weights):
-    return tiny_quick_opts(out, 1) + ["MODEL.WEIGHTS", weights, "DATASETS.PSEUDO_LABEL_ROOT", str(root)]
+    # GT objects of toyparts_parts_train (the quick schedule ranks inside the stage-1 store's objects; see
+    # test_ranking_inside_stage1_store_objects)
+    return tiny_quick_opts(out, 1) + [
+        "MODEL.WEIGHTS", weights, "DATASETS.PSEUDO_LABEL_ROOT", str(root), "DATASETS.TEST", f"('{DATASET}',)",
+        "INPUT.TEST_DATASET_MAPPER_NAME", "PartEvalDatasetMapper",
+    ]  # fmt: skip
 
 
 def _store_files(root):

@@ -21,8 +21,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from part_distillation.data.dataset_mappers.part_eval import part_dataset_to_pseudo_label_records
-from part_distillation.data.pseudo_labels import PseudoLabelWriter, register_pseudo_label_dataset
+from part_distillation.data.gt_parts import write_gt_part_store
 from part_distillation.engine import Trainer, load_cfg
 
 from conftest import REPO_ROOT, tiny_quick_opts
@@ -46,13 +45,8 @@ def one_thread():
 def store_root(datasets_root, tmp_path_factory):
     """toyparts GT parts written as the stage-1 store toyparts_train/grouping (registered too)."""
     root = str(tmp_path_factory.mktemp("pseudo_labels"))
-    records = part_dataset_to_pseudo_label_records(DatasetCatalog.get("toyparts_parts_train"))
-    writer = PseudoLabelWriter(root, "toyparts_train", "grouping", shard_size=5, config="gt", num_images=len(records))
-    for index, record in enumerate(records):
-        writer.add(index, record)
-    writer.close()
-    writer.finalize()
-    register_pseudo_label_dataset("toyparts_train_pseudo_grouping", root, "toyparts_train", "grouping")
+    write_gt_part_store("toyparts_parts_train", root, "toyparts_train", "grouping", part_classes=False, shard_size=5,
+                        config="gt", register_as="toyparts_train_pseudo_grouping")  # fmt: skip
     return root
 
 

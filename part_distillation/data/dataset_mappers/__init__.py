@@ -6,3 +6,4 @@ from .paired_view import PairedViewDatasetMapper  # noqa: F401
 from .pixel_grouping import PixelGroupingDatasetMapper  # noqa: F401
 from .pseudo_label_mapper import PseudoLabelDatasetMapper  # noqa: F401
 from .part_eval import PartEvalDatasetMapper  # noqa: F401
+from .part_supervised import PartSupervisedDatasetMapper  # noqa: F401

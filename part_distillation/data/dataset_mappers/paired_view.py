@@ -46,6 +46,7 @@ from PIL import Image
 
 from ...utils.errors import ConfigError
 from .instance_lsj import read_image_or_none
+from .part_eval import decode_segmentation
 from .registry import DATASET_MAPPER_REGISTRY
 
 __all__ = [
@@ -186,7 +187,8 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
     ``supervisedlabels``) is foreground where > 0, otherwise where ≥ 128 (e.g. CUB's soft 0–255
     segmentations; colour masks use their brightest channel). ``sem_seg_file_name`` (used when there is
     no ``fg_mask_file``): a label map, foreground where the label is neither 0 (background) nor
-    ``sem_seg_ignore_value``; for colour-coded maps, where any channel is non-zero.
+    ``sem_seg_ignore_value``; for colour-coded maps, where any channel is non-zero. Otherwise, the union of
+    the record's (non-crowd) ``annotations`` masks, when it has any with a ``segmentation``.
     Raises OSError/ValueError for an unreadable file or a size that differs from the image.
     """
     if dataset_dict.get("fg_mask_file"):
@@ -205,6 +207,13 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
             fg = (arr[..., :3] != 0).any(axis=2)
         else:
             fg = (arr != 0) & (arr != sem_seg_ignore_value)
+    elif any("segmentation" in a for a in dataset_dict.get("annotations", [])):
+        # instance/part annotations (toyparts, PartImageNet, COCO-style): the GT foreground is their union
+        path = f"the annotations of {dataset_dict.get('file_name')}"
+        fg = np.zeros(tuple(image_hw), dtype=bool)
+        for a in dataset_dict["annotations"]:
+            if "segmentation" in a and not a.get("iscrowd", 0):
+                fg |= decode_segmentation(a["segmentation"], *image_hw)
     else:
         return None
     if fg.shape != tuple(image_hw):

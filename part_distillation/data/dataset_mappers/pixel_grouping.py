@@ -1,6 +1,7 @@
 """Mapper for stage 1 (pixel grouping): the image resized so its longer side is INPUT.IMAGE_SIZE, plus
-the object masks to group inside, taken from the record's annotations (an object-view dataset) or
-from a COCO-format results JSON. With an object *model* as the source the model finds the objects
+the object masks to group inside, taken from the record's annotations (an object-view dataset), from a
+COCO-format results JSON, or from the ``objects`` of a pseudo-label store record (source "store": e.g.
+stage 3 ranks the parts inside the objects stage 1 stored, with their ``category_id``). With an object *model* as the source the model finds the objects
 and this mapper only prepares the image.
 """
 import copy
@@ -84,6 +85,9 @@ class PixelGroupingDatasetMapper:
         if self.object_source == "gt":
             anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
             scores = [1.0] * len(anns)
+        elif self.object_source == "store":  # a pseudo-label dataset: the objects an earlier stage stored
+            anns = list(record.get("objects", []))
+            scores = [float(a.get("score", 1.0)) for a in anns]
         elif self.object_source == "json":
             if self._object_results is None:
                 self._object_results = load_object_results(self._object_results_path)

@@ -5,3 +5,4 @@ from .pixel_grouping import PixelGroupingModel  # noqa: F401
 from .discovery import PartDiscovery  # noqa: F401
 from .ranking import PartRankingModel  # noqa: F401
 from .distillation import PartDistillationModel  # noqa: F401
+from .class_grouping import ClassPixelGroupingModel  # noqa: F401

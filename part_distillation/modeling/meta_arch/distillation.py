@@ -48,7 +48,9 @@ Inference needs the object masks and classes (``objects``: ``gt_masks``, ``gt_cl
    empty predictions are dropped.
 
 Output ``instances``: ``pred_masks``, ``scores`` (in [0, 1]), ``pred_classes`` (part class in [0, N_c^p)),
-``pred_object_index`` (row of ``objects``), ``pred_object_classes``, ``pred_boxes``. Objects whose class is
+``pred_object_index`` (row of ``objects``), ``pred_object_classes``, ``pred_boxes``, ``pred_features`` (the
+query embedding of each prediction's best query, [K, D]), and the same parts as ``part_instances``
+(``object_index``, ``features``) for the part-metric evaluators (mIoU-clustered clusters the features). Objects whose class is
 outside [0, N_c^o) are skipped (warning). Without ``objects`` the output is the class-agnostic proposal
 inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with the GT object
 class (seed 000 says the predicted one): here the class is whatever ``objects.gt_classes`` holds.
@@ -207,7 +209,8 @@ def load_shared_tensors(model: nn.Module, path: str, prefixes=DISTILLATION_INIT_
 
 
 def object_part_inference(
-    objectness_logits, part_logits, mask_pred, object_mask, topk: int, per_pixel_assignment=True, merge_same_class=True
+    objectness_logits, part_logits, mask_pred, object_mask, topk: int, per_pixel_assignment=True, merge_same_class=True,
+    return_queries=False,
 ):
     """Part predictions inside one object (module doc, inference steps 1-3).
 
@@ -217,8 +220,10 @@ def object_part_inference(
         mask_pred: [Q, H, W] mask logits at the output resolution.
         object_mask: bool [H, W].
         topk: queries kept by score.
+        return_queries: also return the query behind each prediction (for merged classes, the best-scoring one).
     Returns:
-        (masks bool [K, H, W], scores [K] in [0, 1], part classes int64 [K]) sorted by descending score.
+        (masks bool [K, H, W], scores [K] in [0, 1], part classes int64 [K][, query indices int64 [K]]) sorted
+        by descending score.
     """
     objectness = F.softmax(objectness_logits.float(), dim=-1)[:, 0]
     part_prob = F.softmax(part_logits.float(), dim=-1)
@@ -235,14 +240,16 @@ def object_part_inference(
     else:
         masks = positive
     keep = masks.flatten(1).any(dim=1)
-    masks, score, label = masks[keep], score[keep], label[keep]
+    masks, score, label, index = masks[keep], score[keep], label[keep], index[keep]
     if merge_same_class and len(label):
         classes = label.unique()
+        # score is sorted descending, so the first query of a class is its best one
+        best = torch.stack([(label == c).nonzero()[0, 0] for c in classes])
         masks = torch.stack([masks[label == c].any(dim=0) for c in classes])
-        score = torch.stack([score[label == c].max() for c in classes])
-        label = classes
+        score, index, label = score[best], index[best], classes
     order = torch.argsort(score, descending=True, stable=True)
-    return masks[order], score[order], label[order]
+    result = masks[order], score[order], label[order]
+    return result + (index[order],) if return_queries else result
 
 
 def _check_one_class(num_classes: int) -> None:
@@ -381,8 +388,10 @@ class PartDistillationModel(Mask2Former):
                     outputs["pred_logits"][i], outputs["query_feats"][i], mask_pred, objects, image_size
                 )
                 # the part-metric evaluators read per-object parts from "part_instances" (object_index)
+                # features: the query embedding behind each part (what mIoU-clustered clusters, seed 000)
                 parts = Instances(result.image_size, pred_masks=result.pred_masks > 0.5, scores=result.scores,
-                                  pred_classes=result.pred_classes, object_index=result.pred_object_index)  # fmt: skip
+                                  pred_classes=result.pred_classes, object_index=result.pred_object_index,
+                                  features=result.pred_features)  # fmt: skip
                 processed.append({"instances": result, "part_instances": parts})
                 continue
             processed.append({"instances": result})
@@ -392,7 +401,7 @@ class PartDistillationModel(Mask2Former):
         out_size = tuple(mask_pred.shape[-2:])
         device = mask_pred.device
         classes = objects.gt_classes.tolist() if objects.has("gt_classes") else [-1] * len(objects)
-        all_masks, all_scores, all_labels, all_index, all_objects = [], [], [], [], []
+        all_masks, all_scores, all_labels, all_index, all_objects, all_feats = [], [], [], [], [], []
         for m, object_class in enumerate(classes):
             if not 0 <= object_class < self.part_classifier.num_object_classes:
                 logger.warning("Object %d has class %d outside [0, %d): no part predictions for it.",
@@ -402,11 +411,12 @@ class PartDistillationModel(Mask2Former):
             single.gt_masks = objects.gt_masks[m : m + 1]
             object_mask = _object_union(single, image_size, out_size, device)
             part_logits = self.part_classifier.logits_for_class(feats, object_class)
-            masks, scores, labels = object_part_inference(
+            masks, scores, labels, queries = object_part_inference(
                 mask_cls, part_logits, mask_pred, object_mask, self.test_topk_per_image,
-                self.per_pixel_assignment, self.merge_same_class,
+                self.per_pixel_assignment, self.merge_same_class, return_queries=True,
             )  # fmt: skip
             all_masks.append(masks)
+            all_feats.append(feats[queries].float())
             all_scores.append(scores)
             all_labels.append(labels)
             all_index.append(torch.full_like(labels, m))
@@ -419,11 +429,13 @@ class PartDistillationModel(Mask2Former):
             result.pred_classes = torch.cat(all_labels)
             result.pred_object_index = torch.cat(all_index)
             result.pred_object_classes = torch.cat(all_objects)
+            result.pred_features = torch.cat(all_feats)
         else:
             masks = torch.zeros((0,) + out_size, dtype=torch.bool, device=device)
             result.pred_masks = masks.float()
             result.scores = torch.zeros(0, device=device)
             for name in ("pred_classes", "pred_object_index", "pred_object_classes"):
                 result.set(name, torch.zeros(0, dtype=torch.int64, device=device))
+            result.pred_features = feats.new_zeros((0, feats.shape[-1]), dtype=torch.float32)
         result.pred_boxes = BitMasks(masks).get_bounding_boxes().to(device)
         return result

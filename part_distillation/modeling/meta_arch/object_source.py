@@ -89,13 +89,13 @@ def _object_model_cfg(cfg, source: str):
 
 
 def build_object_model(cfg):
-    """None for sources whose masks come through the mapper ("gt", "json"); an ObjectModel otherwise."""
+    """None for sources whose masks come through the mapper ("gt", "json", "store"); an ObjectModel otherwise."""
     source = cfg.MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE
-    if source in ("gt", "json"):
+    if source in ("gt", "json", "store"):
         return None
     if source not in ("model", "detic"):
         raise ConfigError(
-            f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={source!r}: use 'gt', 'json', 'model' or 'detic'."
+            f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={source!r}: use 'gt', 'json', 'store', 'model' or 'detic'."
         )
     obj_cfg = _object_model_cfg(cfg, source)
     model = build_model(obj_cfg)

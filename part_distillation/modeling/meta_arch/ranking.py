@@ -124,6 +124,11 @@ class PartRankingModel(ProposalModel):
     def _capture(self, module, inputs, output):
         self._captured.append(output)
 
+    @property
+    def cluster_feature_dim(self) -> int:
+        """D of the query features the cluster pass collects (tools/rank_parts.py)."""
+        return self.sem_seg_head.predictor.decoder_norm.normalized_shape[0]
+
     def set_prototypes(self, prototypes, num_clusters) -> None:
         """Prototypes [C, K, D] and per-class cluster counts [C] for labelling (None: cluster pass)."""
         self.prototypes = None if prototypes is None else torch.as_tensor(prototypes).float()
