@@ -9,6 +9,10 @@ object split into 4 textured parts (own colour, stripes, pixel noise). The input
 stage-1a K-means segments: the ground truth sampled on a 16-px grid (blocky boundaries) with a few
 blocks relabelled.
 
+Rows: pydensecrf, our torch backend at full resolution ("torch", ``downsample=1``, the stage-1
+default) and the approximate ``downsample=F`` ("torch xF", ``--downsample``, default 2: mean-field on
+a 2x coarser grid, last update at full resolution; MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE in stage 1).
+
 Reported per backend: wall time (torch: the first "cold" call, which also builds the image-size-
 dependent position lattice, and the median of warm calls), pixel agreement with pydensecrf (all
 pixels, and the pixels pydensecrf changed), and accuracy against the ground truth. ``--device
@@ -21,7 +25,7 @@ CPU threads: pydensecrf is single-threaded, so by default torch gets one thread 
 machine, load above the core count) multi-threaded torch can be >10x slower than single-threaded,
 because every small op waits for a descheduled OpenMP thread; the load average is recorded.
 
-    python benchmarks/crf.py [--size 640] [--repeats 5] [--device cpu|cuda] [--batch 1] [--threads 1]
+    python benchmarks/crf.py [--size 640] [--repeats 5] [--device cpu|cuda] [--batch 1] [--threads 1] [--downsample 2]
 """
 
 import argparse
@@ -125,6 +129,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1, help="also time one batched torch call on this many images")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--downsample", type=int, default=2, help="DenseCRFRefiner(downsample=) of the 'torch xF' row")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -137,16 +142,20 @@ def main(argv=None):
     image, gt, noisy = synthetic_object(args.size, args.parts, seed=args.seed)
     num_labels = args.parts + 1
     torch_crf = DenseCRFRefiner("torch", device=device, **SEED_PARAMS)
+    coarse_crf = DenseCRFRefiner("torch", device=device, downsample=args.downsample, **SEED_PARAMS)
     ref_crf = DenseCRFRefiner("pydensecrf", **SEED_PARAMS)
 
     dev_image, dev_noisy = image.to(device), noisy.to(device)
     ours, cold = timed(lambda: torch_crf.refine(dev_image, dev_noisy, num_labels), device)
-    warm, ref_times = [], []
+    coarse, coarse_cold = timed(lambda: coarse_crf.refine(dev_image, dev_noisy, num_labels), device)
+    warm, coarse_warm, ref_times = [], [], []
     for _ in range(max(1, args.repeats)):  # interleaved, so that load changes hit both backends alike
         warm.append(timed(lambda: torch_crf.refine(dev_image, dev_noisy, num_labels), device)[1])
+        coarse_warm.append(timed(lambda: coarse_crf.refine(dev_image, dev_noisy, num_labels), device)[1])
         ref, seconds = timed(lambda: ref_crf.refine(image, noisy, num_labels), torch.device("cpu"))
         ref_times.append(seconds)
-    ours = ours.cpu()
+    ours, coarse = ours.cpu(), coarse.cpu()
+    coarse_name = f"torch x{args.downsample}"
 
     changed = ref != noisy
     rows = {
@@ -157,13 +166,23 @@ def main(argv=None):
             "ms_cold": 1000 * cold,
         },
     }
+    rows[coarse_name] = {
+        "ms": 1000 * statistics.median(coarse_warm),
+        "ms_min": 1000 * min(coarse_warm),
+        "ms_cold": 1000 * coarse_cold,
+        "downsample": args.downsample,
+    }
     rows["pydensecrf"].update(agreement_with_pydensecrf=1.0, gt_accuracy=float((ref == gt).float().mean()))
-    rows["torch"].update(
-        agreement_with_pydensecrf=float((ours == ref).float().mean()),
-        agreement_on_changed_pixels=float((ours[changed] == ref[changed]).float().mean()) if changed.any() else 1.0,
-        gt_accuracy=float((ours == gt).float().mean()),
-    )
+    for name, labels in (("torch", ours), (coarse_name, coarse)):
+        rows[name].update(
+            agreement_with_pydensecrf=float((labels == ref).float().mean()),
+            agreement_on_changed_pixels=(
+                float((labels[changed] == ref[changed]).float().mean()) if changed.any() else 1.0
+            ),
+            gt_accuracy=float((labels == gt).float().mean()),
+        )
     speedup = rows["pydensecrf"]["ms"] / rows["torch"]["ms"]
+    coarse_speedup = rows["pydensecrf"]["ms"] / rows[coarse_name]["ms"]
 
     batched = None
     if args.batch > 1:
@@ -185,7 +204,7 @@ def main(argv=None):
     header = f"{'backend':<12}{'ms (median)':>12}{'ms (cold)':>11}{'agree w/ ref':>14}{'on changed':>12}{'GT acc':>9}"
     print(header)
     print("-" * len(header))
-    for name in ("pydensecrf", "torch"):
+    for name in ("pydensecrf", "torch", coarse_name):
         r = rows[name]
         cold_ms = f"{r['ms_cold']:.0f}" if "ms_cold" in r else "-"
         on_changed = f"{r['agreement_on_changed_pixels']:.4f}" if "agreement_on_changed_pixels" in r else "-"
@@ -193,7 +212,7 @@ def main(argv=None):
             f"{name:<12}{r['ms']:>12.0f}{cold_ms:>11}{r['agreement_with_pydensecrf']:>14.4f}"
             f"{on_changed:>12}{r['gt_accuracy']:>9.4f}"
         )
-    print(f"speed-up torch vs pydensecrf (warm medians): {speedup:.2f}x")
+    print(f"speed-up torch vs pydensecrf (warm medians): {speedup:.2f}x; {coarse_name}: {coarse_speedup:.2f}x")
     if batched:
         print(
             f"torch batched: {batched['images']} images in {batched['ms_total']:.0f} ms "
@@ -216,6 +235,7 @@ def main(argv=None):
         "pydensecrf_changed_fraction": float(changed.float().mean()),
         "backends": rows,
         "speedup_torch_vs_pydensecrf": speedup,
+        "speedup_downsampled_vs_pydensecrf": coarse_speedup,
         "batched_torch": batched,
         "target": "torch >= 1x pydensecrf speed with >= 95% label agreement",
         "target_met": target_met,

@@ -6,6 +6,9 @@ CRF per object crop, sharded RLE store). Reference-style (spec §2.3/§2.6): the
 then per object scikit-learn ``KMeans(4, n_init=10, random_state=0)`` on CPU, per image pydensecrf on
 the whole image, and one ``torch.save`` per image. Both label the same toyparts images.
 
+"ours" runs the stage-1 config as it is (full-resolution CRF); "ours, CRF x2" adds
+``MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE 2`` (the approximate, coarse-grid CRF: faster, slightly lower AR).
+
 Also samples the process's resident memory while ours labels a longer run: it must stay flat
 (records are streamed to shards, nothing accumulates).
 
@@ -51,13 +54,13 @@ class RSSSampler(threading.Thread):
         self.join()
 
 
-def run_ours(out_dir, image_size):
+def run_ours(out_dir, image_size, opts=()):
     import make_pseudo_labels
 
     sys.argv = ["make_pseudo_labels.py", "--config-file", CONFIG, "--shard-size", "100",
                 "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
                 "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
-                "INPUT.IMAGE_SIZE", str(image_size)]  # fmt: skip
+                "INPUT.IMAGE_SIZE", str(image_size), *opts]  # fmt: skip
     args = make_pseudo_labels.parse_args()
     summary = make_pseudo_labels.main(args)
     return summary["seconds"], summary  # labelling time, model building excluded like the reference's
@@ -130,8 +133,13 @@ def main():
     parser.add_argument("--long-run", type=int, default=200, help="images for the memory run (0 = skip)")
     parser.add_argument("--image-size", type=int, default=640, help="toyparts image side = INPUT.IMAGE_SIZE (seed: 640)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "pseudo_labels.json"))
+    parser.add_argument(
+        "--threads", type=int, default=min(2, os.cpu_count() or 1),
+        help="torch intra-op threads of both pipelines (1 is steadier when other jobs share the cores)",
+    )  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
+    load_before = list(os.getloadavg())
 
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
@@ -151,11 +159,14 @@ def main():
     dicts = DatasetCatalog.get("toyparts_val")
 
     ours_s, summary = run_ours(os.path.join(work, "ours"), args.image_size)
+    coarse_s, _ = run_ours(os.path.join(work, "ours_x2"), args.image_size, ["MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE", "2"])
     backbone_s = time_backbone(model, build_dataset_mapper(cfg, is_train=False), dicts)
     ref_s = run_reference(os.path.join(work, "ref"), model, build_dataset_mapper(cfg, is_train=False), dicts)
     n = len(dicts)
     result = {
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "threads": args.threads,
+        "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "images": n,
         "image_size": args.image_size,
         "ours_images_per_s": n / ours_s,
@@ -163,6 +174,9 @@ def main():
         "speedup": ref_s / ours_s,
         "backbone_s_per_image": backbone_s / n,
         "speedup_excluding_backbone": (ref_s - backbone_s) / max(ours_s - backbone_s, 1e-9),
+        "ours_crf_x2_images_per_s": n / coarse_s,
+        "speedup_crf_x2": ref_s / coarse_s,
+        "speedup_crf_x2_excluding_backbone": (ref_s - backbone_s) / max(coarse_s - backbone_s, 1e-9),
         "objects": summary["objects"],
         "parts": summary["parts"],
     }
@@ -190,9 +204,12 @@ def main():
     print(f"\nstage-1 labelling on toyparts val ({n} images, {summary['objects']} objects, {summary['parts']} parts)")
     print("| pipeline | images/s |\n|---|---|")
     print(f"| ours (batched torch K-means + torch CRF + store) | {result['ours_images_per_s']:.2f} |")
+    print(f"| ours, CRF.DOWNSAMPLE 2 (coarse-grid CRF) | {result['ours_crf_x2_images_per_s']:.2f} |")
     print(f"| reference-style (sklearn per object + pydensecrf + torch.save) | {result['reference_images_per_s']:.2f} |")
     print(f"speed-up: {result['speedup']:.1f}x (target >= 5x); the shared backbone alone takes "
           f"{result['backbone_s_per_image']:.3f} s/image; without it: {result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
+    print(f"with CRF.DOWNSAMPLE 2: {result['speedup_crf_x2']:.1f}x, without the backbone "
+          f"{result['speedup_crf_x2_excluding_backbone']:.1f}x")  # fmt: skip
     if "long_run" in result:
         lr = result["long_run"]
         print(f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "

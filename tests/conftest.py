@@ -7,6 +7,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_STAGE0 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage0_instance_toyparts.yaml")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole suite: the tests' models are tiny, and on a loaded 2-core machine two
+    OpenMP threads spin-wait and run up to ~10x slower (subprocess tests set OMP_NUM_THREADS=1 themselves)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def datasets_root(tmp_path_factory):
     """$DETECTRON2_DATASETS pointing at a freshly generated, tiny toyparts (12 train / 6 val, 128 px)."""

@@ -45,7 +45,7 @@ logger = logging.getLogger("part_distillation.discovery_table")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="output/discovery_table", help="checkpoints, logs and the JSON table")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--stage4-weights", default="", help="a PartDistillation (stage-4) checkpoint to score as well")
     p.add_argument("--max-iter", type=int, default=0, help="override every learned head's SOLVER.MAX_ITER (0 = config's)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method (KEY VALUE ...)")
@@ -60,6 +60,12 @@ def _cfg(config, out_dir, opts):
     return cfg
 
 
+def _metrics(results):
+    """The one evaluator's dict (its task is named after the protocol, e.g. "part_nmi_ari_masks")."""
+    (metrics,) = results.values()
+    return metrics
+
+
 def run_method(name, out_dir, opts, max_iter=0):
     """(metrics dict, training iterations, training seconds) of one method."""
     config, trained = METHODS[name]
@@ -67,12 +73,12 @@ def run_method(name, out_dir, opts, max_iter=0):
     cfg = _cfg(config, out_dir, extra)
     seed_all_rng(cfg.SEED)
     if not trained:
-        return Trainer.test(cfg, Trainer.build_model(cfg))["part_nmi_ari"], 0, 0.0
+        return _metrics(Trainer.test(cfg, Trainer.build_model(cfg))), 0, 0.0
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     start = time.perf_counter()
     results = trainer.train()  # ends with the evaluation on DATASETS.TEST
-    return results["part_nmi_ari"], cfg.SOLVER.MAX_ITER, time.perf_counter() - start
+    return _metrics(results), cfg.SOLVER.MAX_ITER, time.perf_counter() - start
 
 
 def run_partdistillation(weights, out_dir, opts):
@@ -82,7 +88,7 @@ def run_partdistillation(weights, out_dir, opts):
     cfg = _cfg(STAGE4_CONFIG, out_dir, ["MODEL.WEIGHTS", weights, *opts])
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
-    return Trainer.test(cfg, model)["part_nmi_ari"], stage4.SOLVER.MAX_ITER
+    return _metrics(Trainer.test(cfg, model)), stage4.SOLVER.MAX_ITER
 
 
 def format_table(rows):

@@ -312,6 +312,8 @@ def test_bad_inputs_raise_value_error_naming_the_argument(make, name):
         ({"bilateral_weight": -1}, "bilateral_weight"),
         ({"num_iters": 2.5}, "num_iters"),
         ({"max_chunk_pixels": 0}, "max_chunk_pixels"),
+        ({"downsample": 0}, "downsample"),
+        ({"downsample": 1.5}, "downsample"),
     ],
 )
 def test_bad_parameters_raise_value_error_naming_the_argument(kwargs, name):
@@ -324,3 +326,60 @@ def test_missing_pydensecrf_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match="pip install pydensecrf2"):
         DenseCRFRefiner("pydensecrf")
     DenseCRFRefiner("torch")  # the torch backend does not need it
+
+
+# ---- speed paths: restricted mean-field, boxes, downsampling ----------------------------------------
+def test_restricted_fast_path_equals_the_full_mean_field():
+    """Restricted to the object, mean-field runs on the object's pixels and part labels only: same marginals."""
+    image, _, noisy = make_fixture(80, num_parts=4, seed=1)
+    refiner = DenseCRFRefiner("torch", restrict_to_object=True)
+    labels = noisy[None]
+    energy = refiner._unary(labels, labels, 5)
+    neg_unary, hard = crf_module._pixel_major(-energy), labels.reshape(-1)
+    fast = refiner._grid_mean_field([image.float()], neg_unary, hard, 1, restricted=True, messages=False)
+    full = refiner._grid_mean_field([image.float()], neg_unary, hard, 1, restricted=False, messages=False)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.parametrize("restrict", [False, True])
+def test_refine_boxes_equals_refining_each_crop(downsample, restrict):
+    image, _, noisy = make_fixture(96, num_parts=3, seed=2)
+    _, _, other = make_fixture(96, num_parts=3, seed=3)
+    labels = torch.stack([noisy, other, noisy])
+    boxes = [(4, 71, 10, 90), (20, 96, 0, 51), (0, 0, 0, 0)]  # different sizes, one empty
+    refiner = DenseCRFRefiner("torch", restrict_to_object=restrict, downsample=downsample)
+    out = refiner.refine_boxes(image, labels, boxes, 4)
+    assert out.shape == labels.shape and out.dtype == torch.long
+    assert torch.equal(out[2], labels[2])
+    for j, (y0, y1, x0, x1) in enumerate(boxes[:2]):
+        crop = refiner.refine(image[:, y0:y1, x0:x1], labels[j, y0:y1, x0:x1], 4)
+        assert torch.equal(out[j, y0:y1, x0:x1], crop)  # crops are independent groups of one lattice
+        outside = torch.ones_like(labels[j], dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert torch.equal(out[j][outside], labels[j][outside])
+
+
+@needs_pydensecrf
+@pytest.mark.parametrize("restrict", [False, True])
+def test_downsampled_crf_agrees_with_pydensecrf(restrict):
+    """downsample=2: mean-field on a 2x coarser grid, last update at full resolution (>= 95 % agreement)."""
+    for height, width, parts, seed in FIXTURES:
+        image, _, noisy = make_fixture(height, width, parts, seed)
+        ours = DenseCRFRefiner("torch", restrict_to_object=restrict, downsample=2).refine(image, noisy, parts + 1)
+        ref = DenseCRFRefiner("pydensecrf", restrict_to_object=restrict).refine(image, noisy, parts + 1)
+        region = noisy > 0 if restrict else torch.ones_like(noisy, dtype=torch.bool)
+        assert (ours == ref)[region].float().mean() >= 0.95, (height, width, seed)
+
+
+@pytest.mark.parametrize("downsample", [2, 3])
+def test_downsampled_crf_keeps_object_mask_and_ignore_pixels(downsample):
+    image, gt, noisy = make_fixture(75, 70, num_parts=4, seed=1)  # sizes not multiples of the factor
+    refined = DenseCRFRefiner("torch", restrict_to_object=True, downsample=downsample).refine(image, noisy, 5)
+    assert torch.equal(refined == 0, noisy == 0)
+    assert (refined == gt).float().mean() > (noisy == gt).float().mean()
+    labels = noisy.clone()
+    labels[:, :9] = -1
+    for restrict in (False, True):
+        out = DenseCRFRefiner("torch", restrict_to_object=restrict, downsample=downsample).refine(image, labels, 5)
+        assert torch.equal(out == -1, labels == -1) and out.max() <= 4

@@ -32,13 +32,6 @@ STORE_NAME = "toyparts_train_pseudo_ranking"
 P = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def store_root(datasets_root, tmp_path_factory):

@@ -235,3 +235,49 @@ def test_half_input_and_iteration_cap():
     # With no Lloyd step the centers are the k-means++ seeds, i.e. data points.
     gaps = (seeds_only.centers[0][:, None] - x[0][None]).norm(dim=-1).min(dim=1).values
     assert gaps.max() < 1e-5
+
+
+def _mixtures(num, points, channels, components=6, seed=0):
+    """Instances of Gaussian mixtures (more components than k) on a shared offset, like backbone features."""
+    rng = np.random.default_rng(seed)
+    offset = np.abs(rng.normal(size=channels))
+    x = np.zeros((num, points, channels), dtype=np.float32)
+    valid = np.zeros((num, points), dtype=bool)
+    for b in range(num):
+        n = int(rng.integers(points // 2, points + 1))
+        means = rng.normal(scale=0.3, size=(components, channels))
+        labels = rng.choice(components, size=n, p=rng.dirichlet(np.full(components, 2.0)))
+        x[b, :n] = offset + means[labels] + rng.normal(size=(n, channels))
+        valid[b, :n] = True
+    return torch.from_numpy(x), torch.from_numpy(valid)
+
+
+def test_projected_kmeans_is_within_one_percent_of_exact_and_deterministic():
+    x, valid = _mixtures(12, 240, 384)
+    exact = batched_kmeans(x, valid, 4, seed=0)
+    projected = batched_kmeans(x, valid, 4, seed=0, project_dim=64)
+    assert projected.inertia.mean() <= exact.inertia.mean() * 1.01, (projected.inertia.mean(), exact.inertia.mean())
+    # finished by exact Lloyd: a full-dimensional fixed point whose reported inertia is its objective
+    for i in range(len(x)):
+        points, labels = x[i][valid[i]], projected.labels[i][valid[i]]
+        assert torch.equal(assign(points, projected.centers[i]), labels)
+        direct = (points - projected.centers[i, labels]).pow(2).sum()
+        assert projected.inertia[i].item() == pytest.approx(direct.item(), rel=1e-4)
+        assert (projected.labels[i][~valid[i]] == -1).all()
+    again = batched_kmeans(x, valid, 4, seed=0, project_dim=64)
+    from_generator = batched_kmeans(x, valid, 4, project_dim=64, generator=torch.Generator().manual_seed(0))
+    for a, b, c in zip(projected, again, from_generator):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # the projection is shared by all instances: an instance gets the same result alone
+    alone = batched_kmeans(x[3:4], valid[3:4], 4, seed=0, project_dim=64)
+    assert torch.equal(alone.labels[0], projected.labels[3])
+    torch.testing.assert_close(alone.inertia[0], projected.inertia[3])
+
+
+def test_project_dim_at_least_the_feature_size_is_exact():
+    x, valid = _mixtures(3, 60, 16, seed=1)
+    exact = batched_kmeans(x, valid, 3)
+    for a, b in zip(exact, batched_kmeans(x, valid, 3, project_dim=16)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="project_dim"):
+        batched_kmeans(x, valid, 3, project_dim=-1)

@@ -29,14 +29,6 @@ QUICK_STAGE2 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_pro
 STORE_NAME = "toyparts_train_pseudo_grouping"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def store_root(datasets_root, tmp_path_factory):

@@ -39,13 +39,6 @@ STAGE4 = os.path.join(QUICK, "stage4_distillation_toyparts.yaml")
 TRAIN = "toyparts_parts_train"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------------------ GT parts
 

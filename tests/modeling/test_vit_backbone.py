@@ -17,14 +17,6 @@ MPAE_BASE = os.path.join(REPO_ROOT, "configs", "discovery", "mpae", "Base-MPAE.y
 D, DEPTH, HEADS, P, PRE = 32, 2, 2, 4, 32  # a tiny ViT: width 32, 2 blocks, patch 4, pos grid 8×8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny(**kw):
     args = dict(patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS, pretrain_image_size=PRE, layer_scale=False)

@@ -30,13 +30,6 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import rank_parts  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def checkpoint(datasets_root, tmp_path_factory):
@@ -161,3 +154,23 @@ def test_two_processes_match_one(ranked, checkpoint, tmp_path):
     two = torch.load(os.path.join(out2, "prototypes.pth"), map_location="cpu", weights_only=True)
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert _store_files(root1) == _store_files(str(root2))
+
+
+def test_ranking_inside_stage1_store_objects(checkpoint, tmp_path):
+    """The quick schedule's route: objects (and classes) from a stage-1 store, result = sibling stage "ranking"."""
+    from part_distillation.data.gt_parts import write_gt_part_store
+
+    root = tmp_path / "pl"
+    # a class-agnostic stage-1-like store of toyparts_train: GT objects with their class, GT parts without classes
+    write_gt_part_store(DATASET, str(root), "toyparts_train", "grouping", part_classes=False,
+                        register_as="toyparts_train_pseudo_grouping")  # fmt: skip
+    opts = tiny_quick_opts(tmp_path / "out", 1) + ["MODEL.WEIGHTS", checkpoint, "DATASETS.PSEUDO_LABEL_ROOT", str(root)]
+    summary = rank_parts.main(rank_parts.parse_args(["--config-file", CONFIG, "--shard-size", "5", *opts]))
+    assert summary["complete"] and summary["store"] == os.path.join(str(root), "toyparts_train", "ranking")
+    stored = list(PseudoLabelReader(str(root), "toyparts_train", "grouping"))
+    ranked = list(PseudoLabelReader(str(root), "toyparts_train", "ranking"))
+    assert [r["image_id"] for r in ranked] == [r["image_id"] for r in stored]
+    for a, b in zip(stored, ranked):  # the ranking keeps the stored objects, in order, with their classes
+        assert [o["category_id"] for o in b["objects"]] == [o["category_id"] for o in a["objects"]]
+    parts = [p for r in ranked for o in r["objects"] for p in o["parts"]]
+    assert len(parts) == summary["parts"] > 0 and all(0 <= p["part_class"] < 8 for p in parts)

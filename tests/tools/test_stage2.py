@@ -32,14 +32,6 @@ AR_KEYS = ["AR@1", "AR@10", "AR@50", "AR@100", "AR@200"]
 ITERS = 100  # enough for non-zero AR on toyparts at 128 px (~10 s on 2 cores)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def store_root(datasets_root, tmp_path_factory):

@@ -12,6 +12,7 @@ Inference only. Output per image (at the input's original height/width):
 (pred_masks, scores = 1, pred_classes = 0, object_index)}``.
 """
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +88,41 @@ def group_pixels(
     # centres of instances with fewer than K distinct points are placeholders: never assign to them
     k_idx = torch.arange(num_parts, device=sim.device)
     sim = sim.masked_fill((k_idx[None] >= result.num_clusters[:, None])[:, :, None, None], float("-inf"))
-    sim = F.interpolate(sim.nan_to_num(neginf=-1e30), size=object_masks.shape[-2:], mode="bilinear", align_corners=False)
-    # argmax only inside each object's box: a full-image argmax over K costs more than all of K-means
+    sim = sim.nan_to_num(neginf=-1e30)
+    # upsample and argmax only inside each object's box: full-image maps cost more than K-means
     labels = torch.zeros(object_masks.shape, dtype=torch.long, device=object_masks.device)
     for j, (y0, y1, x0, x1) in enumerate(_boxes(object_masks)):
+        if y1 == y0:
+            continue
+        window, (oy, ox) = _upsampled_window(sim[j], (y0, y1, x0, x1), object_masks.shape[-2:])
         box = (slice(y0, y1), slice(x0, x1))
-        labels[j][box] = (sim[j][(slice(None),) + box].argmax(0) + 1) * object_masks[j][box]
+        labels[j][box] = (window[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox].argmax(0) + 1) * object_masks[j][box]
     return labels, result.num_clusters
+
+
+def _upsampled_window(sim: torch.Tensor, box, size):
+    """Part of the bilinear upsampling of ``sim`` [K, h, w] to ``size`` that covers ``box``.
+
+    Returns the window [K, h', w'] and its top-left (y, x) in the upsampled map. When ``size`` is
+    an integer multiple of the grid (the padded image over a stride-s grid), only the grid cells
+    the box needs (one cell of margin) are interpolated: same values as the full map, as the
+    sampling positions are the full map's shifted by whole cells; otherwise the full map.
+    The window is channels-last, so the argmax over K reads contiguous memory (~20x faster).
+    """
+    (height, width), (h, w) = size, sim.shape[-2:]
+    if height % h or width % w:
+        cells = sim[None].contiguous(memory_format=torch.channels_last)
+        full = F.interpolate(cells, size=size, mode="bilinear", align_corners=False)
+        return full[0], (0, 0)
+    sy, sx = height // h, width // w
+    y0, y1, x0, x1 = box
+    # grid rows (cols) whose values reach the box: floor of the first sample position, and one
+    # past the second neighbour of the last
+    gy0, gx0 = max(math.floor((y0 + 0.5) / sy - 0.5), 0), max(math.floor((x0 + 0.5) / sx - 0.5), 0)
+    gy1, gx1 = min(math.floor((y1 - 0.5) / sy - 0.5) + 2, h), min(math.floor((x1 - 0.5) / sx - 0.5) + 2, w)
+    cells = sim[None, :, gy0:gy1, gx0:gx1].contiguous(memory_format=torch.channels_last)
+    window = F.interpolate(cells, size=(sy * (gy1 - gy0), sx * (gx1 - gx0)), mode="bilinear", align_corners=False)
+    return window[0], (sy * gy0, sx * gx0)
 
 
 def _boxes(masks: torch.Tensor):
@@ -167,6 +196,7 @@ class PixelGroupingModel(nn.Module):
                 gt_prob=pg.CRF.GT_PROB,
                 num_iters=pg.CRF.NUM_ITERS,
                 restrict_to_object=pg.CRF.RESTRICT_TO_OBJECT,
+                downsample=pg.CRF.DOWNSAMPLE,
             )
         return {
             "backbone": build_backbone(cfg),
@@ -179,6 +209,7 @@ class PixelGroupingModel(nn.Module):
                 "max_iter": pg.KMEANS_MAX_ITER,
                 "tol": pg.KMEANS_TOL,
                 "seed": pg.SEED,
+                "project_dim": pg.KMEANS_PROJECT_DIM,
             },
             "crf": crf,
             "restrict_to_object": pg.CRF.RESTRICT_TO_OBJECT,
@@ -198,7 +229,14 @@ class PixelGroupingModel(nn.Module):
         return self.pixel_mean.device
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Selected backbone levels resized to the first level's grid and concatenated: [B, C, h, w]."""
+        """Selected backbone levels resized to the first level's grid and concatenated: [B, C, h, w].
+
+        On the CPU images go through the backbone one at a time: a batch's activations overflow the
+        caches (EfficientNet-Lite0 at 640 px: 0.25 s/image in batches of 4, 0.11 s one by one), and
+        an image's features then do not depend on the other images of its batch.
+        """
+        if images.device.type == "cpu" and images.shape[0] > 1:
+            return torch.cat([self.features(image[None]) for image in images])
         out = self.backbone(images)
         first = out[self.feature_levels[0]]
         feats = [first] + [
@@ -247,16 +285,17 @@ class PixelGroupingModel(nn.Module):
         return results
 
     def _refine(self, image: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Dense CRF per object on its bounding box (plus a margin for the 20-px bilateral kernel)."""
-        out = labels.clone()
+        """Dense CRF per object on its bounding box (plus a margin for the 20-px bilateral kernel).
+
+        All objects of the image are refined in one call (their boxes are independent problems).
+        """
         H, W = labels.shape[-2:]
         margin = 16
-        for j, (y0, y1, x0, x1) in enumerate(_boxes(masks)):
-            if y1 == y0:
-                continue
-            y0, y1, x0, x1 = max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W)
-            crop = self.crf.refine(image[:, y0:y1, x0:x1], labels[j, y0:y1, x0:x1], self.num_parts + 1)
-            out[j, y0:y1, x0:x1] = crop.reshape(y1 - y0, x1 - x0)
+        boxes = [
+            (max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W)) if y1 > y0 else (0,) * 4
+            for y0, y1, x0, x1 in _boxes(masks)
+        ]
+        out = self.crf.refine_boxes(image, labels, boxes, self.num_parts + 1)
         if self.restrict_to_object:
             out = out * masks
         return out
