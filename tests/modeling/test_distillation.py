@@ -234,7 +234,7 @@ def test_init_from_proposal_checkpoint(stage4_cfg, tmp_path, caplog):
     DetectionCheckpointer(proposal, save_dir=str(tmp_path)).save("proposal")
     path = os.path.join(str(tmp_path), "proposal.pth")
     theirs = proposal.state_dict()
-    with caplog.at_level(logging.INFO, logger="part_distillation.modeling.meta_arch.distillation"):
+    with caplog.at_level(logging.INFO, logger="part_distillation.modeling.meta_arch.proposal"):
         model = build_model(stage4_cfg(extra=["MODEL.PART_DISTILLATION.INIT_FROM", path]))
     ours = model.state_dict()
     report = model.init_report
@@ -244,6 +244,6 @@ def test_init_from_proposal_checkpoint(stage4_cfg, tmp_path, caplog):
     assert "sem_seg_head.predictor.class_embed.weight" in report["loaded"]  # the objectness head too
     for name in shared:
         assert torch.equal(ours[name], theirs[name]), name
-    assert f"Loaded {len(shared)} tensors" in caplog.text
+    assert f"Initialised {len(shared)} tensors" in caplog.text
     with pytest.raises(ConfigError, match="INIT_FROM"):
         build_model(stage4_cfg(extra=["MODEL.PART_DISTILLATION.INIT_FROM", str(tmp_path / "missing.pth")]))

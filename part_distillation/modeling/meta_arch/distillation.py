@@ -57,7 +57,6 @@ class (seed 000 says the predicted one): here the class is whatever ``objects.gt
 """
 import logging
 import math
-import os
 
 import torch
 from detectron2.config import configurable
@@ -69,7 +68,7 @@ from torch.nn import functional as F
 
 from ...utils.errors import ConfigError
 from .mask2former import Mask2Former, SetCriterion
-from .proposal import _object_union, _read_checkpoint, proposal_inference
+from .proposal import _object_union, load_decoder_weights, proposal_inference
 
 __all__ = [
     "PartDistillationModel",
@@ -169,43 +168,12 @@ class PartDistillationCriterion(SetCriterion):
 
 
 def load_shared_tensors(model: nn.Module, path: str, prefixes=DISTILLATION_INIT_PREFIXES) -> dict:
-    """Copy the tensors under ``prefixes`` of checkpoint ``path`` into ``model`` where shapes match.
-
-    Returns ``{"loaded", "shape_mismatch": [(name, theirs, ours)], "missing"}`` and logs them.
-
-    Raises:
-        ConfigError: ``path`` does not exist or shares no tensor with the model.
-    """
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"MODEL.PART_DISTILLATION.INIT_FROM={path!r} does not exist; give a stage-2 proposal checkpoint "
-            "(e.g. output/stage2_proposals/model_final.pth) or set it to \"\"."
-        )
-    checkpoint = _read_checkpoint(path)
-    own = model.state_dict()
-    loaded, mismatch, missing = [], [], []
-    with torch.no_grad():
-        for name, target in own.items():
-            if not name.startswith(tuple(prefixes)):
-                continue
-            if name not in checkpoint:
-                missing.append(name)
-            elif tuple(checkpoint[name].shape) != tuple(target.shape):
-                mismatch.append((name, tuple(checkpoint[name].shape), tuple(target.shape)))
-            else:
-                target.copy_(checkpoint[name].to(dtype=target.dtype))
-                loaded.append(name)
-    if not loaded:
-        raise ConfigError(
-            f"MODEL.PART_DISTILLATION.INIT_FROM={path!r} shares no tensor with this model "
-            "(is it a Mask2Former checkpoint of the same architecture?)."
-        )
-    logger.info("Loaded %d tensors from %s (MODEL.PART_DISTILLATION.INIT_FROM).", len(loaded), path)
-    for name, theirs, ours in mismatch:
-        logger.info("Skipped %s: shape %s in the checkpoint, %s in the model.", name, theirs, ours)
-    if missing:
-        logger.info("%d tensors are not in %s and keep their initialisation: %s", len(missing), path, missing)
-    return {"loaded": loaded, "shape_mismatch": mismatch, "missing": missing}
+    """Copy the tensors under ``prefixes`` of checkpoint ``path`` into ``model`` where shapes match
+    (:func:`load_decoder_weights` with this stage's key; the part classifiers never match and stay fresh)."""
+    return load_decoder_weights(
+        model, path, prefixes, key="MODEL.PART_DISTILLATION.INIT_FROM",
+        expected="a stage-2 proposal checkpoint (e.g. output/stage2_proposals/model_final.pth)",
+    )  # fmt: skip
 
 
 def object_part_inference(

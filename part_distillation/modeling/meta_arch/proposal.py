@@ -71,9 +71,16 @@ def _read_checkpoint(path: str) -> dict:
     return out
 
 
-def load_decoder_weights(model: torch.nn.Module, path: str, prefixes=INIT_PREFIXES) -> dict:
+def load_decoder_weights(
+    model: torch.nn.Module,
+    path: str,
+    prefixes=INIT_PREFIXES,
+    key: str = "MODEL.PROPOSAL.INIT_FROM",
+    expected: str = "a stage-0 instance checkpoint (e.g. output/stage0_instance/model_final.pth)",
+) -> dict:
     """Copy the tensors under ``prefixes`` from checkpoint ``path`` into ``model`` where shapes match.
 
+    ``key`` names the config key that gave ``path`` and ``expected`` what it should be, for the messages.
     Returns ``{"loaded": [...], "shape_mismatch": [(name, checkpoint shape, model shape)], "missing": [...]}``
     (``missing``: model tensors under ``prefixes`` that the checkpoint lacks) and logs a summary.
 
@@ -81,10 +88,7 @@ def load_decoder_weights(model: torch.nn.Module, path: str, prefixes=INIT_PREFIX
         ConfigError: ``path`` does not exist, or no tensor could be loaded from it.
     """
     if not os.path.isfile(path):
-        raise ConfigError(
-            f"MODEL.PROPOSAL.INIT_FROM={path!r} does not exist; give a stage-0 instance checkpoint "
-            "(e.g. output/stage0_instance/model_final.pth) or set it to \"\"."
-        )
+        raise ConfigError(f"{key}={path!r} does not exist; give {expected} or set it to \"\".")
     checkpoint = _read_checkpoint(path)
     own = model.state_dict()
     loaded, mismatch, missing, update = [], [], [], {}
@@ -100,17 +104,17 @@ def load_decoder_weights(model: torch.nn.Module, path: str, prefixes=INIT_PREFIX
             loaded.append(name)
     if not loaded:
         raise ConfigError(
-            f"MODEL.PROPOSAL.INIT_FROM={path!r}: no tensor under {', '.join(prefixes)} matches this model "
-            "(is it a Mask2Former checkpoint of the same decoder size?)."
+            f"{key}={path!r}: no tensor under {', '.join(prefixes)} matches this model "
+            "(is it a Mask2Former checkpoint of the same size?)."
         )
     with torch.no_grad():
         for name, value in update.items():
             own[name].copy_(value)  # state_dict() tensors share storage with the parameters/buffers
-    logger.info("Initialised %d decoder tensors from %s (MODEL.PROPOSAL.INIT_FROM).", len(loaded), path)
+    logger.info("Initialised %d tensors from %s (%s).", len(loaded), path, key)
     for name, theirs, ours in mismatch:
         logger.info("Skipped %s: shape %s in the checkpoint, %s in the model (kept its initialisation).", name, theirs, ours)
     if missing:
-        logger.warning("%d decoder tensors are not in %s and keep their initialisation: %s", len(missing), path, missing)
+        logger.warning("%d tensors are not in %s and keep their initialisation: %s", len(missing), path, missing)
     return {"loaded": loaded, "shape_mismatch": mismatch, "missing": missing}
 
 

@@ -127,9 +127,7 @@ class KMeansBaselineHead(PartHead):
         pd = cfg.MODEL.PART_DISCOVERY
         km = pd.KMEANS
         return {
-            "num_parts": pd.NUM_PARTS,
-            "feature_levels": pd.FEATURE_LEVELS,
-            "input_shape": input_shape,
+            **cls.common_args(cfg, input_shape),
             "grid_stride": km.GRID_STRIDE,
             "normalize": km.NORMALIZE,
             "n_init": km.N_INIT,
@@ -288,9 +286,7 @@ class DFFHead(PartHead):
         pd = cfg.MODEL.PART_DISCOVERY
         dff = pd.DFF
         return {
-            "num_parts": pd.NUM_PARTS,
-            "feature_levels": pd.FEATURE_LEVELS,
-            "input_shape": input_shape,
+            **cls.common_args(cfg, input_shape),
             "grid_stride": dff.GRID_STRIDE,
             "max_iter": dff.MAX_ITER,
             "tol": dff.TOL,

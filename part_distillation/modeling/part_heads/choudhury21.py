@@ -348,9 +348,7 @@ class Choudhury21Head(PartHead):
             )
         frozen = cfg.clone()
         return {
-            "num_parts": pd.NUM_PARTS,
-            "feature_levels": pd.FEATURE_LEVELS,
-            "input_shape": input_shape,
+            **cls.common_args(cfg, input_shape),
             "perceptual": lambda: build_perceptual_network(frozen),
             "perceptual_scales": scales,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,

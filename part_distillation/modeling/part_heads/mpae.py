@@ -288,9 +288,7 @@ class MPAEHead(PartHead):
         pd = cfg.MODEL.PART_DISCOVERY
         mp = pd.MPAE
         return {
-            "num_parts": pd.NUM_PARTS,
-            "feature_levels": pd.FEATURE_LEVELS,
-            "input_shape": input_shape,
+            **cls.common_args(cfg, input_shape),
             "image_size": cfg.INPUT.PAIRED_VIEW.IMAGE_SIZE,
             "feature_dim": mp.FEATURE_DIM,
             "descriptor_patch_size": mp.DESCRIPTOR_PATCH_SIZE,

@@ -326,9 +326,7 @@ class PartFormerHead(PartHead):
         pd = cfg.MODEL.PART_DISCOVERY
         pf = pd.PARTFORMER
         return {
-            "num_parts": pd.NUM_PARTS,
-            "feature_levels": pd.FEATURE_LEVELS,
-            "input_shape": input_shape,
+            **cls.common_args(cfg, input_shape),
             "perceptual": PerceptualLoss(cfg),
             "compress_dims": pf.COMPRESS_DIMS,
             "compress_order": pf.COMPRESS_ORDER,

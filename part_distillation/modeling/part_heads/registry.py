@@ -139,6 +139,12 @@ class PartHead(nn.Module, metaclass=abc.ABCMeta):
         self.num_parts = int(num_parts)
         self.feature_levels = list(feature_levels)
 
+    @staticmethod
+    def common_args(cfg, input_shape) -> dict:
+        """The ``from_config`` arguments every head takes: K, the backbone levels it reads and their shapes."""
+        pd = cfg.MODEL.PART_DISCOVERY
+        return {"num_parts": pd.NUM_PARTS, "feature_levels": pd.FEATURE_LEVELS, "input_shape": input_shape}
+
     @property
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
