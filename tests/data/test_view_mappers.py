@@ -238,6 +238,27 @@ def test_sem_seg_file_as_foreground(scene, tmp_path):
     assert torch.equal(a["fg_mask"], b["fg_mask"])
 
 
+def test_annotation_union_as_foreground(scene):
+    """Without a mask file, the union of the record's (non-crowd) annotation masks is the fg mask."""
+    from pycocotools import mask as mask_util
+
+    record, _, gt_mask = scene
+    rec = {k: v for k, v in record.items() if k != "fg_mask_file"}
+    left, right = gt_mask.copy(), gt_mask.copy()
+    left[:, 80:], right[:, :80] = False, False  # the object as two part annotations
+    crowd = np.zeros_like(gt_mask)
+    crowd[:10, :10] = True  # ignored: crowd
+    rec["annotations"] = [
+        {"segmentation": mask_util.encode(np.asfortranarray(m.astype(np.uint8))), "iscrowd": int(m is crowd)}
+        for m in (left, right, crowd)
+    ]
+    a = _paired(is_train=False)(rec)
+    b = _paired(is_train=False)(record)
+    assert torch.equal(a["fg_mask"], b["fg_mask"])
+    rec["annotations"] = [{"bbox": [0, 0, 4, 4]}]  # no segmentation: no mask
+    assert "fg_mask" not in _paired(is_train=False)(rec)
+
+
 @pytest.mark.parametrize("mapper_fn", [_paired, _kp_mapper])
 def test_bad_files_return_none_with_warning(scene, tmp_path, mapper_fn):
     record, _, _ = scene
