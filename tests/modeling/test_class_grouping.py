@@ -35,27 +35,30 @@ def test_sample_object_cells_is_even_and_deterministic():
 
 
 def test_two_colours_become_two_class_prototypes():
-    """Raw RGB, K = 2, no CRF: an object half red, half blue, is split at the colour edge in both passes."""
+    """Raw RGB, K = 2, no CRF: an object half red (top), half blue, is split at the colour edge in both passes
+    (a 48×64 image, padded to 64×64 for the backbone: the padding must not shift the parts' features)."""
     cfg = load_cfg(RGB_CONFIG, ["MODEL.PART_RANKING.NUM_CLUSTERS", "2", "MODEL.PIXEL_GROUPING.CRF.ENABLED", "False"])
     model = build_model(cfg).eval()
-    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
-    image[0, :, :32] = 255  # red left half
-    image[2, :, 32:] = 255  # blue right half
-    objects = Instances((64, 64))
-    objects.gt_masks = torch.zeros(1, 64, 64, dtype=torch.bool)
-    objects.gt_masks[0, 8:56, 8:56] = True
+    image = torch.zeros(3, 48, 64, dtype=torch.uint8)
+    image[0, :24] = 255  # red top half
+    image[2, 24:] = 255  # blue bottom half
+    objects = Instances((48, 64))
+    objects.gt_masks = torch.zeros(1, 48, 64, dtype=torch.bool)
+    objects.gt_masks[0, 8:40, 8:56] = True
     objects.gt_classes = torch.tensor([3])
-    inputs = [{"image": image, "objects": objects, "height": 64, "width": 64}]
+    inputs = [{"image": image, "objects": objects, "height": 48, "width": 64}]
     out = model(inputs)[0]
     feats = out["cluster_features"]["features"]
-    assert out["cluster_features"]["object_index"].eq(0).all() and feats.shape[1] == 6 and len(feats) == 36  # res3+res4 RGB, 6×6 cells
+    assert out["cluster_features"]["object_index"].eq(0).all()
+    assert feats.shape == (24, 6)  # res3+res4 RGB; the object covers 4×6 cells of the stride-8 grid
+    red = feats[:, 0] > feats[:, 2]
     protos = torch.zeros(5, 2, 6)
-    protos[3] = torch.stack([feats[feats[:, 0] > feats[:, 2]].mean(0), feats[feats[:, 0] < feats[:, 2]].mean(0)])
+    protos[3] = torch.stack([feats[red].mean(0), feats[~red].mean(0)])
     model.set_prototypes(protos, torch.tensor([0, 0, 0, 2, 0]))
     parts = model(inputs)[0]["part_instances"]
     assert parts.pred_classes.tolist() == [0, 1] and parts.object_index.tolist() == [0, 0]
-    left, right = parts.pred_masks
-    assert left[8:56, 8:32].all() and not left[:, 32:].any() and right[8:56, 32:56].all() and not right[:, :32].any()
+    top, bottom = parts.pred_masks
+    assert top[8:24, 8:56].all() and not top[24:].any() and bottom[24:40, 8:56].all() and not bottom[:24].any()
     assert torch.allclose(parts.features, protos[3], atol=1e-5)  # the parts' mean features are the prototypes
     assert torch.equal(parts.soft_scores.argmax(1), parts.pred_classes)
     # an object whose class has no prototypes gets no parts

@@ -163,15 +163,18 @@ class ClassPixelGroupingModel(PixelGroupingModel):
         labels = labels[:, :h, :w]
         if self.crf is not None and len(obj):
             labels = self._refine(image, labels, masks[:, :h, :w])  # K + 1 labels (num_parts = K)
-        return self._parts_out(labels, feats, grid, obj, counts, inp.get("height", h), inp.get("width", w))
+        # each feature cell takes the label of its pixel in the padded frame the features were computed on
+        padded = F.pad(labels, (0, masks.shape[-1] - w, 0, masks.shape[-2] - h))
+        grid_labels = F.interpolate(padded[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+        height, width = inp.get("height", h), inp.get("width", w)
+        return self._parts_out(labels, grid_labels, feats, grid, obj, counts, height, width)
 
-    def _parts_out(self, labels, feats, grid, obj, counts, height, width):
-        """Label maps [M, h, w] (0 = none, k + 1 = prototype k) → objects and ranked part Instances."""
+    def _parts_out(self, labels, grid_labels, feats, grid, obj, counts, height, width):
+        """Label maps [M, h, w] (0 = none, k + 1 = prototype k) and their feature-grid version → objects and
+        ranked part Instances (part features = mean feature of the part's grid cells)."""
         k = self.prototypes.shape[1]
         if labels.shape[-2:] != (height, width):
             labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
-        # part mean features from the grid: each cell votes with its (nearest-resized) label
-        grid_labels = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
         flat = feats.flatten(1).t()
         masks, owner, ids, means = [], [], [], []
         for j in range(labels.shape[0]):
@@ -179,7 +182,7 @@ class ClassPixelGroupingModel(PixelGroupingModel):
                 m = labels[j] == c + 1
                 if not m.any():
                     continue
-                cells = (grid_labels[j] == c + 1) & grid[j][: grid_labels.shape[1], : grid_labels.shape[2]]
+                cells = (grid_labels[j] == c + 1) & grid[j]
                 if not cells.any():  # a part thinner than a grid cell: use the prototype itself
                     mean = self.prototypes[int(obj.gt_classes[j]), c]
                 else:
