@@ -145,6 +145,13 @@ def gt_part_records(dataset_dicts, metadata, part_classes: bool = True) -> list:
     for record in dataset_dicts:
         h, w = int(record["height"]), int(record["width"])
         objects = []
+        if index is not None:
+            unknown = sorted({int(a["category_id"]) for a in record.get("annotations", [])} - set(range(len(index))))
+            if unknown:
+                raise ConfigError(
+                    f"{record.get('file_name')}: part categories {unknown} are outside the metadata's part_to_object "
+                    f"table ({len(index)} parts); the annotations and the registered metadata disagree."
+                )
         for _, obj, members in group_parts_by_object(record):
             object_class = _object_class(obj, members, index)
             merged = OrderedDict()  # part category -> OR of its instances in this object

@@ -111,3 +111,7 @@ def test_missing_prototypes_file_is_a_config_error(tmp_path):
     for name in ("bad.pth", "garbage.pth"):
         with pytest.raises(ConfigError, match="not a prototypes file"):
             load_prototypes(str(tmp_path / name))
+    # prototypes of another feature width (e.g. a ranking file of 256-d query features) are refused up front
+    model = build_model(load_cfg(RGB_CONFIG))
+    with pytest.raises(ConfigError, match=r"do not fit this model's \[C, K, 6\] features"):
+        model.set_prototypes(torch.zeros(5, 8, 256), torch.full((5,), 8))

@@ -275,3 +275,10 @@ def test_fewshot_loads_stage4_checkpoint_and_evaluates(datasets_root, tmp_path, 
         trainer.train()
     results = Trainer.test(cfg, trainer.model)["part_miou_within_object"]
     assert np.isfinite(results["C-mIoU"]) and results["num_objects"] > 0
+
+
+def test_gt_records_name_a_part_category_outside_the_metadata(datasets_root):
+    record = dict(DatasetCatalog.get("toyparts_parts_train")[0])
+    record["annotations"] = [dict(record["annotations"][0], category_id=len(TOYPARTS_PART_TO_OBJECT))]
+    with pytest.raises(ConfigError, match=r"part categories \[19\] are outside .* \(19 parts\)"):
+        gt_part_records([record], list(TOYPARTS_PART_TO_OBJECT))

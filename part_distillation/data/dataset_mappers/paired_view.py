@@ -209,11 +209,14 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
             fg = (arr != 0) & (arr != sem_seg_ignore_value)
     elif any("segmentation" in a for a in dataset_dict.get("annotations", [])):
         # instance/part annotations (toyparts, PartImageNet, COCO-style): the GT foreground is their union
-        path = f"the annotations of {dataset_dict.get('file_name')}"
         fg = np.zeros(tuple(image_hw), dtype=bool)
-        for a in dataset_dict["annotations"]:
-            if "segmentation" in a and not a.get("iscrowd", 0):
-                fg |= decode_segmentation(a["segmentation"], *image_hw)
+        try:
+            for a in dataset_dict["annotations"]:
+                if "segmentation" in a and not a.get("iscrowd", 0):
+                    fg |= decode_segmentation(a["segmentation"], *image_hw)
+        except ValueError as e:
+            raise ValueError(f"the annotations of {dataset_dict.get('file_name')}: {e}") from None
+        return fg
     else:
         return None
     if fg.shape != tuple(image_hw):

@@ -96,6 +96,16 @@ class ClassPixelGroupingModel(PixelGroupingModel):
 
     def set_prototypes(self, prototypes, num_clusters) -> None:
         """Prototypes [C, K, D] and per-class cluster counts [C] (None: back to the cluster pass)."""
+        if prototypes is not None:
+            d = self.cluster_feature_dim
+            if prototypes.dim() != 3 or prototypes.shape[-1] != d or tuple(num_clusters.shape) != prototypes.shape[:1]:
+                raise ConfigError(
+                    f"MODEL.ONE_STAGE.PROTOTYPES: prototypes {tuple(prototypes.shape)} with counts "
+                    f"{tuple(num_clusters.shape)} do not fit this model's [C, K, {d}] features (MODEL.PIXEL_GROUPING."
+                    "FEATURE_LEVELS of this backbone); write them with tools/rank_parts.py and the same config."
+                )
+            if len(num_clusters) and int(num_clusters.max()) > prototypes.shape[1]:
+                raise ConfigError(f"MODEL.ONE_STAGE.PROTOTYPES: num_clusters exceeds K = {prototypes.shape[1]}.")
         self.prototypes = None if prototypes is None else prototypes.to(self.device).float()
         self.num_clusters = None if num_clusters is None else num_clusters.to(self.device).long()
 
