@@ -36,7 +36,6 @@ import sys
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import launch
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -46,7 +45,7 @@ from part_distillation.data import build_labelling_loader
 from part_distillation.data.build import check_dataset_names
 from part_distillation.data.dataset_mappers import build_dataset_mapper
 from part_distillation.data.pseudo_labels import PseudoLabelWriter, atomic_write_bytes
-from part_distillation.engine import check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
+from part_distillation.engine import default_argument_parser, launch_main, setup_cfg
 from part_distillation.evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
 from part_distillation.modeling.grouping.kmeans import batched_kmeans
 from part_distillation.utils.errors import ConfigError
@@ -231,17 +230,8 @@ def main(args):
     return summary
 
 
-def checked_main(args):
-    return run_worker(main, args)
-
-
 def cli():
-    args = parse_args()
-    run_cli(lambda: check_runtime(load_cfg(args.config_file, args.opts)))
-    return launch(
-        checked_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-        dist_url=args.dist_url, args=(args,),
-    )  # fmt: skip
+    return launch_main(main, parse_args())
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@
     python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
 """
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import launch
 
-from part_distillation.engine import Trainer, check_runtime, default_argument_parser, load_cfg, run_cli, run_worker, setup_cfg
+from part_distillation.engine import Trainer, default_argument_parser, launch_main, run_worker, setup_cfg
 from part_distillation.utils.compat import quiet_upstream_warnings
 
 quiet_upstream_warnings()  # upstream deprecation warnings at every step would bury the log
@@ -32,15 +31,7 @@ def checked_main(args):
 def cli():
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    run_cli(lambda: check_runtime(load_cfg(args.config_file, args.opts)))  # fail before spawning workers
-    return launch(
-        checked_main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return launch_main(main, args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Config set-up and the command-line wrapper shared by every tool."""
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -130,3 +131,16 @@ def run_worker(main, args):
         if dist.is_available() and dist.is_initialized():
             comm.synchronize()
             dist.destroy_process_group()
+
+
+def launch_main(main, args):
+    """A tool's command line: check the config in this process (a bad key or path is one ``error:`` line, before
+    any worker is spawned), then run ``main(args)`` on ``--num-gpus`` × ``--num-machines`` processes through
+    detectron2's ``launch``, each ending cleanly (:func:`run_worker`)."""
+    from detectron2.engine import launch
+
+    run_cli(lambda: check_runtime(load_cfg(args.config_file, args.opts)))
+    return launch(
+        functools.partial(run_worker, main), args.num_gpus, num_machines=args.num_machines,
+        machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
+    )  # fmt: skip
