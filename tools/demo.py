@@ -81,6 +81,13 @@ def label(tool, config, output_dir, opts, flags=()):
     return module.main(module.parse_args(argv))
 
 
+def _write_picture(path, vis):
+    """A Visualizer's picture as PNG, through a temporary file: no half-written pictures."""
+    tmp = path + ".tmp.png"
+    cv2.imwrite(tmp, vis.get_image()[:, :, ::-1])
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
 def render_predictions(cfg, model, out_dir, num_images, score_threshold=0.5):
     """Overlay the model's instances above ``score_threshold`` on validation images."""
@@ -99,9 +106,7 @@ def render_predictions(cfg, model, out_dir, num_images, score_threshold=0.5):
         image = cv2.imread(record["file_name"])[:, :, ::-1]
         vis = Visualizer(image, metadata, scale=2.0, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
         path = os.path.join(out_dir, f"{record['image_id']}.png")
-        tmp = path + ".tmp.png"
-        cv2.imwrite(tmp, vis.get_image()[:, :, ::-1])
-        os.replace(tmp, path)  # no half-written pictures
+        _write_picture(path, vis)
         paths.append(path)
     return paths
 
@@ -144,9 +149,7 @@ def render_part_predictions(cfg, model, out_dir, per_class, score_threshold=0.0)
             folder = os.path.join(out_dir, name)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{record['image_id']}_object{m}.png")
-            tmp = path + ".tmp.png"
-            cv2.imwrite(tmp, vis.get_image()[:, :, ::-1])
-            os.replace(tmp, path)  # no half-written pictures
+            _write_picture(path, vis)
             paths.append(path)
             counts[classes[m]] = counts.get(classes[m], 0) + 1
     return paths

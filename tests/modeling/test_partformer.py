@@ -27,7 +27,7 @@ from part_distillation.modeling.losses import (
 )
 from part_distillation.modeling.part_heads import PART_HEAD_REGISTRY, PartFormerHead
 from part_distillation.modeling.part_heads.registry import DiscoveryBatch
-from part_distillation.modeling.part_heads.partformer import sincos_position_embedding
+from part_distillation.modeling.backbone.vit import sincos_pos_embed_2d
 from part_distillation.utils.errors import ConfigError
 
 from conftest import REPO_ROOT
@@ -104,7 +104,7 @@ def test_arcface_by_hand():
 
 
 def test_sincos_position_embedding():
-    pos = sincos_position_embedding(2, 3, 8)
+    pos = sincos_pos_embed_2d(8, 2, 3)  # width 8, 2 rows, 3 columns
     assert pos.shape == (6, 8)
     # position (0, 0): sin 0 = 0, cos 0 = 1 in both halves
     assert torch.equal(pos[0], torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]))

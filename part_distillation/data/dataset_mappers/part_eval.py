@@ -19,8 +19,8 @@ Crowd annotations are ignored, as the AR evaluator ignores them. Output::
      "objects": Instances((h, w)) with gt_masks (M×h×w bool, at the *resized image's* size) and
                 gt_classes (the object's category id, -1 when unknown)}
 
-:func:`part_dataset_to_pseudo_label_records` turns the same records into pseudo-label store records
-(objects with their GT parts), e.g. for a GT-part "oracle" stage-2 training set.
+:func:`part_distillation.data.gt_parts.gt_part_records` turns the same records into pseudo-label store
+records (objects with their GT parts), e.g. for a GT-part "oracle" stage-2 training set.
 """
 import copy
 import logging
@@ -38,7 +38,7 @@ from ...utils.errors import ConfigError
 from .instance_lsj import read_image_or_none
 from .registry import DATASET_MAPPER_REGISTRY
 
-__all__ = ["PartEvalDatasetMapper", "decode_segmentation", "group_parts_by_object", "part_dataset_to_pseudo_label_records"]
+__all__ = ["PartEvalDatasetMapper", "decode_segmentation", "group_parts_by_object"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,39 +168,3 @@ class PartEvalDatasetMapper:
         out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         out["objects"] = objects
         return out
-
-
-def part_dataset_to_pseudo_label_records(dataset_dicts, merge_same_class: bool = True) -> list:
-    """Pseudo-label store records (``data/pseudo_labels.py`` schema) holding a part dataset's GT parts.
-
-    One store object per object of :func:`group_parts_by_object` (its mask: the dataset's object mask or
-    the union of its parts) with its parts as store parts (``score`` 1, no ``part_class``: class-agnostic).
-    ``merge_same_class`` ORs the parts of one category inside one object, as the AR evaluator's GT does.
-    Images without parts map to None (no label).
-    """
-    from ..pseudo_labels import make_object, make_part
-
-    records = []
-    for record in dataset_dicts:
-        h, w = record["height"], record["width"]
-        objects = []
-        for _, obj, members in group_parts_by_object(record):
-            by_part = OrderedDict()
-            for i, part in enumerate(members):
-                key = part["category_id"] if merge_same_class else i
-                mask = decode_segmentation(part["segmentation"], h, w)
-                by_part[key] = by_part[key] | mask if key in by_part else mask
-            parts = [make_part(m) for m in by_part.values() if m.any()]
-            if not parts:
-                continue
-            category = int(obj.get("category_id", -1)) if obj is not None else -1
-            objects.append(make_object(_object_mask(obj, members, h, w), parts, category_id=category))
-        if not objects:
-            records.append(None)
-            continue
-        out = {"image_id": record["image_id"], "file_name": record["file_name"], "height": h, "width": w}
-        if isinstance(record.get("class_code"), str):
-            out["class_code"] = record["class_code"]
-        out["objects"] = objects
-        records.append(out)
-    return records

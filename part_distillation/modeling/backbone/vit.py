@@ -43,7 +43,9 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 
-__all__ = ["DinoViT", "ViTBlock", "build_dino_vit_backbone", "load_vit_weights", "VIT_OUTPUTS"]
+__all__ = [
+    "DinoViT", "ViTBlock", "QuickGELU", "build_dino_vit_backbone", "load_vit_weights", "sincos_pos_embed_2d", "VIT_OUTPUTS",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,22 @@ VIT_OUTPUTS = ("vit", "vit_keys")
 _WEIGHTS_KEY = "MODEL.VIT.WEIGHTS"
 # Checkpoint tensors with no counterpart at inference (DINOv2's masked-image-modelling token).
 _UNUSED_KEYS = ("mask_token",)
+
+
+def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding [h·w, dim] (row-major): the first half of the channels
+    encodes the row, the second half the column, each as ``[sin(p·ω), cos(p·ω)]`` with
+    ``ω_i = 10000^(−i/(dim/4))`` (the MAE/ViT recipe, computed in float64). Used by the PartFormer and MPAE heads."""
+    if dim % 4:
+        raise ConfigError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}.")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+
+    def encode(pos):
+        angles = pos.reshape(-1).double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
 class QuickGELU(nn.Module):

@@ -76,6 +76,15 @@ def canonical_part_order(labels: torch.Tensor, valid: torch.Tensor, grid_hw, k: 
     return torch.sort(key, dim=1, stable=True).indices
 
 
+def _checked_grid_and_order(grid_stride, label_order, group: str):
+    """(grid stride, label order) of a baseline head, with errors naming MODEL.PART_DISCOVERY.<group>/... keys."""
+    if label_order not in LABEL_ORDERS:
+        raise ConfigError(f"MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER={label_order!r}: use one of {LABEL_ORDERS}.")
+    if int(grid_stride) < 0:
+        raise ConfigError(f"MODEL.PART_DISCOVERY.{group}.GRID_STRIDE={grid_stride!r} must be ≥ 0.")
+    return int(grid_stride), label_order
+
+
 def _permute_channels(maps: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """maps [B, k, h, w], perm [B, k] → maps[b, perm[b]]."""
     return maps.gather(1, perm[:, :, None, None].expand_as(maps))
@@ -113,14 +122,9 @@ class KMeansBaselineHead(PartHead):
         label_order: str = "vertical",
     ):
         super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
-        if label_order not in LABEL_ORDERS:
-            raise ConfigError(f"MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER={label_order!r}: use one of {LABEL_ORDERS}.")
-        if int(grid_stride) < 0:
-            raise ConfigError(f"MODEL.PART_DISCOVERY.KMEANS.GRID_STRIDE={grid_stride!r} must be ≥ 0.")
-        self.grid_stride = int(grid_stride)
+        self.grid_stride, self.label_order = _checked_grid_and_order(grid_stride, label_order, "KMEANS")
         self.normalize = bool(normalize)
         self.kmeans_kwargs = {"n_init": int(n_init), "max_iter": int(max_iter), "tol": float(tol), "seed": int(seed)}
-        self.label_order = label_order
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -263,15 +267,11 @@ class DFFHead(PartHead):
         label_order: str = "vertical",
     ):
         super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
-        if label_order not in LABEL_ORDERS:
-            raise ConfigError(f"MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER={label_order!r}: use one of {LABEL_ORDERS}.")
-        if int(grid_stride) < 0:
-            raise ConfigError(f"MODEL.PART_DISCOVERY.DFF.GRID_STRIDE={grid_stride!r} must be ≥ 0.")
+        self.grid_stride, self.label_order = _checked_grid_and_order(grid_stride, label_order, "DFF")
         if not 0.0 <= float(bg_threshold) < 1.0:
             raise ConfigError(f"MODEL.PART_DISCOVERY.DFF.BG_THRESHOLD={bg_threshold!r} must be in [0, 1).")
         if int(check_every) < 1:
             raise ConfigError(f"MODEL.PART_DISCOVERY.DFF.CHECK_EVERY={check_every!r} must be ≥ 1.")
-        self.grid_stride = int(grid_stride)
         self.nmf_kwargs = {
             "max_iter": int(max_iter),
             "tol": float(tol),
@@ -279,7 +279,6 @@ class DFFHead(PartHead):
             "seed": int(seed),
         }
         self.bg_threshold = float(bg_threshold)
-        self.label_order = label_order
 
     @classmethod
     def from_config(cls, cfg, input_shape):

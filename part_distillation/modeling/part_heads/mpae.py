@@ -42,14 +42,13 @@ Deviations from the reference, on purpose (see also the config comments):
 import logging
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
 from ...utils.errors import ConfigError
-from ..backbone.vit import ViTBlock
+from ..backbone.vit import ViTBlock, sincos_pos_embed_2d
 from ..losses.mpae import (
     entropy_loss,
     presence_loss,
@@ -60,28 +59,11 @@ from ..losses.mpae import (
 from ..losses.perceptual import PerceptualLoss, imagenet_normalize
 from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead
 
-__all__ = ["MPAEHead", "DescriptorViT", "MaskedRestorer", "sincos_pos_embed_2d"]
+__all__ = ["MPAEHead", "DescriptorViT", "MaskedRestorer"]
 
 logger = logging.getLogger(__name__)
 
 TRAIN_VIEWS = ("view1", "view2")
-
-
-def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding [h·w, dim] (row-major): the first half of the channels
-    encodes the row, the second half the column, each as ``[sin(p·ω), cos(p·ω)]`` with
-    ``ω_i = 10000^(−i/(dim/4))`` (MAE's recipe; computed in float64, as the spec advises)."""
-    if dim % 4:
-        raise ConfigError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}.")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-
-    def embed(pos):
-        out = np.outer(pos, omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    emb = np.concatenate([embed(rows.ravel()), embed(cols.ravel())], axis=1)
-    return torch.from_numpy(emb).float()
 
 
 def _xavier_init(module: nn.Module) -> None:

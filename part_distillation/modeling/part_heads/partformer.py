@@ -41,9 +41,10 @@ from torch import nn
 from ...utils.errors import ConfigError
 from ..losses.partformer import area_loss, arcface_loss, concentration_loss, transfer
 from ..losses.perceptual import EfficientNetFeatures, PerceptualLoss, imagenet_normalize
+from ..backbone.vit import QuickGELU, sincos_pos_embed_2d
 from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead
 
-__all__ = ["PartFormerHead", "PartFormer", "PartFormerDecoder", "LayerNorm2d", "sincos_position_embedding"]
+__all__ = ["PartFormerHead", "PartFormer", "PartFormerDecoder", "LayerNorm2d"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,26 +69,6 @@ class LayerNorm2d(nn.Module):
         return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
-def sincos_position_embedding(h: int, w: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding [h·w, dim]: the first half encodes the row, the second the column, each
-    as ``[sin(p·ω_i), cos(p·ω_i)]`` with ω_i = 10000^(−i/(dim/4)) (the ViT/MAE construction)."""
-    if dim % 4:
-        raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.WIDTH={dim} must be a multiple of 4 (sin-cos embedding).")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-
-    def encode(pos):
-        angles = pos.reshape(-1).double()[:, None] * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.cat([encode(yy), encode(xx)], dim=1).float()
-
-
-class _QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
 class _Block(nn.Module):
     """Pre-LN transformer block (``nn.MultiheadAttention`` + a QuickGELU MLP), as the reference."""
 
@@ -96,7 +77,7 @@ class _Block(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), _QuickGELU(), nn.Linear(mlp_dim, width))
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), QuickGELU(), nn.Linear(mlp_dim, width))
 
     def forward(self, x):
         y = self.ln_1(x)
@@ -120,6 +101,8 @@ class PartFormer(nn.Module):
             raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.POS_EMBED={pos_embed!r}: use 'sincos' or 'learned'.")
         if width % heads:
             raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.WIDTH={width} is not divisible by HEADS={heads}.")
+        if pos_embed == "sincos" and width % 4:
+            raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.WIDTH={width} must be a multiple of 4 (sin-cos embedding).")
         self.patch_size, self.width, self.pos_embed_type = int(patch_size), int(width), pos_embed
         self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.part_tokens = nn.Parameter(torch.empty(num_tokens, width))
@@ -149,7 +132,7 @@ class PartFormer(nn.Module):
 
     def _positions(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
         if self.pos_embed_type == "sincos":
-            return sincos_position_embedding(h, w, self.width).to(ref)
+            return sincos_pos_embed_2d(self.width, h, w).to(ref)
         n = int(math.isqrt(self.pos_embed.shape[0]))
         pos = self.pos_embed
         if (h, w) != (n, n):
