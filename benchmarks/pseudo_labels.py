@@ -54,13 +54,13 @@ class RSSSampler(threading.Thread):
         self.join()
 
 
-def run_ours(out_dir, image_size, opts=()):
+def run_ours(out_dir, image_size, opts=(), device="cpu"):
     import make_pseudo_labels
 
     sys.argv = ["make_pseudo_labels.py", "--config-file", CONFIG, "--shard-size", "100",
                 "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
                 "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
-                "INPUT.IMAGE_SIZE", str(image_size), *opts]  # fmt: skip
+                "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
     args = make_pseudo_labels.parse_args()
     summary = make_pseudo_labels.main(args)
     return summary["seconds"], summary  # labelling time, model building excluded like the reference's
@@ -77,12 +77,13 @@ def run_reference(out_dir, model, mapper, dicts):
 
     os.makedirs(out_dir, exist_ok=True)
     k = model.num_parts
+    device = model.pixel_mean.device  # features on the model's device, K-means and CRF on CPU as the reference
     start = time.perf_counter()
     for index, record in enumerate(dicts):
         x = mapper(dict(record))
         image = x["image"]
         with torch.no_grad():
-            feats = model.features(((image.float() - model.pixel_mean) / model.pixel_std)[None])[0]  # [C, h, w]
+            feats = model.features(((image.to(device).float() - model.pixel_mean) / model.pixel_std)[None])[0].cpu()
         h, w = image.shape[-2:]
         masks = x["objects"].gt_masks
         grid = _object_grid_masks(masks, feats.shape[-2:])
@@ -120,10 +121,11 @@ def run_reference(out_dir, model, mapper, dicts):
 def time_backbone(model, mapper, dicts):
     """Seconds the (shared) backbone forward takes over the images, one at a time, for context."""
     inputs = [mapper(dict(r))["image"] for r in dicts]
+    device = model.pixel_mean.device
     start = time.perf_counter()
     with torch.no_grad():
         for image in inputs:
-            model.features(((image.float() - model.pixel_mean) / model.pixel_std)[None])
+            model.features(((image.to(device).float() - model.pixel_mean) / model.pixel_std)[None]).cpu()
     return time.perf_counter() - start
 
 
@@ -137,6 +139,7 @@ def main():
         "--threads", type=int, default=min(2, os.cpu_count() or 1),
         help="torch intra-op threads of both pipelines (1 is steadier when other jobs share the cores)",
     )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of both pipelines' backbone (ours also clusters and runs the CRF there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
@@ -153,18 +156,21 @@ def main():
     os.environ["DETECTRON2_DATASETS"] = work
     ensure_toyparts(os.path.join(work, "toyparts"), num_train=1, num_val=args.num_images, seed=0,
                     image_size=args.image_size, progress=False)  # fmt: skip
-    cfg = load_cfg(CONFIG, ["INPUT.IMAGE_SIZE", str(args.image_size)])
+    cfg = load_cfg(CONFIG, ["INPUT.IMAGE_SIZE", str(args.image_size), "MODEL.DEVICE", args.device])
     cfg.MODEL.PIXEL_GROUPING.CRF.ENABLED = False  # the reference runs its own CRF below
     model = build_model(cfg).eval()
     dicts = DatasetCatalog.get("toyparts_val")
 
-    ours_s, summary = run_ours(os.path.join(work, "ours"), args.image_size)
-    coarse_s, _ = run_ours(os.path.join(work, "ours_x2"), args.image_size, ["MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE", "2"])
+    ours_s, summary = run_ours(os.path.join(work, "ours"), args.image_size, device=args.device)
+    coarse_s, _ = run_ours(os.path.join(work, "ours_x2"), args.image_size, ["MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE", "2"],
+                           device=args.device)  # fmt: skip
     backbone_s = time_backbone(model, build_dataset_mapper(cfg, is_train=False), dicts)
     ref_s = run_reference(os.path.join(work, "ref"), model, build_dataset_mapper(cfg, is_train=False), dicts)
     n = len(dicts)
     result = {
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                    "device": args.device,
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},  # fmt: skip
         "threads": args.threads,
         "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "images": n,
@@ -187,7 +193,7 @@ def main():
                         image_size=args.image_size, progress=False)  # fmt: skip
         sampler = RSSSampler()
         sampler.start()
-        long_s, _ = run_ours(os.path.join(work, "ours_long"), args.image_size)
+        long_s, _ = run_ours(os.path.join(work, "ours_long"), args.image_size, device=args.device)
         sampler.stop()
         rss = np.array([r for _, r in sampler.samples])
         quarter = rss[len(rss) // 4 : len(rss) // 2]

@@ -115,3 +115,17 @@ def test_missing_prototypes_file_is_a_config_error(tmp_path):
     model = build_model(load_cfg(RGB_CONFIG))
     with pytest.raises(ConfigError, match=r"do not fit this model's \[C, K, 6\] features"):
         model.set_prototypes(torch.zeros(5, 8, 256), torch.full((5,), 8))
+
+
+def test_prototypes_move_with_the_model_and_stay_out_of_checkpoints(tmp_path):
+    """Prototypes loaded at build time (CPU) must follow ``model.to(...)``; found on a GPU run, where
+    indexing CPU prototypes with CUDA class ids failed."""
+    path = tmp_path / "protos.pth"
+    torch.save({"prototypes": torch.rand(5, 8, 6), "num_clusters": torch.full((5,), 8)}, path)
+    model = build_model(load_cfg(RGB_CONFIG, ["MODEL.ONE_STAGE.PROTOTYPES", str(path)]))
+    assert any(b is model.prototypes for b in model.buffers())
+    model.to(torch.float64)  # moves/casts floating buffers exactly as .to("cuda") would move them
+    assert model.prototypes.dtype == torch.float64 and model.num_clusters.dtype == torch.long
+    assert "prototypes" not in model.state_dict() and "num_clusters" not in model.state_dict()
+    model.set_prototypes(None, None)  # back to the cluster pass
+    assert model.prototypes is None

@@ -72,7 +72,9 @@ class ClassPixelGroupingModel(PixelGroupingModel):
             raise ConfigError(f"MODEL.ONE_STAGE.SAMPLES_PER_OBJECT={samples_per_object} must be ≥ 1.")
         self.samples_per_object = int(samples_per_object)
         self.temperature = float(temperature)
-        self.prototypes, self.num_clusters = None, None
+        # Buffers (not saved) so that .to(device) moves prototypes loaded before the model is moved.
+        self.register_buffer("prototypes", None, persistent=False)  # [C, K, D]
+        self.register_buffer("num_clusters", None, persistent=False)  # [C]
         if prototypes_file:
             self.set_prototypes(*load_prototypes(prototypes_file))
 

@@ -104,8 +104,9 @@ class PartRankingModel(ProposalModel):
         self.min_score = float(min_score)
         self.feature_norm = bool(feature_norm)
         self.temperature = float(temperature)
-        self.prototypes = None  # [C, K, D]
-        self.num_clusters = None  # [C]
+        # Buffers (not saved) so that .to(device) moves prototypes loaded before the model is moved.
+        self.register_buffer("prototypes", None, persistent=False)  # [C, K, D]
+        self.register_buffer("num_clusters", None, persistent=False)  # [C]
         self._captured = []
         self.sem_seg_head.predictor.decoder_norm.register_forward_hook(self._capture)
 
@@ -131,8 +132,8 @@ class PartRankingModel(ProposalModel):
 
     def set_prototypes(self, prototypes, num_clusters) -> None:
         """Prototypes [C, K, D] and per-class cluster counts [C] for labelling (None: cluster pass)."""
-        self.prototypes = None if prototypes is None else torch.as_tensor(prototypes).float()
-        self.num_clusters = None if num_clusters is None else torch.as_tensor(num_clusters).long()
+        self.prototypes = None if prototypes is None else torch.as_tensor(prototypes, device=self.device).float()
+        self.num_clusters = None if num_clusters is None else torch.as_tensor(num_clusters, device=self.device).long()
 
     def forward(self, batched_inputs):
         if self.training:
