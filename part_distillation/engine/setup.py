@@ -131,6 +131,11 @@ def run_worker(main, args):
         if dist.is_available() and dist.is_initialized():
             comm.synchronize()
             dist.destroy_process_group()
+            # detectron2's comm still holds the groups (launch's local group, the cached gloo group), which
+            # keeps them and their gloo/TCPStore threads alive until interpreter teardown; drop them so
+            # they are destroyed here
+            comm._LOCAL_PROCESS_GROUP = None
+            comm._get_global_gloo_group.cache_clear()
 
 
 def launch_main(main, args):
