@@ -2,7 +2,9 @@
 
 Training: random flip → resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE → crop/pad to
 IMAGE_SIZE². Evaluation: shortest-edge resize to MIN_SIZE_TEST (capped at MAX_SIZE_TEST). Masks are
-kept as bitmasks so COCO RLE and polygon annotations both work.
+rasterised (as RLE) at the image's own size *before* augmentation, so COCO RLE and polygon annotations
+(PartImageNet ships polygons) take the same path: detectron2 crops polygons with shapely, which is not a
+dependency here and fails on the self-intersecting polygons real annotations contain.
 """
 import copy
 import logging
@@ -13,6 +15,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ...structures.masks import segmentation_to_rle
 from ..validation import ERROR, check_image_file
 from .registry import DATASET_MAPPER_REGISTRY
 
@@ -76,6 +79,7 @@ class InstanceLSJDatasetMapper:
         image = read_image_or_none(dataset_dict, self.image_format)
         if image is None:
             return None
+        height, width = image.shape[:2]
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -86,7 +90,7 @@ class InstanceLSJDatasetMapper:
             dataset_dict.pop("annotations", None)
             return dataset_dict
         annos = [
-            utils.transform_instance_annotations(obj, transforms, image_shape)
+            utils.transform_instance_annotations(_rasterized(obj, height, width), transforms, image_shape)
             for obj in dataset_dict.pop("annotations", [])
             if obj.get("iscrowd", 0) == 0
         ]
@@ -97,6 +101,14 @@ class InstanceLSJDatasetMapper:
         instances.gt_masks = instances.gt_masks.tensor
         dataset_dict["instances"] = instances
         return dataset_dict
+
+
+def _rasterized(obj: dict, height: int, width: int) -> dict:
+    """``obj`` with its polygon/RLE ``segmentation`` as one compressed RLE, rasterised at the image's size
+    (module doc: why). Detectron2 decodes an RLE and crops the mask like the image."""
+    if "segmentation" in obj:
+        obj = dict(obj, segmentation=segmentation_to_rle(obj["segmentation"], height, width))
+    return obj
 
 
 def build_lsj_augmentations(cfg, is_train: bool) -> list:

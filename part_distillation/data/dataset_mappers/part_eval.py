@@ -27,13 +27,13 @@ import logging
 from collections import OrderedDict
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
+from ...structures.masks import decode_segmentation
 from ...utils.errors import ConfigError
 from .instance_lsj import read_image_or_none
 from .registry import DATASET_MAPPER_REGISTRY
@@ -41,26 +41,6 @@ from .registry import DATASET_MAPPER_REGISTRY
 __all__ = ["PartEvalDatasetMapper", "decode_segmentation", "group_parts_by_object"]
 
 logger = logging.getLogger(__name__)
-
-
-def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
-    """Polygons, compressed RLE (str or bytes counts) or uncompressed RLE → bool H×W array."""
-    if isinstance(segmentation, list):
-        if not segmentation:
-            return np.zeros((height, width), dtype=bool)
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation, dict):
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            rle = mask_util.frPyObjects(segmentation, height, width)
-        else:
-            rle = {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    else:
-        raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
-    mask = mask_util.decode(rle).astype(bool)
-    if mask.shape != (height, width):
-        raise ValueError(f"a segmentation of size {mask.shape} in a record of size {(height, width)}")
-    return mask
 
 
 def group_parts_by_object(record: dict):
