@@ -5,7 +5,7 @@ Every key says where its default comes from: "seed 000" is the PartDistillation 
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_part_distillation_config"]
+__all__ = ["add_part_distillation_config", "load_cfg"]
 
 
 def add_part_distillation_config(cfg: CN) -> CN:
@@ -36,6 +36,39 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_vit_backbone_config(cfg)
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
+    return cfg
+
+
+# Where valid keys are defined, for the error messages of load_cfg.
+KEY_FILES = "part_distillation/config.py, mask2former/config.py and detectron2/config/defaults.py"
+
+
+def load_cfg(config_file: str, opts=()) -> CN:
+    """detectron2's defaults + Mask2Former's + ours, merged from ``config_file`` and ``opts``; not frozen.
+
+    Unknown keys raise :class:`~part_distillation.utils.errors.ConfigError` naming the key, where it
+    came from and where keys live. Used by the tools (through ``engine.setup``) and by models that
+    build another model from its own config file (e.g. the object model of stage 1).
+    """
+    import os
+
+    from detectron2.config import get_cfg
+
+    from .utils.errors import ConfigError
+
+    cfg = get_cfg()
+    add_part_distillation_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"Config file {config_file!r} does not exist; pass a file from configs/.")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            raise ConfigError(f"{config_file}: {e.args[0]}. Fix the key's spelling; valid keys are in {KEY_FILES}.")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"command-line opts: {e.args[0] if e.args else e}. Valid keys are in {KEY_FILES}.")
     return cfg
 
 

@@ -34,7 +34,7 @@ from part_distillation.engine import default_argument_parser, launch_main, setup
 from part_distillation.evaluation.proposal_ar import ProposalAREvaluator
 from part_distillation.evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
 from part_distillation.utils.errors import ConfigError
-from part_distillation.utils.visualization import render_pseudo_labels
+from part_distillation.data.visualization import render_pseudo_labels
 from part_distillation.utils.compat import quiet_upstream_warnings
 
 quiet_upstream_warnings()  # upstream deprecation warnings at every step would bury the log
