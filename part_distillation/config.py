@@ -105,6 +105,11 @@ def _add_backbone_config(cfg: CN) -> None:
 
 
 def _add_mask_former_overrides(cfg: CN) -> None:
+    # Transformer decoder: Mask2Former's masked-attention decoder that also returns each prediction set's
+    # query features (modeling/meta_arch/query_decoder.py; same parameters as
+    # "MultiScaleMaskedTransformerDecoder", so either name loads the other's checkpoints). The part models
+    # (ProposalModel, PartRankingModel, PartDistillationModel) need it.
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "QueryFeatureTransformerDecoder"
     # Mask-loss point sampling (Mask2Former, Sec. 3.2.3 of its paper): "importance" = over-sample
     # OVERSAMPLE_RATIO×TRAIN_NUM_POINTS points and keep IMPORTANCE_SAMPLE_RATIO of them by
     # uncertainty (M2F default); "uniform" = TRAIN_NUM_POINTS uniformly random points

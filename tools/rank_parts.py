@@ -88,7 +88,7 @@ def _cluster_features(out):
     if "cluster_features" in out:
         return out["cluster_features"]["object_index"].cpu(), out["cluster_features"]["features"].cpu()
     parts = out["part_instances"].to("cpu")
-    return parts.object_index, parts.query_features
+    return parts.object_index, parts.features
 
 
 def collect_features(model, loader):

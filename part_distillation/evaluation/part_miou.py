@@ -347,8 +347,11 @@ class PartMIoUEvaluator(DatasetEvaluator):
         """Per GT object: (bool masks [P, H, W], ids [P] long, features [P, D] or None)."""
         num_objects = len(gt_objects)
         per_object = [[] for _ in range(num_objects)]
-        if self.predictions_key in output:
-            parts = output[self.predictions_key]
+        key = self.predictions_key
+        if self.mode == "clustered" and key == "part_instances" and "part_query_instances" in output:
+            key = "part_query_instances"  # one part per query, before any same-class merge (modeling/meta_arch/postprocessing.py)
+        if key in output:
+            parts = output[key]
             masks = _resize_masks(_as_bool_masks(parts.pred_masks), size)
             ids = torch.as_tensor(parts.pred_classes).cpu().long()
             feats = parts.get("features").detach().cpu().float() if parts.has("features") else None

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Instances
 
 from ...utils.errors import ConfigError
 from .object_source import filter_objects
+from .part_mask2former import normalize_images
 from .pixel_grouping import PixelGroupingModel, _boxes, _object_grid_masks
 from .ranking import prototype_soft_scores
 
@@ -116,7 +117,7 @@ class ClassPixelGroupingModel(PixelGroupingModel):
         if self.training:
             raise RuntimeError("ClassPixelGroupingModel has nothing to train; run it with tools/rank_parts.py or --eval-only.")
         raw = [x["image"].to(self.device) for x in batched_inputs]
-        images = ImageList.from_tensors([(x - self.pixel_mean) / self.pixel_std for x in raw], self.size_divisibility)
+        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
         feats = self.features(images.tensor)
         results = []
         for i, (x, obj) in enumerate(zip(batched_inputs, self._objects(batched_inputs))):

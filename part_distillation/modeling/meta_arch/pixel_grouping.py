@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Instances
 from torch import nn
 
 from ...utils.errors import ConfigError
 from ..grouping.crf import DenseCRFRefiner
 from ..grouping.kmeans import batched_kmeans
 from .object_source import build_object_model, filter_objects
+from .part_mask2former import normalize_images
 
 __all__ = ["PixelGroupingModel", "group_pixels"]
 
@@ -261,7 +262,7 @@ class PixelGroupingModel(nn.Module):
         if self.training:
             raise RuntimeError("PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py.")
         raw = [x["image"].to(self.device) for x in batched_inputs]
-        images = ImageList.from_tensors([(x - self.pixel_mean) / self.pixel_std for x in raw], self.size_divisibility)
+        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
         objects = [filter_objects(o.to(self.device), **self.object_filter) for o in self._objects(batched_inputs)]
         padded_hw = images.tensor.shape[-2:]
         masks, owner = [], []
