@@ -73,7 +73,7 @@ def run_reference(out_dir, model, mapper, dicts):
     from pydensecrf.utils import unary_from_labels
     from sklearn.cluster import KMeans
 
-    from part_distillation.modeling.meta_arch.pixel_grouping import _object_grid_masks
+    from part_distillation.structures.masks import object_grid_masks
 
     os.makedirs(out_dir, exist_ok=True)
     k = model.num_parts
@@ -86,7 +86,7 @@ def run_reference(out_dir, model, mapper, dicts):
             feats = model.features(((image.to(device).float() - model.pixel_mean) / model.pixel_std)[None])[0].cpu()
         h, w = image.shape[-2:]
         masks = x["objects"].gt_masks
-        grid = _object_grid_masks(masks, feats.shape[-2:])
+        grid = object_grid_masks(masks, feats.shape[-2:])
         labels = torch.zeros((h, w), dtype=torch.long)
         next_label = 1
         for j in range(len(masks)):

@@ -22,6 +22,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from ..structures.masks import segmentation_to_rle
 from .build import register_evaluator
 
 __all__ = ["ProposalAREvaluator", "match_ranks", "IOU_THRESHOLDS", "DEFAULT_MAX_DETS"]
@@ -54,15 +55,6 @@ def match_ranks(ious: np.ndarray, thresholds=IOU_THRESHOLDS) -> np.ndarray:
                 taken[best] = True
                 ranks[ti, best] = d
     return ranks
-
-
-def _to_rle(segmentation, height, width):
-    if isinstance(segmentation, dict):
-        if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-            return mask_util.frPyObjects(segmentation, height, width)
-        return segmentation
-    rles = mask_util.frPyObjects(segmentation, height, width)  # polygons
-    return mask_util.merge(rles)
 
 
 def _masks_to_rles(masks: torch.Tensor):
@@ -112,7 +104,7 @@ class ProposalAREvaluator(DatasetEvaluator):
             if ann.get("iscrowd", 0):
                 continue
             key = (ann.get("object_id", i), ann["category_id"]) if self.merge_same_class_parts else (i,)
-            groups.setdefault(key, []).append(_to_rle(ann["segmentation"], h, w))
+            groups.setdefault(key, []).append(segmentation_to_rle(ann["segmentation"], h, w))
         rles, obj_classes = [], []
         for key, parts in groups.items():
             rles.append(parts[0] if len(parts) == 1 else mask_util.merge(parts))

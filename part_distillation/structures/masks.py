@@ -14,9 +14,11 @@ __all__ = [
     "segmentation_to_rle",
     "encode_mask",
     "decode_rle",
+    "rle_area",
     "object_masks",
     "object_union",
     "object_grid_masks",
+    "masks_to_grid",
     "mask_box_slices",
     "masks_to_boxes",
 ]
@@ -72,6 +74,14 @@ def decode_rle(rle: dict) -> np.ndarray:
     return mask_util.decode(segmentation_to_rle(rle, height, width)).astype(bool)
 
 
+def rle_area(rle: dict) -> int:
+    """Pixel count of a COCO RLE (compressed with str or bytes counts, or uncompressed), without decoding."""
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed: alternating runs of 0s and 1s
+        return int(sum(counts[1::2]))
+    return int(mask_util.area({"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+
+
 # ------------------------------------------------------------------------------------------
 # Tensor masks of objects
 # ------------------------------------------------------------------------------------------
@@ -125,27 +135,33 @@ def object_union(objects, image_size, output_size, device) -> torch.Tensor:
     return _resize(union[None], output_size)[0]
 
 
-def object_grid_masks(masks: torch.Tensor, grid_hw, mode: str = "nearest") -> torch.Tensor:
-    """Bool masks [M, H, W] (image resolution) → bool masks [M, h, w] on a feature grid.
+def object_grid_masks(masks: torch.Tensor, grid_hw) -> torch.Tensor:
+    """Bool masks [M, H, W] (image resolution) → bool masks [M, h, w] on a feature grid: the cells whose
+    nearest image pixel is in the mask (the reference code's pixel grouping).
 
-    ``mode="nearest"``: the cell whose nearest image pixel is in the mask (the reference code's pixel
-    grouping); ``mode="area"``: the cells at least half covered. Either way a non-empty mask too thin to
-    select any cell keeps every cell it touches, so small objects still get points.
+    A mask too thin to hit a grid point keeps every cell it touches, so small objects still get segments
+    instead of being dropped.
     """
     m = masks[:, None].float()
-    if mode == "nearest":
-        out = F.interpolate(m, size=tuple(grid_hw), mode="nearest")[:, 0] > 0.5
-        empty = ~out.flatten(1).any(1)
-        out[empty] = F.adaptive_max_pool2d(m, tuple(grid_hw))[:, 0][empty] > 0.5
-        return out
-    if mode == "area":
-        frac = F.interpolate(m, size=tuple(grid_hw), mode="area")[:, 0]
-        out = frac >= 0.5
-        empty = ~out.flatten(1).any(1)
-        if empty.any():
-            out[empty] = frac[empty] > 0
-        return out
-    raise ValueError(f"object_grid_masks: mode={mode!r} must be 'nearest' or 'area'")
+    out = F.interpolate(m, size=tuple(grid_hw), mode="nearest")[:, 0] > 0.5
+    empty = ~out.flatten(1).any(1)
+    out[empty] = F.adaptive_max_pool2d(m, tuple(grid_hw))[:, 0][empty] > 0.5
+    return out
+
+
+def masks_to_grid(masks: torch.Tensor, grid_hw) -> torch.Tensor:
+    """Bool masks [B, H, W] → [B, h, w]: a cell is in the mask when at least half of it is (area sampling,
+    the part-discovery heads' foreground).
+
+    A non-empty mask too thin to fill half of any cell keeps every cell it touches, so small objects
+    still get points.
+    """
+    frac = F.interpolate(masks[:, None].float(), size=tuple(grid_hw), mode="area")[:, 0]
+    out = frac >= 0.5
+    empty = ~out.flatten(1).any(1)
+    if empty.any():
+        out[empty] = frac[empty] > 0
+    return out
 
 
 def mask_box_slices(masks: torch.Tensor) -> list:

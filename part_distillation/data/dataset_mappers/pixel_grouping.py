@@ -10,12 +10,12 @@ import logging
 from collections import defaultdict
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
+from ...structures.masks import decode_segmentation
 from ...utils.errors import ConfigError
 from .instance_lsj import read_image_checked
 from .registry import DATASET_MAPPER_REGISTRY
@@ -43,16 +43,6 @@ def load_object_results(path: str) -> dict:
     for r in results:
         by_image[r["image_id"]].append(r)
     return by_image
-
-
-def _decode(segmentation, height, width) -> np.ndarray:
-    if isinstance(segmentation, list):  # polygons
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_util.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    return mask_util.decode(rle).astype(bool)
 
 
 @DATASET_MAPPER_REGISTRY.register()
@@ -98,7 +88,7 @@ class PixelGroupingDatasetMapper:
         h, w = orig_hw
         masks = np.zeros((len(anns), h, w), dtype=bool)
         for i, a in enumerate(anns):
-            masks[i] = _decode(a["segmentation"], h, w)
+            masks[i] = decode_segmentation(a["segmentation"], h, w)
         classes = [int(a.get("category_id", -1)) for a in anns]
         return masks, np.asarray(classes, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
