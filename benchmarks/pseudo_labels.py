@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts.yaml")
 
 
@@ -55,14 +53,15 @@ class RSSSampler(threading.Thread):
 
 
 def run_ours(out_dir, image_size, opts=(), device="cpu"):
-    import make_pseudo_labels
+    from part_distillation.engine import default_argument_parser, setup_cfg
+    from part_distillation.engine.labelling import label_dataset
 
-    sys.argv = ["make_pseudo_labels.py", "--config-file", CONFIG, "--shard-size", "100",
-                "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
-                "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
-                "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
-    args = make_pseudo_labels.parse_args()
-    summary = make_pseudo_labels.main(args)
+    argv = ["--config-file", CONFIG,
+            "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
+            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
+            "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
+    cfg = setup_cfg(default_argument_parser().parse_args(argv))  # what tools/make_pseudo_labels.py runs
+    summary = label_dataset(cfg, shard_size=100)
     return summary["seconds"], summary  # labelling time, model building excluded like the reference's
 
 
