@@ -1,5 +1,6 @@
 """Layering of the package and the tools, read from the source (no imports run): utils import neither data
-nor modeling, modeling never imports engine, and no tool imports another tool."""
+nor modeling, modeling never imports engine, every package imports only the ones below it, and no tool
+imports another tool."""
 import ast
 import os
 
@@ -50,6 +51,15 @@ def test_utils_import_neither_data_nor_modeling():
 
 def test_modeling_does_not_import_engine():
     assert _offenders("modeling", ["part_distillation.engine"]) == []
+
+
+def test_packages_import_only_downwards():
+    """utils ← structures ← data ← modeling ← evaluation ← engine (README, "Inside part_distillation/")."""
+    order = ["utils", "structures", "data", "modeling", "evaluation", "engine"]
+    bad = []
+    for i, sub in enumerate(order):
+        bad += _offenders(sub, [f"part_distillation.{above}" for above in order[i + 1 :]])
+    assert bad == []
 
 
 def test_tools_do_not_import_tools():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 3: class-specific part ranking (seed 000 "Class-specific part ranking"; spec §5) in two passes.
+"""Stage 3: class-specific part ranking (PartDistillation, Cho et al. 2023, supp. "Class-specific part ranking") in two passes.
 
     python tools/rank_parts.py --config-file configs/quick_schedules/stage3_ranking_toyparts.yaml \
         MODEL.WEIGHTS output/quick_schedules/stage2_proposals_toyparts/model_final.pth
@@ -21,7 +21,7 @@
    objects stage 1 stored: ``INPUT.TEST_DATASET_MAPPER_NAME PixelGroupingDatasetMapper`` with
    ``MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE store``), the result is the store ``<root>/<source>/<--stage>``.
 
-The same two passes label with :class:`ClassPixelGroupingModel` (the one-stage baseline, seed 000
+The same two passes label with :class:`ClassPixelGroupingModel` (the one-stage baseline, PartDistillation
 supplement): pixel features sampled inside each object are clustered per object class instead of query
 features, and every object pixel gets its nearest prototype (no MODEL.WEIGHTS needed):
 

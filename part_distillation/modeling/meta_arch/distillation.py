@@ -52,7 +52,7 @@ Output ``instances``: ``pred_masks``, ``scores`` (in [0, 1]), ``pred_classes`` (
 query embedding of each prediction's best query, [K, D]), and the same parts as ``part_instances``
 (``object_index``, ``features``; the format of :mod:`.postprocessing`) for the part-metric evaluators.
 ``part_query_instances`` holds the parts of step 2, one per query, before the same-class merge: what
-mIoU-clustered clusters (PartDistillation, Cho et al. 2023, Sec. 4.1 clusters per-query features; the
+mIoU-clustered clusters (PartDistillation, Cho et al. 2023, supp. "Zero-shot evaluation", clusters the predictions; the
 evaluator reads it in its clustered mode, mIoU-mapped reads the merged ``part_instances``). Objects whose
 class is outside [0, N_c^o) are skipped (warning). Without ``objects`` the output is the class-agnostic proposal
 inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with the GT object

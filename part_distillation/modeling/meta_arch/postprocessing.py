@@ -31,7 +31,7 @@ soft_scores       float [P, K]    optional: the part's probability per prototype
 ``PartDistillationModel``, whose ``instances`` are its part predictions (with ``pred_object_index``).
 ``PartDistillationModel`` also returns ``part_query_instances``: the same fields with one part per
 query, before the same-class merge, which is what mIoU-clustered clusters (PartDistillation, Cho et al.
-2023, Sec. 4.1: per-query features); with the merge off both hold the same parts.
+2023, supp. "Zero-shot evaluation": the predictions are clustered); with the merge off both hold the same parts.
 """
 import torch
 from detectron2.structures import Instances

@@ -2,7 +2,7 @@
 
 The part models need the embedding f_j of each query q_j that their heads read: the stage-3 ranking
 clusters it into prototypes and the stage-4 part classifiers classify it (PartDistillation, Cho et al.
-2023, Sec. 3.2-3.3). It is the decoder's LayerNorm-ed output, the input of both ``class_embed`` and
+2023, supp. "Class-specific part ranking"). It is the decoder's LayerNorm-ed output, the input of both ``class_embed`` and
 ``mask_embed`` (the reference code's ``decoder_output``).
 
 :class:`QueryFeatureTransformerDecoder` is :class:`MultiScaleMaskedTransformerDecoder` with the same
@@ -29,7 +29,7 @@ class QueryFeatureTransformerDecoder(MultiScaleMaskedTransformerDecoder):
     """Masked-attention decoder whose every prediction set carries its query features (module doc)."""
 
     def forward(self, x, mask_features, mask=None):
-        # The loop of Mask2Former (Cheng et al. 2022, Sec. 3.2): per layer, masked cross-attention to one
+        # The loop of Mask2Former (Cheng et al. 2022, "Masked attention"): per layer, masked cross-attention to one
         # feature level (round robin), self-attention, FFN, then the heads predict from the normed queries.
         del mask  # Mask2Former does not mask the padded region either
         if len(x) != self.num_feature_levels:
