@@ -45,7 +45,9 @@ def _store_class_names(source):
 
     if source not in DatasetCatalog.list():
         return {}
-    names = MetadataCatalog.get(source).get("thing_classes") or []
+    meta = MetadataCatalog.get(source)
+    # part datasets name their object classes in "object_classes" (their thing_classes are part classes)
+    names = meta.get("object_classes", None) or meta.get("thing_classes", None) or []
     return dict(enumerate(names))
 
 
