@@ -156,8 +156,14 @@ def _standardise(raw: dict, objects_in, object_masks, object_classes, object_sco
         inter = (masks.flatten(1).float() @ objects.pred_masks.flatten(1).float().T) if len(objects) else torch.zeros(len(p), 0)
         keep = inter.amax(1) > 0 if inter.shape[1] else torch.zeros(len(p), dtype=torch.bool)
         owner = inter.argmax(1)[keep] if inter.shape[1] else torch.zeros(0, dtype=torch.long)
-        masks = masks[keep] & objects.pred_masks[owner]
+        masks = masks[keep]
         classes = torch.zeros(len(masks), dtype=torch.long)
         scores = p.scores.float()[keep]
+    # models mask parts with the object at their working resolution; clip to the object at the image's
+    # own resolution so that every part lies inside its object, and drop parts left empty
+    if len(masks):
+        masks = masks & objects.pred_masks[owner]
+        keep = masks.flatten(1).any(1)
+        masks, scores, classes, owner = masks[keep], scores[keep], classes[keep], owner[keep]
     parts = Instances(hw, pred_masks=masks, scores=scores, pred_classes=classes, object_index=owner)
     return objects, parts

@@ -117,3 +117,87 @@ def test_predictor_whole_image_and_errors(photos, tmp_path, repo_script):
     demo = repo_script("demo/demo.py")
     with pytest.raises(UserError, match="nothing-here"):
         demo.main(["--input", str(root / "nothing-here*.jpg"), "--output", str(tmp_path / "o")])
+
+
+def test_stage4_model_on_photos_then_collages(photos, tmp_path, repo_script):
+    """A (randomly initialised) stage-4 model: parts get part classes per object class, the legend names them,
+    and its predictions.json feeds tools/make_collages.py."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from part_distillation.engine import load_cfg
+
+    root, _, _ = photos
+    config = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml")
+    small = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"]
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(load_cfg(config, small)), str(tmp_path)).save("stage4")
+    # the JSON's category ids (3: cat, 7: cup) must be object classes of the model (5 here): remap to 3 and 1
+    with open(root / "objects.json") as f:
+        coco = json.load(f)
+    for ann in coco["annotations"]:
+        ann["category_id"] = {3: 3, 7: 1}[ann["category_id"]]
+    coco["categories"] = [{"id": 3, "name": "cat"}, {"id": 1, "name": "cup"}]
+    with open(tmp_path / "objects.json", "w") as f:
+        json.dump(coco, f)
+    out = tmp_path / "out"
+    result = repo_script("demo/demo.py").main(
+        ["--config-file", config, "--input", str(root / "chelsea.png"), str(root / "coffee.png"), "--output", str(out),
+         "--object-masks", str(tmp_path / "objects.json"), "--opts", *small, "MODEL.WEIGHTS", str(tmp_path / "stage4.pth")]
+    )  # fmt: skip
+    for record in result["images"]:
+        assert not record["class_agnostic"] and record["parts"]
+        for part in record["parts"]:
+            assert part["label"] == f"part {part['part_class']}" and 0 <= part["part_class"] < 8
+            pm = mask_util.decode(part["segmentation"]).astype(bool)
+            om = mask_util.decode(record["objects"][part["object_id"]]["segmentation"]).astype(bool)
+            assert not (pm & ~om).any()
+        assert {e["label"] for e in record["legend"]} == {p["label"] for p in record["parts"]}
+    collages = repo_script("tools/make_collages.py").main(
+        ["--predictions", str(out / "predictions.json"), "--output", str(tmp_path / "collages"), "--tile-size", "32"]
+    )
+    n_keys = len({(r["objects"][p["object_id"]]["category_id"], p["part_class"]) for r in result["images"] for p in r["parts"]})
+    assert collages["collages"] == n_keys and collages["classes"] == 2
+    assert "cat (id 3)" in (tmp_path / "collages" / "index.html").read_text()
+
+
+def test_object_model_source(photos, tmp_path):
+    """Objects found by the config's object model (a stage-0 Mask2Former, untrained here) are used and stated."""
+    from part_distillation.engine import PartPredictor, load_cfg
+
+    _, images, _ = photos
+    stage0 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage0_instance_toyparts.yaml")
+    cfg = load_cfg(os.path.join(REPO_ROOT, "configs", "demo", "pixel_grouping_lite0.yaml"), FAST + [
+        "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "model", "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG", stage0,
+        "MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH", "0.0", "MODEL.PIXEL_GROUPING.OBJECT_TOPK", "2",
+        "MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO", "0.01"])  # fmt: skip
+    out = PartPredictor(cfg)(np.ascontiguousarray(images["coffee"][::2, ::2, ::-1]))
+    assert out["object_source"] == "object model"
+    objects, parts = out["objects"], out["parts"]
+    assert 1 <= len(objects) <= 2 and len(parts) >= len(objects)
+    for m, j in zip(parts.pred_masks, parts.object_index.tolist()):
+        assert m.any() and not (m & ~objects.pred_masks[j]).any()
+
+
+def test_stage2_proposals_go_to_their_objects(photos, tmp_path):
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from part_distillation.engine import PartPredictor, load_cfg
+
+    _, images, given = photos
+    config = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_proposals_toyparts.yaml")
+    small = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"]
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(load_cfg(config, small)), str(tmp_path)).save("stage2")
+    predictor = PartPredictor(load_cfg(config, small + ["MODEL.WEIGHTS", str(tmp_path / "stage2.pth")]))
+    masks = np.stack(given["coffee"])
+    out = predictor(np.ascontiguousarray(images["coffee"][:, :, ::-1]), object_masks=masks, object_classes=[7, 7])
+    assert out["class_agnostic"] and out["object_source"] == "given object masks"
+    assert (out["objects"].pred_masks.numpy() == masks).all() and out["objects"].pred_classes.tolist() == [7, 7]
+    parts = out["parts"]
+    assert len(parts) > 0 and set(parts.pred_classes.tolist()) == {0}
+    for m, j in zip(parts.pred_masks, parts.object_index.tolist()):
+        assert m.any() and not (m & ~torch.from_numpy(masks[j])).any()
