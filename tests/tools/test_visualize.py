@@ -52,3 +52,15 @@ def test_prediction_images_in_tensorboard(quick_cfg):
         png = acc.Images(tag)[-1].encoded_image_string
         picture = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
         assert picture.shape[:2] == (128, 128) and picture.std() > 5
+
+
+def test_visualize_dataloader_output(datasets_root, tmp_path, repo_script):
+    from conftest import QUICK_STAGE0
+
+    tool = repo_script("tools/visualize_data.py")
+    written = tool.main(["--source", "dataloader", "--config-file", QUICK_STAGE0, "--output-dir", str(tmp_path),
+                         "--num", "3", "INPUT.IMAGE_SIZE", "128", "SOLVER.IMS_PER_BATCH", "2"])  # fmt: skip
+    assert len(written) == 3
+    for path in written:
+        picture = cv2.imread(path)
+        assert picture.shape[:2] == (128, 128)  # the LSJ crop, i.e. what the model trains on
