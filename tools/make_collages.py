@@ -40,8 +40,9 @@ def parse_args(argv=None):
 
 
 def _store_class_names(source):
-    import part_distillation.data.datasets  # noqa: F401  (lazy registrations: names only)
     from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import part_distillation.data.datasets  # noqa: F401  (lazy registrations: names only)
 
     if source not in DatasetCatalog.list():
         return {}

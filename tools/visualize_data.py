@@ -46,14 +46,18 @@ def _write(path, rgb):
 
 
 def main(argv=None) -> list:
-    import part_distillation.data.datasets  # noqa: F401  (lazy registrations)
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2.structures import BoxMode
     from detectron2.utils.logger import setup_logger
 
+    import part_distillation.data.datasets  # noqa: F401  (lazy registrations)
     from part_distillation.data import build as data_build
-    from part_distillation.data.pseudo_labels import encode_mask, pseudo_label_dataset_name, register_pseudo_label_dataset
+    from part_distillation.data.pseudo_labels import (
+        encode_mask,
+        pseudo_label_dataset_name,
+        register_pseudo_label_dataset,
+    )
     from part_distillation.engine import check_runtime, load_cfg
     from part_distillation.utils.data_vis import draw_record, image_to_rgb
     from part_distillation.utils.errors import ConfigError

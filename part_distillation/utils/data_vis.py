@@ -3,9 +3,9 @@
 import cv2
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 from detectron2.data.catalog import Metadata
 from detectron2.utils.visualizer import Visualizer
+from pycocotools import mask as mask_util
 
 __all__ = ["covering_metadata", "draw_record", "draw_predictions", "image_to_rgb"]
 

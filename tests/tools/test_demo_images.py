@@ -5,9 +5,8 @@ import os
 import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as mask_util
-
 from conftest import REPO_ROOT
+from pycocotools import mask as mask_util
 
 FAST = ["INPUT.IMAGE_SIZE", "256", "MODEL.PIXEL_GROUPING.KMEANS_N_INIT", "2", "MODEL.PIXEL_GROUPING.CRF.NUM_ITERS", "3"]
 

@@ -4,11 +4,10 @@ import os
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
-
-from conftest import REPO_ROOT
 
 QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedules")
 SMALL = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "DATASETS.TEST", "('toyparts_parts_val',)"]
