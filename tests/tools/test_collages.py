@@ -128,7 +128,7 @@ def _chromium():
 def _browser(args, tmp_path):
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)  # Chromium exits non-zero on harmless GPU/DBus noise
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Chromium (scripts/install_deps.sh installs Debian's chromium)")
