@@ -56,7 +56,13 @@ class PartPredictor:
         self.cfg = cfg.clone()
         self.cfg.freeze()
         arch = cfg.MODEL.META_ARCHITECTURE
-        if not cfg.MODEL.WEIGHTS and arch not in TRAINING_FREE_META_ARCHS:
+        if arch == "ClassPixelGroupingModel":  # one-stage labels: prototypes instead of weights
+            if not cfg.MODEL.ONE_STAGE.PROTOTYPES:
+                raise ConfigError(
+                    "ClassPixelGroupingModel needs MODEL.ONE_STAGE.PROTOTYPES (written by tools/rank_parts.py "
+                    "--stage onestage) to label parts."
+                )
+        elif not cfg.MODEL.WEIGHTS and arch not in TRAINING_FREE_META_ARCHS:
             raise ConfigError(
                 f"MODEL.WEIGHTS is empty but {arch} must be trained first: add `MODEL.WEIGHTS path/to/model_final.pth` "
                 "to the options, or use a stage-1 config (META_ARCHITECTURE PixelGroupingModel), which needs no weights."
@@ -68,7 +74,8 @@ class PartPredictor:
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ConfigError(f"INPUT.FORMAT={self.input_format!r}: PartPredictor reads 'RGB' or 'BGR' models.")
-        self.longest_side = cfg.INPUT.IMAGE_SIZE if arch in TRAINING_FREE_META_ARCHS else None
+        grouping = arch in TRAINING_FREE_META_ARCHS or arch == "ClassPixelGroupingModel"
+        self.longest_side = cfg.INPUT.IMAGE_SIZE if grouping else None
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.model_finds_objects = getattr(self.model, "object_model", None) is not None
 
@@ -110,7 +117,10 @@ class PartPredictor:
             inputs["objects"] = _objects_instances(object_masks, object_classes, object_scores, transform)
         raw = self.model([inputs])[0]
         objects, parts = _standardise(raw, inputs.get("objects"), object_masks, object_classes, object_scores, (height, width))
-        class_agnostic = self.meta_arch in TRAINING_FREE_META_ARCHS or "part_instances" not in raw
+        # stage 1 segments, stage 2 proposals and stage 3 without prototypes carry no part classes
+        class_agnostic = (
+            self.meta_arch == "PixelGroupingModel" or "part_instances" not in raw or not raw["part_instances"].has("pred_classes")
+        )
         return {"objects": objects, "parts": parts, "object_source": source, "class_agnostic": class_agnostic, "raw": raw}
 
 

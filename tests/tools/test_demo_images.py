@@ -200,3 +200,23 @@ def test_stage2_proposals_go_to_their_objects(photos, tmp_path):
     assert len(parts) > 0 and set(parts.pred_classes.tolist()) == {0}
     for m, j in zip(parts.pred_masks, parts.object_index.tolist()):
         assert m.any() and not (m & ~torch.from_numpy(masks[j])).any()
+
+
+def test_one_stage_labels_need_prototypes_and_give_part_classes(photos, tmp_path):
+    import torch
+
+    from part_distillation.engine import PartPredictor, load_cfg
+    from part_distillation.utils.errors import ConfigError
+
+    _, images, given = photos
+    config = os.path.join(REPO_ROOT, "configs", "quick_schedules", "onestage_grouping_toyparts.yaml")
+    with pytest.raises(ConfigError, match="ONE_STAGE.PROTOTYPES"):
+        PartPredictor(load_cfg(config, FAST))
+    # 5 object classes × 8 prototypes of the res3+res4 features (40 + 112 channels), drawn at random
+    torch.manual_seed(0)
+    torch.save({"prototypes": torch.randn(5, 8, 152), "num_clusters": torch.full((5,), 8)}, tmp_path / "protos.pth")
+    predictor = PartPredictor(load_cfg(config, FAST + ["MODEL.ONE_STAGE.PROTOTYPES", str(tmp_path / "protos.pth")]))
+    out = predictor(np.ascontiguousarray(images["chelsea"][:, :, ::-1]), object_masks=np.stack(given["chelsea"]), object_classes=[3])
+    parts = out["parts"]
+    assert not out["class_agnostic"] and len(parts) >= 2 and parts.pred_classes.max() < 8
+    assert len(set(parts.pred_classes.tolist())) == len(parts)  # one part per prototype used in the object
