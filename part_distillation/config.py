@@ -36,6 +36,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_vit_backbone_config(cfg)
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
+    _add_visualization_config(cfg)
     return cfg
 
 
@@ -636,3 +637,13 @@ def _add_part_distillation_model_config(cfg: CN) -> None:
     # Inference: OR the masks of one object's queries that predict the same part class, keeping the best
     # score (reference _unique_assignment_with_classes: True).
     cfg.MODEL.PART_DISTILLATION.MERGE_SAME_CLASS = True
+
+
+def _add_visualization_config(cfg: CN) -> None:
+    # Pictures of predictions during training (engine/hooks.py PredictionImagesHook; issue #18).
+    cfg.VIS = CN()
+    # Images of DATASETS.TEST[0] drawn with the model's predictions into TensorBoard (EventStorage.put_image) at
+    # every evaluation (TEST.EVAL_PERIOD) and after training; 0 = off.
+    cfg.VIS.NUM_PREDICTION_IMAGES = 0
+    # Also log them to Weights & Biases (only when the wandb package is installed and a run is active).
+    cfg.VIS.WANDB = False

@@ -77,6 +77,18 @@ class Trainer(DefaultTrainer):
 
         return build_lr_scheduler(cfg, optimizer)
 
+    def build_hooks(self):
+        """DefaultTrainer's hooks, plus prediction pictures for TensorBoard (``VIS.NUM_PREDICTION_IMAGES``),
+        placed before the writer so that they are written at the same step."""
+        hooks = super().build_hooks()
+        if self.cfg.VIS.NUM_PREDICTION_IMAGES > 0 and self.cfg.DATASETS.TEST:
+            from .hooks import PredictionImagesHook
+
+            vis = PredictionImagesHook(self.cfg, self.cfg.DATASETS.TEST[0], self.cfg.VIS.NUM_PREDICTION_IMAGES,
+                                       self.cfg.TEST.EVAL_PERIOD, self.cfg.VIS.WANDB)  # fmt: skip
+            hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks), vis)
+        return hooks
+
     def train(self):
         """Train; return the last evaluation's results (detectron2 returns them only with EXPECTED_RESULTS)."""
         results = super().train()
