@@ -3,6 +3,7 @@ import contextlib
 import functools
 
 from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
 from detectron2.engine import defaults as d2_defaults
 
 from ..data import build_detection_test_loader, build_detection_train_loader
