@@ -36,7 +36,24 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_vit_backbone_config(cfg)
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
+    _add_paper_path_config(cfg)
     return cfg
+
+
+def _add_paper_path_config(cfg: CN) -> None:
+    # The ImageNet-21K path of PartDistillation (Cho et al. 2023): object classes and zero-shot evaluation.
+    # Zero-shot evaluation (paper Tab. 3): how a target dataset's object becomes a class id of the model's classifiers.
+    #   ""        the dataset's own object class ids (a model trained on that label space, e.g. the supervised baseline)
+    #   "synset"  the object's WordNet synset (PartImageNet: the image's ImageNet-1K synset; Pascal-Part: its class
+    #             name's synset) → the same synset among the model's classes, else its nearest hypernym there
+    #             (data/object_classes.py); objects with neither get class -1 and are not evaluated.
+    cfg.TEST.OBJECT_CLASS_MAP = ""
+    # The model's class list (the synset of each classifier) for OBJECT_CLASS_MAP "synset": an object_classes.json;
+    # "" = the one of DATASETS.TRAIN[0]'s pseudo-label store (stage 4 trains one classifier per class it lists).
+    cfg.TEST.MODEL_CLASS_CODES = ""
+    # Stage 2: drop training objects whose mask covers at most this fraction of the image (reference code, stage-2
+    # script: PROPOSAL_LEARNING.MIN_OBJECT_AREA_RATIO 0.05; the paper does not state it). 0 = keep every object.
+    cfg.MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO = 0.0
 
 
 def _add_input_config(cfg: CN) -> None:

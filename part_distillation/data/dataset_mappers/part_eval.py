@@ -34,6 +34,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from ...structures.masks import decode_segmentation
+from ..object_classes import model_class_codes, synset_class_map
 from ...utils.errors import ConfigError
 from .instance_lsj import read_image_or_none
 from .registry import DATASET_MAPPER_REGISTRY
@@ -83,7 +84,10 @@ class PartEvalDatasetMapper:
     """Part-dataset dict → ``{"image", "objects", "height", "width", ...}`` (see module doc)."""
 
     @configurable
-    def __init__(self, *, augmentations: list, image_format: str, part_to_object=None):
+    def __init__(
+        self, *, augmentations: list, image_format: str, part_to_object=None, object_class_map: str = "",
+        model_class_codes=None, object_class_names=None,
+    ):  # fmt: skip
         """
         Args:
             augmentations: deterministic resizes (e.g. ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``).
@@ -94,6 +98,12 @@ class PartEvalDatasetMapper:
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.part_to_object = list(part_to_object) if part_to_object else None
+        if object_class_map not in ("", "synset"):
+            raise ConfigError(f"TEST.OBJECT_CLASS_MAP={object_class_map!r}: use \"\" (the dataset's ids) or \"synset\".")
+        self.object_class_map = object_class_map
+        self.model_class_codes = list(model_class_codes or [])
+        self.object_class_names = list(object_class_names) if object_class_names else None
+        self._synset_ids = {}  # target synset/name → model class id (WordNet is read once, when first needed)
         logger.info("%s (test): %s", type(self).__name__, augmentations)
 
     @classmethod
@@ -108,7 +118,22 @@ class PartEvalDatasetMapper:
             "augmentations": [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
             "image_format": cfg.INPUT.FORMAT,
             "part_to_object": meta.get("part_to_object", None) if meta is not None else None,
-        }
+            "object_class_map": cfg.TEST.OBJECT_CLASS_MAP,
+            "model_class_codes": model_class_codes(cfg.TEST.MODEL_CLASS_CODES, cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN
+                                                   else "") if cfg.TEST.OBJECT_CLASS_MAP == "synset" else None,
+            "object_class_names": meta.get("object_classes", None) if meta is not None else None,
+        }  # fmt: skip
+
+    def _model_class(self, record, dataset_class: int) -> int:
+        """The model's class id of an object (``object_class_map`` "synset"), -1 when it has none."""
+        name = record.get("class_code")
+        if name is None and self.object_class_names and 0 <= dataset_class < len(self.object_class_names):
+            name = self.object_class_names[dataset_class]
+        if name is None:
+            return -1
+        if name not in self._synset_ids:
+            self._synset_ids[name] = synset_class_map(self.model_class_codes, [name])[0]
+        return self._synset_ids[name]
 
     def _object_class(self, obj, members) -> int:
         if obj is not None and "category_id" in obj:
@@ -138,6 +163,8 @@ class PartEvalDatasetMapper:
             mask = _object_mask(obj, members, orig_h, orig_w)
             masks[i] = transforms.apply_segmentation(mask.astype(np.uint8)).astype(bool)
             classes.append(self._object_class(obj, members))
+        if self.object_class_map == "synset":
+            classes = [self._model_class(record, c) for c in classes]
         objects = Instances(tuple(new_hw))
         objects.gt_masks = torch.from_numpy(masks)
         objects.gt_classes = torch.tensor(classes, dtype=torch.int64)
