@@ -40,7 +40,7 @@ def _missing_file_message(key: str, path: str) -> str:
     norm = os.path.normpath(path).replace(os.sep, "/")
     for prefix, command in PRODUCERS.items():
         if norm.startswith(prefix + "/"):
-            return f"{key}={path!r} does not exist: run that stage first ({command}) or give {key} another checkpoint."
+            return f"{key}={path!r} does not exist: run that stage first ({command}) or set {key} to an existing file."
     return f"{key}={path!r} does not exist: give an existing checkpoint file (see MODEL_ZOO.md)."
 
 
