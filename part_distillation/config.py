@@ -54,6 +54,8 @@ def _add_paper_path_config(cfg: CN) -> None:
     # Stage 2: drop training objects whose mask covers at most this fraction of the image (reference code, stage-2
     # script: PROPOSAL_LEARNING.MIN_OBJECT_AREA_RATIO 0.05; the paper does not state it). 0 = keep every object.
     cfg.MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO = 0.0
+    # InstanceLSJDatasetMapper: every annotation gets class 0 (class-agnostic supervised part proposals, paper Tab. 2).
+    cfg.INPUT.CLASS_AGNOSTIC = False
 
 
 def _add_input_config(cfg: CN) -> None:
