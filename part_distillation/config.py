@@ -47,7 +47,13 @@ def _add_paper_path_config(cfg: CN) -> None:
     #   "synset"  the object's WordNet synset (PartImageNet: the image's ImageNet-1K synset; Pascal-Part: its class
     #             name's synset) → the same synset among the model's classes, else its nearest hypernym there
     #             (data/object_classes.py); objects with neither get class -1 and are not evaluated.
+    #   "predicted" the class of the best-overlapping object (IoU >= 0.5) in TEST.OBJECT_PREDICTIONS_JSON (paper supp.:
+    #             "we use the prediction's object class prediction"): its class_code (wnid, mapped as "synset") or
+    #             else its category_id, taken as the model's class id.
     cfg.TEST.OBJECT_CLASS_MAP = ""
+    # COCO results JSON of object predictions on the evaluated dataset (image_id, segmentation, score, class_code or
+    # category_id), e.g. Detic with the model's classes as vocabulary; for OBJECT_CLASS_MAP "predicted".
+    cfg.TEST.OBJECT_PREDICTIONS_JSON = ""
     # The model's class list (the synset of each classifier) for OBJECT_CLASS_MAP "synset": an object_classes.json;
     # "" = the one of DATASETS.TRAIN[0]'s pseudo-label store (stage 4 trains one classifier per class it lists).
     cfg.TEST.MODEL_CLASS_CODES = ""

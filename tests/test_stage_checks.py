@@ -146,3 +146,35 @@ def test_synset_class_map_and_wordnet_filter(tmp_path):
     out = tmp_path / "train_manifest.tsv"
     assert filter_manifest(str(manifest), str(out), sel["kept"]) == 1
     assert out.read_text() == "#path\tsynset\nn02084071/a.JPEG\tn02084071\n"
+
+
+def test_zero_shot_object_classes_in_the_eval_mapper(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_util
+
+    from part_distillation.data.dataset_mappers.part_eval import PartEvalDatasetMapper
+
+    Image.new("RGB", (16, 16), (80, 90, 100)).save(tmp_path / "n02085620_1.JPEG")
+    m = np.zeros((16, 16), np.uint8)
+    m[2:14, 3:12] = 1
+    rle = mask_util.encode(np.asfortranarray(m))
+    rle["counts"] = rle["counts"].decode("ascii")
+    record = {"file_name": str(tmp_path / "n02085620_1.JPEG"), "image_id": 7, "height": 16, "width": 16,
+              "class_code": "n02085620", "annotations": [{"segmentation": rle, "category_id": 0, "object_id": 0,
+                                                          "bbox": [3, 2, 9, 12], "bbox_mode": 1}]}  # fmt: skip
+    model = ["n02084071", "n02121808"]  # dog, domestic cat
+    kw = dict(augmentations=[], image_format="RGB", part_to_object=[3])
+    assert PartEvalDatasetMapper(**kw)(record)["objects"].gt_classes.tolist() == [3]  # the dataset's id
+    synset = PartEvalDatasetMapper(**kw, object_class_map="synset", model_class_codes=model)
+    assert synset(record)["objects"].gt_classes.tolist() == [0]  # Chihuahua → the model's dog
+    preds = tmp_path / "preds.json"  # image 8's prediction belongs to another image
+    preds.write_text(json.dumps([{"image_id": 7, "segmentation": rle, "score": 0.9, "class_code": "n02121808"},
+                                 {"image_id": 8, "segmentation": rle, "score": 0.9, "category_id": 0}]))  # fmt: skip
+    predicted = PartEvalDatasetMapper(**kw, object_class_map="predicted", model_class_codes=model,
+                                      object_predictions=str(preds))  # fmt: skip
+    assert predicted(record)["objects"].gt_classes.tolist() == [1]  # the predicted cat, not the true dog
+    with pytest.raises(ConfigError, match="OBJECT_PREDICTIONS_JSON"):
+        PartEvalDatasetMapper(**kw, object_class_map="predicted")
