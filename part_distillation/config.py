@@ -164,15 +164,15 @@ def _add_view_mapper_config(cfg: CN) -> None:
 def _add_pixel_grouping_config(cfg: CN) -> None:
     # Stage 1 (PixelGroupingModel): part segments by clustering backbone features inside objects.
     cfg.MODEL.PIXEL_GROUPING = CN()
-    # Backbone levels resized to the first level's grid and concatenated (seed 000 Tab. 1: res3+res4).
+    # Backbone levels resized to the first level's grid and concatenated (PartDistillation supp. Tab. 1: res3+res4).
     cfg.MODEL.PIXEL_GROUPING.FEATURE_LEVELS = ["res3", "res4"]
-    # L2-normalise each pixel's feature vector before clustering (seed 000 scripts: False).
+    # L2-normalise each pixel's feature vector before clustering (reference code, its scripts: False; not in the paper).
     cfg.MODEL.PIXEL_GROUPING.FEATURE_NORMALIZE = False
-    # K, the number of part segments per object (seed 000: 4).
+    # K, the number of part segments per object (PartDistillation Fig. 6 / supp.: k = 4).
     cfg.MODEL.PIXEL_GROUPING.NUM_PARTS = 4
-    # Similarity that assigns pixels to centroids: "dot" (seed 000 scripts), "l2" or "cosine".
+    # Similarity that assigns pixels to centroids: "dot" (reference code, its scripts; not in the paper), "l2" or "cosine".
     cfg.MODEL.PIXEL_GROUPING.DISTANCE = "dot"
-    # K-means restarts run in parallel; the best inertia wins (seed 000: "repeat 10 times", sklearn n_init=10).
+    # K-means restarts run in parallel; the best inertia wins (PartDistillation supp.: "repeating 10 times").
     cfg.MODEL.PIXEL_GROUPING.KMEANS_N_INIT = 10
     # Lloyd iteration cap (sklearn default 300).
     cfg.MODEL.PIXEL_GROUPING.KMEANS_MAX_ITER = 300
@@ -196,7 +196,8 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS = ""
     # Keep objects whose score is at least this (GT objects have score 1).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH = 0.5
-    # Keep objects covering at least this fraction of the image (seed 000: MIN_OBJECT_AREA_RATIO 0.001).
+    # Keep objects covering at least this fraction of the image (reference code, stage-4 debug script:
+    # MIN_OBJECT_AREA_RATIO 0.001; not in the paper).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO = 0.001
     # Keep at most this many objects per image, by score (reference on ImageNet: the top-1 Detic mask).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_TOPK = 10
@@ -251,7 +252,7 @@ def _add_pseudo_label_config(cfg: CN) -> None:
     # (class-agnostic part proposals; stage 2).
     cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES = False
     # Keep a part only if its area after augmentation is > this fraction of its object's area
-    # (seed 000 / reference stage-2 script: PROPOSAL_LEARNING.MIN_AREA_RATIO 0.05).
+    # (reference code, stage-2 script: PROPOSAL_LEARNING.MIN_AREA_RATIO 0.05; not in the paper).
     cfg.MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
     # Root of the pseudo-label store; its stores register as "<source>_pseudo_<stage>" datasets.
     cfg.DATASETS.PSEUDO_LABEL_ROOT = "pseudo_labels"
