@@ -45,8 +45,11 @@ def _missing_file_message(key: str, path: str) -> str:
 
 
 def _backbone_self_initialised(cfg) -> bool:
-    """The backbone loads its own ImageNet weights when built (bundled EfficientNet-Lite0, a ViT WEIGHTS file)."""
+    """The backbone loads its own ImageNet weights when built (bundled EfficientNet-Lite0, a ViT WEIGHTS file), or has
+    none to load (raw RGB)."""
     name = cfg.MODEL.BACKBONE.NAME
+    if name == "build_raw_rgb_backbone":  # no weights at all: the raw-RGB baseline
+        return True
     if "efficientnet" in name:
         return bool(cfg.MODEL.EFFICIENTNET.PRETRAINED)
     if "vit" in name.lower():
@@ -97,10 +100,10 @@ def check_stage_weights(cfg, eval_only: bool = False, resume: bool = False) -> N
         if _is_local(path) and not os.path.isfile(path):
             raise ConfigError(_missing_file_message(key, path))
 
-    if arch == "PixelGroupingModel":
+    if arch in ("PixelGroupingModel", "ClassPixelGroupingModel"):
         if not cfg.MODEL.WEIGHTS and not _backbone_self_initialised(cfg):
             raise ConfigError(
-                "stage 1 groups the features of a random backbone: set MODEL.WEIGHTS to a checkpoint with the backbone "
+                f"{arch} groups the features of a random backbone: set MODEL.WEIGHTS to a checkpoint with the backbone "
                 "(output/stage0_instance/model_final.pth or the COCO Mask2Former checkpoint)."
             )
         if object_model and not pg.OBJECT_MODEL_WEIGHTS:

@@ -175,7 +175,9 @@ def test_paper_path_rehearsal(datasets_root, tmp_path, monkeypatch, repo_script)
     rank_parts = repo_script("tools/rank_parts.py")
 
     # stage 0 (the COCO instance model's stand-in: toyparts objects)
-    res0 = train_net.main(_args("stage0_instance", SIZES + ["SOLVER.MAX_ITER", "100"]))
+    coco = ["DATASETS.TRAIN", "('toyparts_train',)", "DATASETS.TEST", "('toyparts_val',)",
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "5", "MODEL.WEIGHTS", ""]  # COCO → toyparts; Lite0 brings its weights
+    res0 = train_net.main(_args("stage0_instance", SIZES + coco + ["SOLVER.MAX_ITER", "100"]))
     assert os.path.isfile("output/stage0_instance/model_final.pth") and os.path.isfile("output/stage0_instance/config.yaml")
 
     # stage 1: objects of the stage-0 model (as documented), every object with its image's synset class
