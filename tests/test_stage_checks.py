@@ -193,3 +193,15 @@ def test_quick_schedules_pass_the_checks(in_tmp):
         if os.path.basename(path).startswith(("stage3", "fewshot")):
             continue  # they name the previous quick stage's checkpoint
         check_stage_weights(cfg)
+
+
+def test_cli_refuses_gt_objects_on_imagenet(in_tmp):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "make_pseudo_labels.py"), "--config-file",
+         os.path.join(REPO_ROOT, "configs", "stage1_pixel_grouping.yaml"), "MODEL.DEVICE", "cpu",
+         "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "gt"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "image-level labels" in errors[0], proc.stderr[-2000:]

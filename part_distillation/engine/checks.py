@@ -17,7 +17,7 @@ from detectron2.data import MetadataCatalog
 
 from ..utils.errors import ConfigError
 
-__all__ = ["check_stage_weights", "resolve_stage_config", "PRODUCERS"]
+__all__ = ["check_stage_weights", "check_object_source", "resolve_stage_config", "PRODUCERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,20 @@ def _store_num_classes(name: str):
     return len(data["class_codes"]) if data else None
 
 
+def check_object_source(cfg) -> None:
+    """``OBJECT_MASK_SOURCE gt`` on a dataset with image-level labels only (an ImageNet folder) is an error."""
+    if cfg.MODEL.META_ARCHITECTURE in ("PixelGroupingModel", "ClassPixelGroupingModel") and (
+        cfg.MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE == "gt"
+    ):
+        for name in cfg.DATASETS.TEST:
+            if MetadataCatalog.get(name).get("image_level_labels", False):
+                raise ConfigError(
+                    f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE='gt' but {name} has image-level labels only (no object "
+                    "masks): set OBJECT_MASK_SOURCE model with OBJECT_MODEL_CONFIG/OBJECT_MODEL_WEIGHTS (stage 0), or "
+                    "detic, or json."
+                )
+
+
 def resolve_stage_config(cfg) -> None:
     """Fill data-dependent values of ``cfg`` (not frozen) and refuse impossible stage/dataset pairs.
 
@@ -153,14 +167,7 @@ def resolve_stage_config(cfg) -> None:
     Pseudo-label stores must be registered (``setup_cfg`` registers them before calling this).
     """
     arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == "PixelGroupingModel" and cfg.MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE == "gt":
-        for name in cfg.DATASETS.TEST:
-            if MetadataCatalog.get(name).get("image_level_labels", False):
-                raise ConfigError(
-                    f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE='gt' but {name} has image-level labels only (no object "
-                    "masks): set OBJECT_MASK_SOURCE model with OBJECT_MODEL_CONFIG/OBJECT_MODEL_WEIGHTS (stage 0), or "
-                    "detic, or json."
-                )
+    check_object_source(cfg)
     group = cfg.MODEL.PART_DISTILLATION
     if arch == "PartDistillationModel" and group.NUM_OBJECT_CLASSES == 0:
         n = _store_num_classes(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None

@@ -148,11 +148,14 @@ def launch_main(main, args):
     detectron2's ``launch``, each ending cleanly (:func:`run_worker`)."""
     from detectron2.engine import launch
 
-    from .checks import check_stage_weights
+    from .checks import check_object_source, check_stage_weights
 
-    run_cli(lambda: check_stage_weights(
-        check_runtime(load_cfg(args.config_file, args.opts)), eval_only=args.eval_only, resume=args.resume
-    ))  # fmt: skip
+    def check():
+        cfg = check_runtime(load_cfg(args.config_file, args.opts))
+        check_object_source(cfg)
+        check_stage_weights(cfg, eval_only=args.eval_only, resume=args.resume)
+
+    run_cli(check)
     return launch(
         functools.partial(run_worker, main), args.num_gpus, num_machines=args.num_machines,
         machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
