@@ -4,7 +4,13 @@ Running a grouping (or ranking) model through detectron2's ``inference_on_datase
 "evaluator" labels a dataset, so labelling is distributed like evaluation: each rank writes its own
 shards (see :class:`~part_distillation.data.pseudo_labels.PseudoLabelWriter`), rank 0 merges the
 manifest. Inputs must carry ``dataset_index`` (the image's position in the dataset list).
+
+Object classes: a store written from an image-level-labelled dataset (ImageNet folders) gets
+``object_classes.json`` (:mod:`part_distillation.data.object_classes`): the synset of every object class id, so
+that later stages (and zero-shot evaluation) know which synset each class id (``category_id``) stands for. A
+store written from another store of the same source (stage 3 from stage 1) copies that store's list.
 """
+import os
 import logging
 import time
 from collections import Counter
@@ -13,6 +19,7 @@ import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from ..data.object_classes import read_store_classes, write_store_classes
 from ..data.pseudo_labels import PseudoLabelWriter, make_object, make_part
 
 __all__ = ["PseudoLabelWriterEvaluator", "outputs_to_record"]
@@ -57,8 +64,11 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
     "no label", counted by reason and named in the log, so one bad JPEG never stops a 14M-image run.
     """
 
-    def __init__(self, writer: PseudoLabelWriter):
+    def __init__(self, writer: PseudoLabelWriter, class_codes=None):
+        """``class_codes``: the synset of each object class id to store with the labels; None = the source
+        dataset's when it has image-level labels, else a sibling store's ``object_classes.json``, else none."""
         self.writer = writer
+        self.class_codes = class_codes
         self._start = time.perf_counter()
 
     def reset(self):
@@ -88,6 +98,9 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
         if not comm.is_main_process():
             return {}
         manifest = self.writer.finalize()
+        codes = self.class_codes if self.class_codes is not None else store_class_codes(self.writer)
+        if codes:
+            write_store_classes(self.writer.dir, codes)
         total = sum(counts, Counter())
         skipped = [s for part in skipped for s in part]
         reasons = Counter(reason for _, reason in skipped)
@@ -101,8 +114,26 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
             "skipped_files": [f for f, _ in skipped[:20]],
             "seconds": time.perf_counter() - self._start,
             "store": self.writer.dir,
+            "object_classes": len(codes) if codes else 0,
             "complete": not manifest["missing_shards"],
         }
         for name, reason in skipped[:20]:
             logger.warning("Skipped %s: %s", name, reason)
         return {"pseudo_labels": summary}
+
+
+def store_class_codes(writer: PseudoLabelWriter):
+    """The class list a new store inherits: its source's image-level synsets, else a sibling store's list."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(writer.source)
+    if meta.get("image_level_labels", False) and meta.get("class_codes", None):
+        return list(meta.class_codes)
+    source_dir = os.path.dirname(writer.dir)
+    for stage in sorted(os.listdir(source_dir)):
+        if stage == writer.stage:
+            continue
+        data = read_store_classes(os.path.join(source_dir, stage))
+        if data:
+            return list(data["class_codes"])
+    return None

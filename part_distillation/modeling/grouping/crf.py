@@ -44,11 +44,13 @@ machine with load above its core count) multi-threaded torch can be >10x slower 
 ``torch.set_num_threads(1)``, as each op waits for a descheduled OpenMP thread. CPU workers should
 run one thread each, as the reference runs one pydensecrf process per core; GPUs are unaffected.
 
-Object boundary: by default (``restrict_to_object=False``) the CRF behaves like the reference: the
-background is an ordinary label, so parts may grow into the background or lose pixels to it. With
+Object boundary: with ``restrict_to_object=False`` (this class's default) the CRF behaves like the reference
+code: the background is an ordinary label, so parts may grow into the background or lose pixels to it. With
 ``restrict_to_object=True`` pixels outside the object (label 0) stay 0 and pixels inside choose
 among the part labels only (constrained mean-field: forbidden labels get a prohibitive unary in
-both backends), so only the boundaries *between* parts move.
+both backends), so only the boundaries *between* parts move. The config key
+``MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT`` defaults to True (our choice, not the reference's: stage-1 parts
+stay inside the object mask); set it False for the reference behaviour.
 
 Speed paths of the torch backend (stage 1 labels every object of every image):
 
