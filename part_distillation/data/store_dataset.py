@@ -198,36 +198,42 @@ class ShardWindowTrainingSampler(torchdata.Sampler):
             return order[self._rank :: self._world], False
         return order, True
 
-    def epoch_length(self, epoch: int) -> int:
-        shards, strided = self._epoch_shards(epoch)
-        n = int(self._lengths[shards].sum())
-        if not strided:
-            return n
-        return sum(len(range(self._rank, int(self._lengths[w].sum()), self._world)) for w in self._windows(shards))
-
     def _windows(self, shards):
         return [shards[i : i + self._window] for i in range(0, len(shards), self._window)]
+
+    def _window_length(self, group, strided) -> int:
+        n = int(self._lengths[group].sum())
+        return len(range(self._rank, n, self._world)) if strided else n
+
+    def _window_indices(self, epoch, w, group, strided) -> np.ndarray:
+        # one generator per (seed, epoch, window[, rank]): a window can be skipped without drawing it
+        key = [self._seed, epoch, w] if strided else [self._seed, epoch, w, self._rank]
+        idx = np.concatenate([np.arange(self._starts[k], self._starts[k + 1]) for k in group])
+        idx = np.random.Generator(np.random.PCG64(key)).permutation(idx)
+        return idx[self._rank :: self._world] if strided else idx
+
+    def epoch_length(self, epoch: int) -> int:
+        shards, strided = self._epoch_shards(epoch)
+        return sum(self._window_length(g, strided) for g in self._windows(shards))
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's indices for ``epoch`` (each index of its shards exactly once)."""
         shards, strided = self._epoch_shards(epoch)
-        rng = np.random.Generator(np.random.PCG64([self._seed, epoch, 1 + (0 if strided else self._rank)]))
-        out = []
-        for group in self._windows(shards):
-            idx = np.concatenate([np.arange(self._starts[k], self._starts[k + 1]) for k in group])
-            idx = rng.permutation(idx)
-            out.append(idx[self._rank :: self._world] if strided else idx)
+        out = [self._window_indices(epoch, w, g, strided) for w, g in enumerate(self._windows(shards))]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def __iter__(self):
+        # memory: one window of indices at a time (not an epoch: 14M images would be ~100 MB per process)
         skip = self._start
         for epoch in itertools.count():
-            if skip and skip >= self.epoch_length(epoch):  # whole epochs skipped without building them
-                skip -= self.epoch_length(epoch)
-                continue
-            indices = self.epoch_indices(epoch)
-            yield from indices[skip:].tolist()
-            skip = 0
+            shards, strided = self._epoch_shards(epoch)
+            for w, group in enumerate(self._windows(shards)):
+                n = self._window_length(group, strided)
+                if skip >= n:  # skipped without drawing the permutation
+                    skip -= n
+                    continue
+                yield from self._window_indices(epoch, w, group, strided)[skip:].tolist()
+                skip = 0
 
 
 def build_store_train_sampler(cfg, dataset):
