@@ -21,7 +21,7 @@ from detectron2.data import get_detection_dataset_dicts
 
 from ..utils.errors import ConfigError
 from .dataset_mappers import build_dataset_mapper
-from .store_dataset import build_store_train_sampler
+from .store_dataset import StoreMapDataset, build_store_train_sampler
 
 __all__ = [
     "build_detection_train_loader",
@@ -102,7 +102,13 @@ def build_detection_train_loader(cfg):
         )  # fmt: skip
         dicts = kept
     sampler = build_store_train_sampler(cfg, dicts)  # None: detectron2's sampler (DATALOADER.SAMPLER_TRAIN)
-    loader = d2_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
+    if sampler is None:
+        loader = d2_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
+    else:  # a store: no detectron2 MapDataset (it keeps a set of every index; see data/store_dataset.py)
+        loader = d2_train_loader(
+            StoreMapDataset(dicts, mapper), mapper=None, sampler=sampler, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )  # fmt: skip
     loader.resumable_sampler = sampler  # Trainer.resume_or_load skips what the resumed run already saw
     return loader
 

@@ -24,17 +24,22 @@ every training process, tens of GB at that scale. Here instead:
   and for comparisons with the list path.
 
 Images whose record has no parts are not filtered when the dataset is built (that would read the whole
-store): the training mapper returns None for them and detectron2's ``MapDataset`` draws another image.
+store): the training mapper returns None for them and another image is drawn. With the shard-window order that is
+:class:`StoreMapDataset` (another image of the same shard, already decoded; memory proportional to the failures),
+not detectron2's ``MapDataset``, which keeps a Python set of every index (~1 GB per process at 14M images) and
+copies it into a list on each failure.
 """
 import collections
 import itertools
 import json
 import logging
 import os
+import random
 
 import numpy as np
 import torch.utils.data as torchdata
 from detectron2.utils import comm
+from detectron2.utils.serialize import PicklableWrapper
 
 from ..utils.errors import ConfigError
 from .pseudo_labels import (
@@ -46,7 +51,7 @@ from .pseudo_labels import (
     store_dir,
 )
 
-__all__ = ["PseudoLabelStoreDataset", "ShardWindowTrainingSampler", "build_store_train_sampler"]
+__all__ = ["PseudoLabelStoreDataset", "ShardWindowTrainingSampler", "StoreMapDataset", "build_store_train_sampler"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +135,13 @@ class PseudoLabelStoreDataset(torchdata.Dataset):
         """Images per shard (non-empty shards, in store order); the full store's items are in that order."""
         return np.diff(self._starts)
 
+    def shard_range(self, index: int) -> range:
+        """Positions of the images in the shard holding position ``index`` (the whole view for a subset)."""
+        if self._rows is not None:
+            return range(len(self))
+        pos = int(np.searchsorted(self._starts, int(index), side="right")) - 1
+        return range(int(self._starts[pos]), int(self._starts[pos + 1]))
+
     def _record(self, row: int) -> dict:
         pos = int(np.searchsorted(self._starts, row, side="right")) - 1
         text, offsets = self._decoded_shard(pos)
@@ -157,6 +169,37 @@ class PseudoLabelStoreDataset(torchdata.Dataset):
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return text, offsets
+
+
+class StoreMapDataset(torchdata.Dataset):
+    """``mapper(dataset[i])``; when the mapper returns None (no usable label, unreadable image), another image of
+    the same shard is tried (already decoded), then any image. Only failed indices are remembered."""
+
+    _SAME_SHARD_TRIES = 8
+
+    def __init__(self, dataset, mapper, seed: int = 42):
+        self._dataset = dataset
+        self._mapper = PicklableWrapper(mapper)
+        self._rng = random.Random(seed)
+        self._failed = set()
+
+    def __len__(self):
+        return len(self._dataset)
+
+    def __getitem__(self, index):
+        current = int(index)
+        for attempt in itertools.count(1):
+            data = self._mapper(self._dataset[current])
+            if data is not None:
+                return data
+            self._failed.add(current)
+            if attempt == 3:
+                logger.warning("Failed to map %d images in a row, drawing others (the last: index %d)", attempt, current)
+            if len(self._failed) >= len(self._dataset):
+                raise RuntimeError(f"no image of {self._dataset.dir} can be mapped for training")
+            span = self._dataset.shard_range(current) if attempt <= self._SAME_SHARD_TRIES else range(len(self))
+            current = span[self._rng.randrange(len(span))]
+        return None  # pragma: no cover
 
 
 class ShardWindowTrainingSampler(torchdata.Sampler):

@@ -144,3 +144,20 @@ def test_shard_window_sampler_start_skips_what_a_resumed_run_already_saw():
         sampler = ShardWindowTrainingSampler(lengths, window=2, seed=3, rank=1, world_size=2)
         sampler.set_start(start)
         assert _take(sampler, 50 - start) == full[start:]
+
+
+def test_store_map_dataset_draws_another_image_of_the_same_shard(store):
+    from part_distillation.data.store_dataset import StoreMapDataset
+
+    dataset = PseudoLabelStoreDataset(store, "src", "grouping")
+    bad = {"im0", "im1"}  # shard 0 holds im0, im1, im2
+
+    def mapper(d):
+        return None if d["image_id"] in bad else d["image_id"]
+
+    mapped = StoreMapDataset(dataset, mapper)
+    assert mapped[0] == "im2" and mapped[5] == dataset[5]["image_id"]
+    assert mapped._failed <= {0, 1}
+    bad = {d["image_id"] for d in dataset}
+    with pytest.raises(RuntimeError, match="no image"):
+        mapped[3]

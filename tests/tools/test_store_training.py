@@ -42,10 +42,10 @@ def store_root(datasets_root, tmp_path_factory):
     return root
 
 
-def _opts(stage, store_root, out, loader, extra=()):
+def _opts(stage, store_root, out, loader, extra=(), shuffle="global"):
     return tiny_quick_opts(out, ITERS) + [
         "DATASETS.PSEUDO_LABEL_ROOT", store_root, "DATASETS.PSEUDO_LABEL_LOADER", loader,
-        "DATALOADER.STORE_SHUFFLE", "global", *extra,
+        "DATALOADER.STORE_SHUFFLE", shuffle, *extra,
     ]  # fmt: skip
 
 
@@ -92,7 +92,7 @@ def test_store_path_gives_the_list_path_loss_curve(stage, store_root, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
 
 
-def _train_two_processes(stage, store_root, out, loader, extra=()):
+def _train_two_processes(stage, store_root, out, loader, extra=(), shuffle="global"):
     config = STAGES[stage][0]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +101,8 @@ def _train_two_processes(stage, store_root, out, loader, extra=()):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", os.path.join(QUICK, config),
          "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{port}",
-         *_opts(stage, store_root, out, loader, ["SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0", *extra])],
+         *_opts(stage, store_root, out, loader, ["SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0", *extra],
+                shuffle)],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -121,3 +122,12 @@ def test_two_process_store_path_gives_the_list_path_loss_curve(stage, store_root
     assert len(keys) > 3
     for key in keys:
         assert from_store[0][key] == pytest.approx(from_list[0][key], rel=1e-5), key
+
+
+def test_two_process_training_in_the_default_shard_window_order(store_root, tmp_path):
+    """The default path end to end: 3 shards of 5 images dealt to 2 ranks, loader workers, a finite loss."""
+    log, rows = _train_two_processes("stage2", store_root, tmp_path / "sw", "store", ["DATALOADER.NUM_WORKERS", "1"],
+                                     shuffle="shard_window")  # fmt: skip
+    assert "shard-window order, 8 shards a window" in log
+    assert rows and np.isfinite(rows[-1]["total_loss"])
+    assert os.path.isfile(tmp_path / "sw" / "model_final.pth")
