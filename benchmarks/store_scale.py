@@ -197,6 +197,13 @@ def fit(ns, values):
     return float(a), float(b)
 
 
+def extrapolate(ns, values, n):
+    """The linear fit at ``n``; a slope <= 0 (flat within noise) extrapolates to the largest measured value."""
+    a, b = fit(ns, values)
+    flat = b <= 0
+    return {"intercept": a, "per_image": b, "flat": flat, "at_imagenet_21k": max(values) if flat else a + b * n}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -267,11 +274,9 @@ def main(argv=None):
         x = [r["n"] for r in have]
         s = {}
         for key in ("rss_built_mb", "rss_after_batches_mb", "rss_peak_mb", "first_batch_s"):
-            a, b = fit(x, [r[path][key] for r in have])
-            s[key] = {"intercept": a, "per_image": b, "at_imagenet_21k": a + b * IMAGENET_21K}
+            s[key] = extrapolate(x, [r[path][key] for r in have], IMAGENET_21K)
         pss = [r[path]["main_pss_mb"] + sum(r[path]["worker_pss_mb"]) for r in have]
-        a, b = fit(x, pss)
-        s["pss_process_and_workers_mb"] = {"intercept": a, "per_image": b, "at_imagenet_21k": a + b * IMAGENET_21K}
+        s["pss_process_and_workers_mb"] = extrapolate(x, pss, IMAGENET_21K)
         s["rss_growth_mb"] = have[-1][path]["rss_after_batches_mb"] - have[0][path]["rss_after_batches_mb"]
         s["measured_n"] = [have[0]["n"], have[-1]["n"]]
         summary[path] = s
