@@ -131,3 +131,21 @@ def test_two_process_training_in_the_default_shard_window_order(store_root, tmp_
     assert "shard-window order, 8 shards a window" in log
     assert rows and np.isfinite(rows[-1]["total_loss"])
     assert os.path.isfile(tmp_path / "sw" / "model_final.pth")
+
+
+def test_resume_continues_the_shard_window_order(store_root, tmp_path):
+    """--resume: the sampler skips what the checkpoint's iterations drew (2 images per iteration here)."""
+    register_pseudo_label_dataset("toyparts_train_pseudo_grouping", store_root, "toyparts_train", "grouping")
+    opts = _opts("stage2", store_root, tmp_path / "out", "store", shuffle="shard_window")
+    cfg = load_cfg(os.path.join(QUICK, STAGES["stage2"][0]), opts + ["SOLVER.CHECKPOINT_PERIOD", "2"])
+    seed_all_rng(cfg.SEED)
+    first = Trainer(cfg)
+    first.resume_or_load(resume=False)
+    with torch.jit.optimized_execution(False):
+        first.train()
+    sampler = first._trainer.data_loader.resumable_sampler
+    assert sampler is not None and sampler._start == 0
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == ITERS
+    assert resumed._trainer.data_loader.resumable_sampler._start == ITERS * cfg.SOLVER.IMS_PER_BATCH
