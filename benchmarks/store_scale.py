@@ -318,10 +318,12 @@ def main(argv=None):
                   f"{s['pss_process_and_workers_mb']['at_imagenet_21k']:.0f} MB, first batch "
                   f"{s['first_batch_s']['at_imagenet_21k']:.1f} s; RSS growth {s['measured_n'][0]}→"
                   f"{s['measured_n'][1]}: {s['rss_growth_mb']:+.1f} MB")
-    print(f"  disk: {summary['disk']['bytes_per_image']:.0f} B/image → {summary['disk']['at_imagenet_21k_gb']:.1f} GB")
+    disk = summary["disk"]
+    print(f"  disk: {disk['bytes_per_image']:.0f} B/image → {disk['at_imagenet_21k_gb']:.1f} GB")
     if "rss_ratio_list_over_store" in summary:
         q = summary["rss_ratio_list_over_store"]
-        print(f"  RSS list/store at N={q['n']}: {q['after_batches']:.2f}× (above imports: {q['delta_over_imports']:.1f}×)")
+        print(f"  RSS list/store at N={q['n']}: {q['after_batches']:.2f}× "
+              f"(above imports: {q['delta_over_imports']:.1f}×)")
     print(f"  targets: {summary['targets']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write_bytes(args.out, (json.dumps(result, indent=1) + "\n").encode("utf-8"))

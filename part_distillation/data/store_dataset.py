@@ -194,7 +194,7 @@ class StoreMapDataset(torchdata.Dataset):
                 return data
             self._failed.add(current)
             if attempt == 3:
-                logger.warning("Failed to map %d images in a row, drawing others (the last: index %d)", attempt, current)
+                logger.warning("Could not map %d images in a row; drawing others (last index %d)", attempt, current)
             if len(self._failed) >= len(self._dataset):
                 raise RuntimeError(f"no image of {self._dataset.dir} can be mapped for training")
             span = self._dataset.shard_range(current) if attempt <= self._SAME_SHARD_TRIES else range(len(self))
