@@ -27,6 +27,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_pixel_grouping_config(cfg)
     _add_one_stage_config(cfg)
     _add_pseudo_label_config(cfg)
+    _add_store_loader_config(cfg)
     _add_proposal_config(cfg)
     _add_part_metrics_config(cfg)
     _add_part_discovery_config(cfg)
@@ -301,6 +302,20 @@ def _add_pseudo_label_config(cfg: CN) -> None:
     cfg.DATASETS.TRAIN_LABEL_PERCENTAGE = 100.0
     # NumPy seed of that shuffle (reference: np.random.seed(1234)).
     cfg.DATASETS.TRAIN_LABEL_SEED = 1234
+
+
+def _add_store_loader_config(cfg: CN) -> None:
+    # Training from a pseudo-label store without loading it into memory (data/store_dataset.py).
+    # "store": registered stores are PseudoLabelStoreDataset views decoded on access (memory flat in the
+    # store's size; what ImageNet-21K needs); "list": every record as a dict in every process (the
+    # previous behaviour, for comparisons).
+    cfg.DATASETS.PSEUDO_LABEL_LOADER = "store"
+    # Training order over a store: "shard_window" (per epoch: shards permuted with SEED and dealt to the ranks,
+    # the images of STORE_SHUFFLE_WINDOW shards shuffled together; --resume continues the order) or "global"
+    # (detectron2's TrainingSampler over all images: the list path's order, one shard decoded per image).
+    cfg.DATALOADER.STORE_SHUFFLE = "shard_window"
+    # Shards whose images are shuffled together (each loader worker keeps that many shards decoded).
+    cfg.DATALOADER.STORE_SHUFFLE_WINDOW = 8
 
 
 def _add_proposal_config(cfg: CN) -> None:

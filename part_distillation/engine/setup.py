@@ -56,7 +56,9 @@ def setup_cfg(args):
         # stage 4 trains on part classes 0..P-1 (stage-3 stores); earlier stages are class-agnostic
         num_parts = cfg.MODEL.PART_DISTILLATION.NUM_PART_CLASSES if cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES else 0
         classes = [f"part {i}" for i in range(num_parts)] if num_parts else ["part"]
-        register_all_pseudo_label_datasets(cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes)
+        register_all_pseudo_label_datasets(
+            cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes, loader=cfg.DATASETS.PSEUDO_LABEL_LOADER
+        )
     resolve_stage_config(cfg)  # data-dependent values (classes of a store) before the config is frozen and dumped
     check_stage_weights(cfg, eval_only=getattr(args, "eval_only", False), resume=getattr(args, "resume", False))
     cfg.freeze()
