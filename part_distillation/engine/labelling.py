@@ -48,7 +48,7 @@ from ..data.pseudo_labels import PseudoLabelReader, PseudoLabelWriter, atomic_wr
 from ..data.visualization import render_pseudo_labels
 from ..evaluation.proposal_ar import ProposalAREvaluator
 from ..evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
-from ..modeling.grouping.kmeans import batched_kmeans
+from ..clustering.kmeans import batched_kmeans
 from ..utils.errors import ConfigError
 
 __all__ = [

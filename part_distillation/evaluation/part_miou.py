@@ -12,7 +12,7 @@ the evaluated split itself, and the mapped predictions are scored with the stand
   (``part_instances.features``, [P, D]; a model that merges same-class parts, e.g. PartDistillationModel,
   gives its per-query parts as ``part_query_instances``, which this mode reads instead, as PartDistillation
   (Cho et al. 2023) clusters per-query features); per object class all features of the split are clustered with
-  :func:`~part_distillation.modeling.grouping.kmeans.batched_kmeans` (K = ``TEST.PART_MIOU.NUM_CLUSTERS``
+  :func:`~part_distillation.clustering.kmeans.batched_kmeans` (K = ``TEST.PART_MIOU.NUM_CLUSTERS``
   = 8, 10 k-means++ restarts, seed 0, L2-normalised features as the reference's
   ``PROPOSAL_FEATURE_NORM``), and the cluster ids become the predicted ids.
 * ``mode="direct"``: the predicted ids already are GT part class ids (supervised models); no mapping.
@@ -82,7 +82,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.dataset_mappers.part_eval import decode_segmentation, group_parts_by_object
-from ..modeling.grouping.kmeans import batched_kmeans
+from ..clustering.kmeans import batched_kmeans
 from ..utils.errors import ConfigError
 from .build import register_evaluator
 

@@ -1,4 +1,4 @@
-"""Dense CRF refinement (part_distillation.modeling.grouping.crf): torch backend vs pydensecrf.
+"""Dense CRF refinement (part_distillation.clustering.crf): torch backend vs pydensecrf.
 
 Fixtures are generated: an elliptic object split into textured parts on a smooth background, and
 "stage-1a-like" input labels (the ground truth sampled on a coarse grid, so boundaries are blocky,
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from part_distillation.modeling.grouping import crf as crf_module
-from part_distillation.modeling.grouping.crf import (
+from part_distillation.clustering import crf as crf_module
+from part_distillation.clustering.crf import (
     DenseCRFRefiner,
     PermutohedralLattice,
     unary_from_labels,

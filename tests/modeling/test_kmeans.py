@@ -9,8 +9,8 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
-from part_distillation.modeling.grouping import assign, batched_kmeans, pairwise_distance, soft_assign
-from part_distillation.modeling.grouping import kmeans as kmeans_module
+from part_distillation.clustering import assign, batched_kmeans, pairwise_distance, soft_assign
+from part_distillation.clustering import kmeans as kmeans_module
 
 
 @pytest.fixture(autouse=True)
