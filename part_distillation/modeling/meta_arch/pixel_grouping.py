@@ -23,8 +23,8 @@ from torch import nn
 
 from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
-from ..grouping.crf import DenseCRFRefiner
-from ..grouping.kmeans import batched_kmeans
+from ...clustering.crf import DenseCRFRefiner
+from ...clustering.kmeans import batched_kmeans
 from .object_source import assign_image_class, build_object_model, filter_objects
 from .part_mask2former import normalize_images
 
