@@ -162,13 +162,25 @@ def test_stage4_model_on_photos_then_collages(photos, tmp_path, repo_script):
 
 
 def test_object_model_source(photos, tmp_path):
-    """Objects found by the config's object model (a stage-0 Mask2Former, untrained here) are used and stated."""
+    """Objects found by the config's object model (a stage-0 Mask2Former checkpoint, untrained here) are used and
+    stated; without weights the object model is refused (its masks would be random)."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
     from part_distillation.engine import PartPredictor, load_cfg
+    from part_distillation.utils.errors import ConfigError
 
     _, images, _ = photos
     stage0 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage0_instance_toyparts.yaml")
-    cfg = load_cfg(os.path.join(REPO_ROOT, "configs", "demo", "pixel_grouping_lite0.yaml"), FAST + [
-        "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "model", "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG", stage0,
+    demo = os.path.join(REPO_ROOT, "configs", "demo", "pixel_grouping_lite0.yaml")
+    model_opts = ["MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "model", "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG", stage0]
+    with pytest.raises(ConfigError, match="OBJECT_MODEL_WEIGHTS"):
+        PartPredictor(load_cfg(demo, FAST + model_opts))
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(load_cfg(stage0)), str(tmp_path)).save("stage0")
+    cfg = load_cfg(demo, FAST + model_opts + [
+        "MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS", str(tmp_path / "stage0.pth"),
         "MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH", "0.0", "MODEL.PIXEL_GROUPING.OBJECT_TOPK", "2",
         "MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO", "0.01"])  # fmt: skip
     out = PartPredictor(cfg)(np.ascontiguousarray(images["coffee"][::2, ::2, ::-1]))
