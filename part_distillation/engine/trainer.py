@@ -1,10 +1,11 @@
 """The one Trainer used by every stage and head (selected by config, not by script)."""
 import contextlib
 import functools
+import logging
 
 from detectron2.engine import DefaultTrainer
-from detectron2.utils import comm
 from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
 
 from ..data import build_detection_test_loader, build_detection_train_loader
 from ..evaluation import build_evaluator

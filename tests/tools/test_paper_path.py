@@ -10,10 +10,8 @@ and a Pascal-Part-layout dataset. Stage 0 trains on toyparts, the miniature's st
 import json
 import math
 import os
-import shutil
 
 import numpy as np
-import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from PIL import Image
