@@ -352,6 +352,9 @@ def _add_part_metrics_config(cfg: CN) -> None:
     # How part_instances.object_index finds its GT object: "index" (GT object order, PartEvalDatasetMapper's
     # "objects") or "iou" (through outputs["instances"], matched to GT objects at IoU >= 0.5).
     cfg.TEST.PART_MIOU.OBJECT_MATCHING = "index"
+    # Drop predicted parts whose IoU with their object's mask exceeds this before scoring (PartDistillation supp.
+    # "Manual evaluation" uses 0.5 for its collages: a "part" covering most of its object is not a part); 0 = off.
+    cfg.TEST.PART_MIOU.DROP_OBJECT_LIKE_IOU = 0.0
     cfg.TEST.PART_NMI_ARI = CN()
     # Side of the square grid (nearest resize of GT and prediction) for mask-based NMI/ARI; 0 = GT resolution
     # (reconstruction spec §1.3: B and C evaluate PartImageNet at 128x128).

@@ -85,6 +85,7 @@ from ..clustering.prototypes import cluster_features_per_class
 from ..data.dataset_mappers.part_eval import decode_segmentation, group_parts_by_object
 from ..utils.errors import ConfigError
 from .build import register_evaluator
+from .filters import drop_object_like_parts
 
 __all__ = [
     "PartMIoUEvaluator",
@@ -218,6 +219,7 @@ class PartMIoUEvaluator(DatasetEvaluator):
         predictions_key: str = "part_instances",
         distributed: bool = True,
         output_dir: str = None,
+        drop_object_like_iou: float = 0.0,
     ):
         """
         Args:
@@ -227,6 +229,10 @@ class PartMIoUEvaluator(DatasetEvaluator):
             object_matching: "index" (``object_index`` = GT object index) or "iou" (through
                 ``outputs[i]["instances"].pred_masks``).
             output_dir: when set, the per-object-class id → part mapping is written there as JSON.
+            drop_object_like_iou: when > 0, predicted parts whose IoU with their GT object's mask exceeds it are
+                dropped before scoring (PartDistillation supp. "Manual evaluation" drops parts with IoU > 50 %
+                with the object; :func:`~part_distillation.evaluation.filters.drop_object_like_parts`). The number
+                dropped is logged and returned as ``num_dropped_object_like``. 0 = keep every part.
         """
         if mode not in MIOU_MODES:
             raise ConfigError(f"PartMIoUEvaluator: mode={mode!r} must be one of {MIOU_MODES} (TEST.PART_MIOU.MODE).")
@@ -246,6 +252,12 @@ class PartMIoUEvaluator(DatasetEvaluator):
         self.predictions_key = predictions_key
         self.distributed = distributed
         self.output_dir = output_dir
+        if not 0.0 <= float(drop_object_like_iou) <= 1.0:
+            raise ConfigError(
+                f"PartMIoUEvaluator: drop_object_like_iou={drop_object_like_iou} must be in [0, 1] "
+                "(TEST.PART_MIOU.DROP_OBJECT_LIKE_IOU; the paper's manual evaluation uses 0.5, 0 = off)."
+            )
+        self.drop_object_like_iou = float(drop_object_like_iou)
         meta = MetadataCatalog.get(dataset_name)
         part_classes = meta.get("part_classes", None)
         if part_classes is None and meta.get("is_part_dataset", False):
@@ -360,6 +372,7 @@ class PartMIoUEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._objects = []  # per GT object: dict(object_class, background_row, rows, ids, features)
+        self._num_dropped = 0  # parts dropped as object-like (drop_object_like_iou)
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -370,7 +383,14 @@ class PartMIoUEvaluator(DatasetEvaluator):
                 continue
             num_labels = len(self._part_classes) + 1
             predictions = self._predicted_parts(out, gt_objects, gt_objects[0][1].shape)
-            for (object_class, gt, _), (masks, ids, feats) in zip(gt_objects, predictions):
+            for (object_class, gt, obj_mask), (masks, ids, feats) in zip(gt_objects, predictions):
+                if self.drop_object_like_iou > 0 and len(ids):
+                    owner = np.zeros(len(ids), dtype=np.int64)
+                    keep = drop_object_like_parts(masks, obj_mask[None], owner, self.drop_object_like_iou)
+                    self._num_dropped += int((~keep).sum())
+                    keep = torch.from_numpy(keep)
+                    masks, ids = masks[keep], ids[keep]
+                    feats = feats[keep] if feats is not None else None
                 if self.mode == "clustered" and len(ids) and feats is None:
                     raise ValueError(
                         "mIoU-clustered needs part features: outputs[i]['part_instances'].features ([P, D])."
@@ -392,10 +412,11 @@ class PartMIoUEvaluator(DatasetEvaluator):
                 )
 
     def evaluate(self):
-        objects = self._objects
+        objects, dropped = self._objects, self._num_dropped
         if self.distributed:
             comm.synchronize()
             objects = list(itertools.chain(*comm.gather(objects, dst=0)))
+            dropped = sum(comm.gather(dropped, dst=0))
             if not comm.is_main_process():
                 return {}
         if not objects:
@@ -440,6 +461,10 @@ class PartMIoUEvaluator(DatasetEvaluator):
             scores = miou_from_confusion(mapped_confusion(confusion, background_row, mapping, num_parts))
             per_class[c] = (scores, len(objs))
         results = self._summarise(per_class)
+        if self.drop_object_like_iou > 0:
+            results["num_dropped_object_like"] = int(dropped)
+            logger.info("PartMIoUEvaluator: dropped %d part predictions with IoU > %.2f with their object.",
+                        dropped, self.drop_object_like_iou)  # fmt: skip
         self._write_mapping(mappings)
         self._log(results, len(objects))
         return {f"part_miou_{self.mode}": results}
@@ -528,6 +553,7 @@ def _miou_evaluator_from_cfg(cfg, dataset_name, output_folder, mode):
         object_matching=c.OBJECT_MATCHING,
         distributed=True,
         output_dir=output_folder,
+        drop_object_like_iou=c.DROP_OBJECT_LIKE_IOU,
     )
 
 

@@ -260,3 +260,18 @@ def test_clustered_reads_per_query_parts_mapped_the_merged_ones(two_objects):
     mapped = _run(two_objects, [out_a, out_b])["part_miou_mapped"]
     only_merged = _run(two_objects, [{"part_instances": merged_a}, {"part_instances": _instances(PRED_B)}])
     assert mapped == only_merged["part_miou_mapped"] and mapped["mIoU-A"] < clustered["mIoU-A"]
+
+
+def test_drop_object_like_parts_switch(two_objects):
+    """TEST.PART_MIOU.DROP_OBJECT_LIKE_IOU: a prediction covering the whole object is dropped before scoring."""
+    whole_a = (GT_A >= 0, 3)  # IoU 1 with object A: dropped at 0.5; painted last, it would cover every part
+    outputs = [{"part_instances": _instances(PRED_A + [whole_a])}, {"part_instances": _instances(PRED_B)}]
+    kept = _run(two_objects, outputs, mode="mapped")["part_miou_mapped"]
+    dropped = _run(two_objects, outputs, mode="mapped", drop_object_like_iou=0.5)["part_miou_mapped"]
+    # dropped: the whole-object part of A, and B's id 0, which is exactly B's only annotated part (= its object)
+    assert "num_dropped_object_like" not in kept and dropped["num_dropped_object_like"] == 2
+    # on A the scores are those of the hand-computed predictions without the whole-object part
+    assert dropped["mIoU-A"] == pytest.approx(100 * MIOU_A) and kept["mIoU-A"] < dropped["mIoU-A"]
+    assert dropped["IoU-B x"] == 0.0  # B keeps only its background prediction
+    with pytest.raises(Exception, match="DROP_OBJECT_LIKE_IOU"):
+        PartMIoUEvaluator(two_objects, drop_object_like_iou=1.5, distributed=False)
