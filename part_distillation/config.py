@@ -36,6 +36,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_vit_backbone_config(cfg)
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
+    _add_discovery_protocol_config(cfg)
     return cfg
 
 
@@ -598,3 +599,24 @@ def _add_part_distillation_model_config(cfg: CN) -> None:
     # Inference: OR the masks of one object's queries that predict the same part class, keeping the best
     # score (reference _unique_assignment_with_classes: True).
     cfg.MODEL.PART_DISTILLATION.MERGE_SAME_CLASS = True
+
+
+def _add_discovery_protocol_config(cfg: CN) -> None:
+    # Part-discovery protocol switches (issue 17).
+    # Adam/AdamW (beta1, beta2) (SOLVER.OPTIMIZER "ADAMW"); torch's default (0.9, 0.999). PartFormer (Xia et al.
+    # 2024) trains with (0.9, 0.95).
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Paired views: True = each view is the (flipped) base view under its own random similarity (PartFormer §4.3,
+    # "each input image twice"); False = view 1 is the base view and only view 2 is warped.
+    cfg.INPUT.PAIRED_VIEW.INDEPENDENT_WARPS = False
+    # Choudhury et al. 2021: L_f, L_v, L_c on the predictions of the colour-jittered copy (the one whose detached,
+    # warped prediction is also the L_e target), as the method does; False = on the un-jittered image (a third,
+    # gradient-free pass then gives the L_e target).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LOSSES_ON_JITTERED = True
+    # A config whose head takes its background from a fg mask (Choudhury et al., the K-means and DFF baselines)
+    # refuses training/test records without one (no fg_mask_file, sem_seg_file_name, parsing_file_name or
+    # annotations); False = every pixel is foreground there (the background becomes one of the K parts).
+    cfg.MODEL.PART_DISCOVERY.REQUIRE_FG_MASK = True
+    # PASCAL-Part object-crop view (Choudhury et al. 2021 §4.3): keep objects whose bbox covers more than this
+    # fraction of the image (0.2 at test; the paper uses 0.1 for training).
+    cfg.DATASETS.PASCAL_PART_MIN_BBOX_AREA = 0.2

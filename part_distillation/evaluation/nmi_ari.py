@@ -29,9 +29,12 @@ DeepFashion ``parsing_file_name``, or its part annotations painted in order (lab
 background 0). The background label is the metadata ``background_label`` (PartImageNet-Seg 40,
 DeepFashion 0; painted annotations 0); ``ignore_label`` (default 255) pixels are left out.
 * NMI/ARI: all non-ignored pixels, predicted labels as they are (background included);
-* FG-NMI/ARI: GT-foreground pixels only; the predicted label is the argmax over the K foreground
-  channels of ``part_probs`` when given (background impossible, spec §1.2/§1.3 "argmax of the K part
-  logits"), else ``part_seg`` (a foreground pixel predicted as background keeps label 0).
+* FG-NMI/ARI: GT-foreground pixels only; the predicted label is the argmax over the K part scores
+  (background impossible; Choudhury et al. 2021 §4.1, PartFormer §5.1 "argmax of the K part logits"): of
+  ``part_fg_probs`` [K, H, W] when given (the part distribution before any fg mask, which the discovery
+  meta-architecture returns), else of the foreground channels of ``part_probs``, else ``part_seg`` (a
+  foreground pixel predicted as background keeps label 0). Masked ``part_probs`` alone would send every
+  pixel outside the mask to part 1 (all K channels 0 there).
 Predictions are compared at GT resolution (nearest resize of the prediction), or, with ``eval_size``,
 both are resized (nearest) to that square grid (protocol B/C: 128).
 
@@ -189,8 +192,13 @@ def predicted_part_maps(output: dict):
         full = paint_part_instances(output["part_instances"])
     else:
         raise KeyError("outputs carry neither 'part_seg' nor 'part_instances'")
+    fg_probs = output.get("part_fg_probs")
     probs = output.get("part_probs")
-    if probs is not None and probs.shape[0] > 1:
+    if fg_probs is not None:  # unmasked part scores (module docstring)
+        fg = torch.as_tensor(fg_probs).detach().cpu().argmax(dim=0) + 1
+        if tuple(fg.shape) != tuple(full.shape):
+            fg = _resize_labels(fg, full.shape)
+    elif probs is not None and probs.shape[0] > 1:
         fg = torch.as_tensor(probs).detach().cpu()[1:].argmax(dim=0) + 1
         if tuple(fg.shape) != tuple(full.shape):
             fg = _resize_labels(fg, full.shape)

@@ -15,7 +15,11 @@ Inference, per image, at the input's ``height`` × ``width`` (default: the image
 canonical layout (spec §0, §7):
 
 * ``part_seg``: [H, W] long, 0 = background, 1..K = parts;
-* ``part_probs``: [K+1, H, W] float, summing to 1 over channels (``MODEL.PART_DISCOVERY.RETURN_PROBS``).
+* ``part_probs``: [K+1, H, W] float, summing to 1 over channels (``MODEL.PART_DISCOVERY.RETURN_PROBS``);
+* ``part_fg_probs``: [K, H, W] float, the head's part distribution *before* any fg mask is applied (with
+  ``RETURN_PROBS``). FG-NMI/FG-ARI take the argmax of these K part scores, unmasked (Choudhury et al. 2021
+  §4.1, PartFormer §5.1: "the argmax of the K part logits"): with the masked ``part_probs`` every pixel outside
+  the mask would score 0 on every part and fall to part 1.
 
 For heads that take the background from a given fg mask (``external_background``; Choudhury et al. and
 the baselines) the probabilities are ``[1 − m, m · P]`` with P the head's part distribution (spec §3.6:
@@ -137,7 +141,7 @@ class PartDiscovery(nn.Module):
 
     def prepare(self, batched_inputs: List[dict]) -> DiscoveryBatch:
         """Normalise, pad and collect view 1 (and view 2 when every input has ``image2``)."""
-        images, raw, valid, fg, given = self._view(batched_inputs, "image", "fg_mask", None)
+        images, raw, valid, fg, given = self._view(batched_inputs, "image", "fg_mask", "valid1")
         batch = DiscoveryBatch(
             inputs=batched_inputs, images=images, raw_images=raw, valid=valid, fg_masks=fg, fg_given=given,
             input_format=self.input_format, features_of=self.features_of,
@@ -159,7 +163,8 @@ class PartDiscovery(nn.Module):
                     "parameters); evaluate it with `tools/train_net.py --eval-only`."
                 )
             batch = self.prepare(batched_inputs)
-            losses = self.head.losses(self.features_of(batch.images.tensor), batch)
+            features = self.features_of(batch.images.tensor) if self.head.needs_view1_features else {}
+            losses = self.head.losses(features, batch)
             if not losses:
                 raise RuntimeError(f"{type(self.head).__name__}.losses returned no loss.")
             return losses
@@ -183,9 +188,9 @@ class PartDiscovery(nn.Module):
         for i, x in enumerate(batch.inputs):
             h, w = batch.images.image_sizes[i]
             s = scores[i, :, :h, :w]
+            parts = s[1:] + _EPS
+            parts = parts / parts.sum(0, keepdim=True)
             if self.head.external_background and bool(batch.fg_given[i]):
-                parts = s[1:] + _EPS
-                parts = parts / parts.sum(0, keepdim=True)
                 m = batch.fg_masks[i, :h, :w].float()[None]
                 probs = torch.cat([1 - m, m * parts])
             else:
@@ -196,8 +201,10 @@ class PartDiscovery(nn.Module):
             height, width = int(x.get("height", h)), int(x.get("width", w))
             if (height, width) != (h, w):
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+                parts = F.interpolate(parts[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             out = {"part_seg": probs.argmax(0)}
             if self.return_probs:
                 out["part_probs"] = probs
+                out["part_fg_probs"] = parts
             results.append(out)
         return results

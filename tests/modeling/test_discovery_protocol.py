@@ -1,0 +1,164 @@
+"""Part-discovery protocol fixes: unmasked FG labels, two independent PartFormer warps, Choudhury's losses on
+the jittered copy, configurable Adam betas (tiny tensors, seconds on CPU)."""
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from PIL import Image
+from torch import nn
+
+import part_distillation.data.dataset_mappers.paired_view as pvm
+from part_distillation.config import add_part_distillation_config
+from part_distillation.engine.optimizer import build_optimizer
+from part_distillation.evaluation.nmi_ari import predicted_part_maps
+from part_distillation.modeling.meta_arch.discovery import PartDiscovery
+from part_distillation.modeling.part_heads import Choudhury21Head
+from part_distillation.modeling.part_heads.registry import PartHead
+from part_distillation.utils.errors import ConfigError
+
+
+class _Backbone(nn.Module):
+    """A 3×3 conv at stride 2 ("res3"), counting its calls."""
+
+    size_divisibility = 2
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.detach().clone())
+        return {"res3": self.conv(x)}
+
+
+class _ConstantPartsHead(PartHead):
+    """Takes its background from the fg mask; scores part 3 highest everywhere."""
+
+    external_background = True
+
+    def __init__(self):
+        super().__init__(num_parts=4, feature_levels=["res3"])
+
+    def inference(self, features, batch):
+        b, _, h, w = features["res3"].shape
+        scores = torch.tensor([0.0, 0.1, 0.2, 0.6, 0.1]).view(1, 5, 1, 1)
+        return scores.expand(b, 5, h, w).clone()
+
+
+def _model(head, freeze=True):
+    return PartDiscovery(
+        backbone=_Backbone(), head=head, freeze_backbone=freeze, pixel_mean=[127.0] * 3, pixel_std=[128.0] * 3
+    )
+
+
+def test_fg_labels_come_from_the_unmasked_part_scores():
+    """FG-NMI/ARI take the argmax of the K part scores, not of the masked probabilities (which are 0 on every
+    part outside the mask, so every such pixel would become part 1)."""
+    model = _model(_ConstantPartsHead()).eval()
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    fg = torch.zeros(16, 16, dtype=torch.bool)
+    fg[:, :8] = True
+    (out,) = model([{"image": image, "fg_mask": fg, "height": 32, "width": 32}])
+    full, fg_labels = predicted_part_maps(out)
+    assert (full[:, :14] == 3).all() and (full[:, 18:] == 0).all()  # masked: background outside the mask
+    assert out["part_fg_probs"].shape == (4, 32, 32)
+    assert (fg_labels == 3).all()  # the part argmax everywhere, inside the mask or not
+    # the masked probabilities stay what NME centroids and full NMI use
+    assert torch.allclose(out["part_probs"].sum(0), torch.ones(32, 32), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# PartFormer: each view under its own random similarity
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def smooth_record(tmp_path):
+    yy, xx = np.mgrid[:48, :64].astype(np.float64)
+    img = np.stack([120 + 80 * np.sin(xx / 7.0), 110 + 70 * np.cos(yy / 5.0), 100 + 60 * np.sin((xx + yy) / 9.0)], -1)
+    Image.fromarray(img.astype(np.uint8)).save(tmp_path / "img.png")
+    return {"file_name": str(tmp_path / "img.png"), "image_id": 3, "height": 48, "width": 64}
+
+
+def test_independent_warps_move_both_views(smooth_record):
+    args = dict(image_format="RGB", image_size=64, scale=0.1, rotation=30.0, translation=4.0, flip_prob=0.0)
+    base = pvm.PairedViewDatasetMapper(is_train=False, **args)(smooth_record)["image"].float()
+    mapper = pvm.PairedViewDatasetMapper(is_train=True, independent_warps=True, **args)
+    moved = 0
+    for seed in range(4):
+        np.random.seed(seed)
+        out = mapper(smooth_record)
+        v1, v2, a = out["image"].float(), out["image2"].float(), out["transform"]
+        valid1 = out["valid1"]
+        # view 1 itself is warped (not the base view) ...
+        moved += int((v1 - base).abs()[:, valid1].mean() > 5.0)
+        assert valid1.float().mean() < 1.0 or (v1 - base).abs().mean() > 5.0
+        # ... and ``transform`` still maps view 1 onto view 2 where both come from the base view
+        inner = out["valid2"].clone()
+        inner[1:-1, 1:-1] &= out["valid2"][:-2, 1:-1] & out["valid2"][2:, 1:-1]
+        inner[1:-1, 1:-1] &= out["valid2"][1:-1, :-2] & out["valid2"][1:-1, 2:]
+        assert inner.float().mean() > 0.3
+        warped = pvm.warp_to_view2(v1[None], a)[0]
+        assert (warped - v2).abs()[:, inner].mean() < 6.0
+    assert moved == 4
+
+
+def test_partformer_configs_warp_both_views_with_its_betas():
+    from part_distillation.engine import load_cfg
+
+    from conftest import REPO_ROOT
+
+    cfg = load_cfg(f"{REPO_ROOT}/configs/discovery/partformer/toyparts.yaml")
+    assert cfg.INPUT.PAIRED_VIEW.INDEPENDENT_WARPS
+    assert tuple(cfg.SOLVER.BETAS) == (0.9, 0.95)
+    assert pvm.PairedViewDatasetMapper(cfg, is_train=True).independent_warps
+
+
+# ------------------------------------------------------------------------------------------------
+# Choudhury et al.: L_f, L_v, L_c on the jittered copy
+# ------------------------------------------------------------------------------------------------
+def _choudhury_model(losses_on_jittered):
+    head = Choudhury21Head(
+        num_parts=3, feature_levels=["res3"], in_channels=4, two_branch=False, dilations=(1,), lambda_feat=0,
+        lambda_contrastive=0, lambda_visual=1.0, lambda_eqv=1.0, losses_on_jittered=losses_on_jittered,
+        brightness=0.9, jitter_prob=1.0, grayscale_prob=0.0, tps_sigma=0.0, seed=0,
+    )  # fmt: skip
+    return _model(head, freeze=False).train()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    fg = torch.zeros(16, 16, dtype=torch.bool)
+    fg[3:13, 2:14] = True
+    return [{"image": torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g), "fg_mask": fg} for _ in range(2)]
+
+
+def test_choudhury_losses_use_the_jittered_copy():
+    inputs = _inputs()
+    model = _choudhury_model(True)
+    losses = model(inputs)
+    assert set(losses) == {"loss_visual", "loss_eqv"}
+    calls = model.backbone.calls
+    assert len(calls) == 2  # cj1 (L_v and the L_e target, one pass) and the warped cj2
+    plain = (torch.stack([x["image"] for x in inputs]).float() - 127.0) / 128.0
+    assert all(not torch.allclose(c, plain, atol=1e-3) for c in calls)  # never the un-jittered image
+    sum(losses.values()).backward()
+    assert model.head.classifier.convs[0].weight.grad.abs().sum() > 0
+
+    old = _choudhury_model(False)
+    old(inputs)
+    assert len(old.backbone.calls) == 3 and torch.allclose(old.backbone.calls[0], plain, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# SOLVER.BETAS
+# ------------------------------------------------------------------------------------------------
+def test_solver_betas_reach_adamw():
+    cfg = add_part_distillation_config(get_cfg())
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BETAS = (0.9, 0.95)
+    opt = build_optimizer(cfg, nn.Linear(3, 2))
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    cfg.SOLVER.BETAS = (0.9, 1.5)
+    with pytest.raises(ConfigError, match="SOLVER.BETAS"):
+        build_optimizer(cfg, nn.Linear(3, 2))
