@@ -162,3 +162,32 @@ def test_solver_betas_reach_adamw():
     cfg.SOLVER.BETAS = (0.9, 1.5)
     with pytest.raises(ConfigError, match="SOLVER.BETAS"):
         build_optimizer(cfg, nn.Linear(3, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepFashion: the parsing map is the foreground; a head that needs a mask refuses inputs without one
+# ------------------------------------------------------------------------------------------------
+def test_deepfashion_parsing_map_is_the_foreground(tmp_path):
+    from part_distillation.data.datasets.deepfashion import DEEPFASHION_PARSING_COLORS
+
+    parsing = np.zeros((12, 10, 3), dtype=np.uint8)  # black = background
+    parsing[2:6, 3:8] = DEEPFASHION_PARSING_COLORS[3]
+    parsing[6:10, 3:8] = DEEPFASHION_PARSING_COLORS[11]
+    Image.fromarray(parsing).save(tmp_path / "x_segment.png")
+    fg = pvm.read_fg_mask({"parsing_file_name": str(tmp_path / "x_segment.png")}, (12, 10))
+    expected = np.zeros((12, 10), dtype=bool)
+    expected[2:10, 3:8] = True
+    assert fg is not None and np.array_equal(fg, expected)
+
+
+def test_a_head_that_needs_a_mask_refuses_inputs_without_one():
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    model = PartDiscovery(
+        backbone=_Backbone(), head=_ConstantPartsHead(), freeze_backbone=True, pixel_mean=[127.0] * 3,
+        pixel_std=[128.0] * 3, require_fg_mask=True,
+    ).eval()  # fmt: skip
+    with pytest.raises(ConfigError, match="REQUIRE_FG_MASK.*foreground|x.jpg"):
+        model([{"image": image, "file_name": "x.jpg"}])
+    assert model([{"image": image, "fg_mask": torch.ones(16, 16, dtype=torch.bool)}])[0]["part_seg"].min() > 0
+    model.require_fg_mask = False  # explicit opt-out: every pixel is foreground
+    assert (model([{"image": image}])[0]["part_seg"] > 0).all()

@@ -190,8 +190,10 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
     ``supervisedlabels``) is foreground where > 0, otherwise where ≥ 128 (e.g. CUB's soft 0–255
     segmentations; colour masks use their brightest channel). ``sem_seg_file_name`` (used when there is
     no ``fg_mask_file``): a label map, foreground where the label is neither 0 (background) nor
-    ``sem_seg_ignore_value``; for colour-coded maps, where any channel is non-zero. Otherwise, the union of
-    the record's (non-crowd) ``annotations`` masks, when it has any with a ``segmentation``.
+    ``sem_seg_ignore_value``; for colour-coded maps, where any channel is non-zero. ``parsing_file_name``
+    (DeepFashion's colour-coded ``_segment.png``, Choudhury et al. 2021 train on its foreground): decoded with
+    the dataset's palette, foreground where the label is not 0 (black). Otherwise, the union of the record's
+    (non-crowd) ``annotations`` masks, when it has any with a ``segmentation``.
     Raises OSError/ValueError for an unreadable file or a size that differs from the image.
     """
     if dataset_dict.get("fg_mask_file"):
@@ -210,6 +212,11 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
             fg = (arr[..., :3] != 0).any(axis=2)
         else:
             fg = (arr != 0) & (arr != sem_seg_ignore_value)
+    elif dataset_dict.get("parsing_file_name"):
+        from ..datasets.deepfashion import decode_parsing
+
+        path = dataset_dict["parsing_file_name"]
+        fg = decode_parsing(path) != 0
     elif any("segmentation" in a for a in dataset_dict.get("annotations", [])):
         # instance/part annotations (toyparts, PartImageNet, COCO-style): the GT foreground is their union
         fg = np.zeros(tuple(image_hw), dtype=bool)

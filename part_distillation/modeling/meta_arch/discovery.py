@@ -24,7 +24,8 @@ canonical layout (spec §0, §7):
 For heads that take the background from a given fg mask (``external_background``; Choudhury et al. and
 the baselines) the probabilities are ``[1 − m, m · P]`` with P the head's part distribution (spec §3.6:
 ``argmax([1 − m, m·P])``), so every pixel outside ``fg_mask`` is 0 and every pixel inside is a part.
-Without an ``fg_mask`` the head's own channel 0 is used (0 for the baselines: every pixel is a part).
+Without an ``fg_mask`` the head's own channel 0 is used (0 for the baselines: every pixel is a part); such
+inputs are refused (:class:`ConfigError`) unless ``MODEL.PART_DISCOVERY.REQUIRE_FG_MASK`` is False.
 The mask is applied at the image's (mapper output) resolution; when ``height``/``width`` differ from it, the
 probabilities are then resized bilinearly and ``part_seg`` is their argmax.
 """
@@ -68,6 +69,7 @@ class PartDiscovery(nn.Module):
         pixel_std,
         input_format: str = "RGB",
         return_probs: bool = True,
+        require_fg_mask: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -80,6 +82,7 @@ class PartDiscovery(nn.Module):
             self.backbone.eval()
         self.input_format = input_format
         self.return_probs = bool(return_probs)
+        self.require_fg_mask = bool(require_fg_mask)
         self.size_divisibility = max(int(getattr(backbone, "size_divisibility", 0) or 0), 1)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
@@ -96,6 +99,7 @@ class PartDiscovery(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
             "return_probs": pd.RETURN_PROBS,
+            "require_fg_mask": pd.REQUIRE_FG_MASK,
         }
 
     @property
@@ -139,8 +143,23 @@ class PartDiscovery(nn.Module):
                 given[i] = True
         return images, raw_images, valid, fg, given
 
+    def _check_fg_masks(self, batched_inputs: List[dict]) -> None:
+        """With ``require_fg_mask``, refuse inputs without ``fg_mask`` for a head that takes its background
+        from one (a silent whole-image foreground would train and score a different task)."""
+        if not (self.require_fg_mask and self.head.needs_fg_mask):
+            return
+        for x in batched_inputs:
+            if x.get("fg_mask") is None:
+                raise ConfigError(
+                    f"{x.get('file_name', x.get('image_id'))!r}: MODEL.PART_DISCOVERY.HEAD={type(self.head).__name__!r} "
+                    "takes its background from a foreground mask, but the record gives none (fg_mask_file, "
+                    "sem_seg_file_name, parsing_file_name or part annotations); add one to the records, or set "
+                    "MODEL.PART_DISCOVERY.REQUIRE_FG_MASK False to treat every pixel as foreground."
+                )
+
     def prepare(self, batched_inputs: List[dict]) -> DiscoveryBatch:
         """Normalise, pad and collect view 1 (and view 2 when every input has ``image2``)."""
+        self._check_fg_masks(batched_inputs)
         images, raw, valid, fg, given = self._view(batched_inputs, "image", "fg_mask", "valid1")
         batch = DiscoveryBatch(
             inputs=batched_inputs, images=images, raw_images=raw, valid=valid, fg_masks=fg, fg_given=given,

@@ -147,6 +147,12 @@ class PartHead(nn.Module, metaclass=abc.ABCMeta):
         return {"num_parts": pd.NUM_PARTS, "feature_levels": pd.FEATURE_LEVELS, "input_shape": input_shape}
 
     @property
+    def needs_fg_mask(self) -> bool:
+        """Whether every input must carry a ``fg_mask`` (checked with ``MODEL.PART_DISCOVERY.REQUIRE_FG_MASK``):
+        by default, the heads with ``external_background``."""
+        return bool(self.external_background)
+
+    @property
     def needs_view1_features(self) -> bool:
         """Whether :meth:`losses` reads ``features`` (the backbone outputs of the un-augmented view 1); a head
         that computes its own (e.g. of a colour-jittered copy) returns False and gets an empty dict."""
