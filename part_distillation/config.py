@@ -617,6 +617,3 @@ def _add_discovery_protocol_config(cfg: CN) -> None:
     # refuses training/test records without one (no fg_mask_file, sem_seg_file_name, parsing_file_name or
     # annotations); False = every pixel is foreground there (the background becomes one of the K parts).
     cfg.MODEL.PART_DISCOVERY.REQUIRE_FG_MASK = True
-    # PASCAL-Part object-crop view (Choudhury et al. 2021 §4.3): keep objects whose bbox covers more than this
-    # fraction of the image (0.2 at test; the paper uses 0.1 for training).
-    cfg.DATASETS.PASCAL_PART_MIN_BBOX_AREA = 0.2

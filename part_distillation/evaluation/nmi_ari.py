@@ -36,7 +36,11 @@ DeepFashion 0; painted annotations 0); ``ignore_label`` (default 255) pixels are
   foreground pixel predicted as background keeps label 0). Masked ``part_probs`` alone would send every
   pixel outside the mask to part 1 (all K channels 0 there).
 Predictions are compared at GT resolution (nearest resize of the prediction), or, with ``eval_size``,
-both are resized (nearest) to that square grid (protocol B/C: 128).
+both are resized (nearest) to that square grid (protocol B/C: 128). When the input was cropped around an
+object (the view mappers' ``crop_box`` (x0, y0, x1, y1), original pixels), the GT is cropped to the same box
+first, and the box's pixels outside the image are ignored: NMI/ARI and FG-NMI/ARI are computed inside the crop
+(Choudhury et al. 2021 appendix, PASCAL-Part: "we also crop the image to the target objects' bounding boxes
+for NMI/ARI calculation (but evaluate *with* background pixels in this case)").
 
 Keypoint-based GT (evaluator type ``part_keypoints``; CUB, CelebA/MAFL; spec §1.2): each visible
 landmark (visibility > 0.5) is one sample with GT label = its landmark index; its predicted label is the
@@ -75,6 +79,7 @@ __all__ = [
     "paint_part_instances",
     "predicted_part_maps",
     "sample_at_points",
+    "crop_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,6 +212,18 @@ def predicted_part_maps(output: dict):
     return full, fg
 
 
+def crop_labels(labels: np.ndarray, box, fill: int) -> np.ndarray:
+    """``labels[y0:y1, x0:x1]`` for an integer box (x0, y0, x1, y1) that may extend past the image; the part
+    outside the image is ``fill``."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h, w = labels.shape[:2]
+    out = np.full((max(y1 - y0, 1), max(x1 - x0, 1)), fill, dtype=labels.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = labels[sy0:sy1, sx0:sx1]
+    return out
+
+
 def _resize_labels(labels: torch.Tensor, size) -> torch.Tensor:
     size = tuple(int(s) for s in size)
     if tuple(labels.shape[-2:]) == size:
@@ -332,6 +349,8 @@ class PartNMIARIEvaluator(DatasetEvaluator):
 
     def _process_masks(self, inp, full, fg):
         gt, background, ignore = self._gt_label_map(inp)
+        if inp.get("crop_box") is not None:
+            gt = crop_labels(gt, inp["crop_box"], ignore)
         gt = torch.from_numpy(gt)
         size = (self.eval_size, self.eval_size) if self.eval_size > 0 else tuple(gt.shape)
         gt = _resize_labels(gt, size).numpy()

@@ -191,3 +191,108 @@ def test_a_head_that_needs_a_mask_refuses_inputs_without_one():
     assert model([{"image": image, "fg_mask": torch.ones(16, 16, dtype=torch.bool)}])[0]["part_seg"].min() > 0
     model.require_fg_mask = False  # explicit opt-out: every pixel is foreground
     assert (model([{"image": image}])[0]["part_seg"] > 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# PASCAL-Part: per-class object crops, the 20 % bbox-area filter, NMI/ARI inside the crop
+# ------------------------------------------------------------------------------------------------
+def _pascal_like_record():
+    from part_distillation.data.datasets.pascal_part import build_record
+
+    h, w = 40, 50
+    big, small, other = (np.zeros((h, w), dtype=bool) for _ in range(3))
+    big[5:30, 4:34] = True  # 25×30 = 37.5 % of the image
+    small[32:38, 40:48] = True  # 2.4 %
+    other[2:20, 36:49] = True
+    head, body = big.copy(), big.copy()
+    head[15:] = False
+    body[:15] = False
+    objects = [
+        (16, big, [(0, head), (1, body)]),  # a sheep (VOC index 16) with two parts
+        (16, small, [(0, small)]),  # a sheep too small for the crop view
+        (7, other, [(5, other)]),  # a cat
+    ]
+    import itertools
+
+    return build_record("x.jpg", "2010_000001", h, w, objects, itertools.count(1), parts_view=False)
+
+
+def test_pascal_part_object_crops_keep_large_objects_of_one_class():
+    from part_distillation.data.datasets.pascal_part import object_crop_records
+
+    crops = object_crop_records([_pascal_like_record()], 16)
+    assert len(crops) == 1
+    (crop,) = crops
+    assert crop["image_id"] == "2010_000001_0" and crop["bbox"] == [4.0, 5.0, 30.0, 25.0]
+    assert sorted(a["category_id"] for a in crop["annotations"]) == [0, 1]  # only this object's parts
+    assert len(object_crop_records([_pascal_like_record()], 16, min_bbox_area=0.02)) == 2
+    # the mapper crops around the object, and its fg mask is the object's parts
+    fg = pvm.read_fg_mask(crop, (40, 50))
+    assert fg.sum() == 25 * 30
+
+
+def test_nmi_ari_inside_the_crop():
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from part_distillation.data.datasets.pascal_part import object_crop_records
+    from part_distillation.evaluation.nmi_ari import PartNMIARIEvaluator
+
+    (crop,) = object_crop_records([_pascal_like_record()], 16)
+    name = "_test_pascal_crop"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [crop])
+    box = (2, 3, 36, 32)  # x0, y0, x1, y1 around the object
+    h, w = box[3] - box[1], box[2] - box[0]
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 3, (h, w), generator=g)
+    pred[8:20, 4:30] = 1  # roughly the head rows
+    ev = PartNMIARIEvaluator(name, distributed=False)
+    ev.reset()
+    ev.process([{"image_id": crop["image_id"], "crop_box": box}], [{"part_seg": pred}])
+    res = ev.evaluate()["part_nmi_ari_masks"]
+    gt = np.zeros((40, 50), dtype=np.int64)
+    gt[5:15, 4:34] = 1
+    gt[15:30, 4:34] = 2
+    gt = gt[box[1] : box[3], box[0] : box[2]].ravel()
+    assert res["num_samples"] == h * w
+    assert res["NMI"] == pytest.approx(100 * normalized_mutual_info_score(gt, pred.numpy().ravel()), abs=1e-6)
+    assert res["ARI"] == pytest.approx(100 * adjusted_rand_score(gt, pred.numpy().ravel()), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs: the PartDistillation supplement's Choudhury port, the Choudhury CUB NME config
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, k, lambdas, size",
+    [
+        ("partdistillation_port", 4, (30.0, 5700.0, 5.0, 2300.0), 256),
+        ("partdistillation_port_manual", 8, (1.0, 1000.0, 100.0, 10000.0), 640),
+    ],
+)
+def test_choudhury_port_configs(name, k, lambdas, size):
+    from conftest import REPO_ROOT
+
+    from part_distillation.engine import load_cfg
+
+    cfg = load_cfg(f"{REPO_ROOT}/configs/discovery/choudhury21/{name}.yaml")
+    c = cfg.MODEL.PART_DISCOVERY.CHOUDHURY21
+    assert (c.LAMBDA_VISUAL, c.LAMBDA_EQV, c.LAMBDA_FEAT, c.LAMBDA_CONTRASTIVE) == lambdas
+    assert cfg.MODEL.PART_DISCOVERY.NUM_PARTS == k and cfg.INPUT.PAIRED_VIEW.IMAGE_SIZE == size
+    assert cfg.MODEL.BACKBONE.NAME == "D2SwinTransformer" and cfg.MODEL.SWIN.EMBED_DIM == 192
+    assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH) == (
+        "ADAMW", 1e-5, 30000, 16,
+    )  # fmt: skip
+
+
+def test_choudhury_cub_nme_config():
+    from conftest import REPO_ROOT
+
+    from part_distillation.engine import load_cfg
+
+    cfg = load_cfg(f"{REPO_ROOT}/configs/discovery/choudhury21/cub_nme.yaml")
+    assert cfg.TEST.EVALUATOR_TYPE == "part_landmark_nme" and cfg.TEST.LANDMARK_NME.FIT_DATASET == "cub_train"
+    assert tuple(cfg.DATASETS.TEST) == ("cub_train", "cub_test")
+    assert cfg.INPUT.KEYPOINT_VIEW.BBOX_SQUARE and cfg.INPUT.KEYPOINT_VIEW.BBOX_MARGIN == 0.05
