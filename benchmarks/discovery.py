@@ -17,7 +17,7 @@ EfficientNet-Lite0, standing in for VGG19 / DINO / DINOv2.
 
     OMP_NUM_THREADS=1 python benchmarks/discovery.py [--seeds 0 1 2] [--methods kmeans dff choudhury21 ...]
         [--iters choudhury21=300 partformer=300 mpae=160] [--stage4-weights output/demo/stage4/model_final.pth]
-        [--output benchmarks/results/discovery.json] [--workdir output/bench_discovery] [KEY VALUE ...]
+        [--output benchmarks/results/discovery.json] [--workdir output/bench_discovery] [--resume JSON] [KEY VALUE ...]
 """
 import argparse
 import datetime
@@ -57,6 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--output", default=RESULTS)
     p.add_argument("--workdir", default="output/bench_discovery", help="checkpoints and logs of the runs")
     p.add_argument("--tag", default="", help="a label stored in the JSON (e.g. an ablation's name)")
+    p.add_argument("--resume", default="", help="an earlier JSON of this benchmark: keep its runs, skip their (method, seed)")
+    p.add_argument(
+        "--grad-norms", type=int, default=0, metavar="N",
+        help="instead of the benchmark: each learned head's loss values and per-term gradient norms on N training "
+        "batches, at initialisation and with the run's model_final.pth from --workdir (seed = the first of --seeds)",
+    )  # fmt: skip
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method (KEY VALUE ...)")
     return p.parse_args(argv)
 
@@ -87,6 +93,37 @@ def _stage4_run(weights, workdir, opts):
     metrics = evaluate_discovery_model(cfg, model)
     return {"method": "partdistillation", "seed": 0, "metrics": metrics, "iterations": cfg.SOLVER.MAX_ITER,
             "seconds": 0.0, "eval_seconds": 0.0, "loss_curve": []}  # fmt: skip
+
+
+def _grad_norms(args, sched):
+    """{method: {"init": {...}, "trained": {...}}} of :func:`loss_gradient_norms`."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.utils.env import seed_all_rng
+
+    from part_distillation.engine import Trainer
+    from part_distillation.evaluation.discovery_benchmark import loss_gradient_norms, method_cfg
+
+    out = {}
+    seed = args.seeds[0]
+    for name in args.methods:
+        config, trained = METHODS[name]
+        if not trained:
+            continue
+        run_dir = os.path.join(args.workdir, f"{name}_s{seed}")
+        cfg = method_cfg(os.path.join(REPO, "configs", config), os.path.join(args.workdir, f"{name}_gradnorms"), seed,
+                         sched.get(name, 0), args.opts)  # fmt: skip
+        out[name] = {}
+        for stage, weights in (("init", ""), ("trained", os.path.join(run_dir, "model_final.pth"))):
+            if weights and not os.path.isfile(weights):
+                logger.warning("%s: no %s, skipping the trained model", name, weights)
+                continue
+            seed_all_rng(seed)
+            model = Trainer.build_model(cfg)
+            if weights:
+                DetectionCheckpointer(model).load(weights)
+            out[name][stage] = loss_gradient_norms(cfg, model, args.grad_norms)
+            logger.info("%s (%s): %s", name, stage, out[name][stage])
+    return out
 
 
 def _payload(args, sched, runs):
@@ -123,8 +160,21 @@ def main(argv=None):
     setup_logger()
     setup_logger(name="part_distillation")
     sched = _schedule(args.iters)
+    if args.grad_norms:
+        payload = {"benchmark": "discovery_grad_norms", "tag": args.tag, "batches": args.grad_norms, "seed": args.seeds[0],
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "norms": _grad_norms(args, sched)}  # fmt: skip
+        atomic_write_bytes(args.output, json.dumps(payload, indent=1).encode())
+        print(json.dumps(payload["norms"], indent=1))
+        return payload
     runs = []
-    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    if args.resume:
+        with open(args.resume) as f:
+            runs = [r for r in json.load(f)["runs"] if r["method"] in args.methods and r["seed"] in args.seeds]
+        logger.info("Resuming with %d runs from %s", len(runs), args.resume)
+    done = {(r["method"], r["seed"]) for r in runs}
+    # seed-major: an interrupted benchmark has every method for its first seeds
+    jobs = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
     for i, (name, seed) in enumerate(jobs):
         logger.info("[%d/%d] %s, seed %d, %d iterations", i + 1, len(jobs), name, seed, sched.get(name, 0))
         config, trained = METHODS[name]

@@ -38,6 +38,7 @@ __all__ = [
     "run_discovery_method",
     "summarize_runs",
     "format_summary",
+    "loss_gradient_norms",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def method_cfg(config_path: str, output_dir: str, seed: int, max_iter: int = 0, 
 
 
 def read_loss_curve(output_dir: str):
-    """``[{"iteration", "total_loss", "loss_*"...}]`` from the Trainer's ``metrics.json`` (logged every 20
-    iterations, losses as the median of the last 20), or [] when there is none."""
+    """``[{"iteration", "total_loss", "loss_*"...}]`` of the latest run in the Trainer's ``metrics.json`` (logged
+    every 20 iterations, losses as the median of the last 20), or [] when there is none."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
         return []
@@ -92,6 +93,8 @@ def read_loss_curve(output_dir: str):
                 continue
             losses = {k: float(v) for k, v in m.items() if k == "total_loss" or k.startswith("loss_")}
             if losses and "iteration" in m:
+                if curve and int(m["iteration"]) <= curve[-1]["iteration"]:
+                    curve = []  # detectron2 appends: a later run in the same folder starts a new curve
                 curve.append({"iteration": int(m["iteration"]), **losses})
     return curve
 
@@ -171,3 +174,23 @@ def format_summary(summary) -> str:
         vals = " | ".join(f"{e[m]['mean']:.1f} ± {e[m]['std']:.1f}" for m in METRICS)
         lines.append(f"| {name} | {vals} | {len(e['seeds'])} | {e['iterations']} | {e['seconds_mean']:.0f} |")
     return "\n".join(lines)
+
+
+def loss_gradient_norms(cfg, model, num_batches: int = 2):
+    """Per loss term: its value and the L2 norm of its gradient w.r.t. the trainable parameters, averaged over
+    ``num_batches`` training batches (the diagnostic for "which term drives training": with gradient clipping
+    to a total norm the terms compete by their gradients, not by their values)."""
+    from ..engine import Trainer
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loader = iter(Trainer.build_train_loader(cfg))
+    sums = defaultdict(lambda: np.zeros(2))
+    for _ in range(int(num_batches)):
+        losses = model(next(loader))
+        for i, (name, value) in enumerate(losses.items()):
+            grads = torch.autograd.grad(value, params, retain_graph=i < len(losses) - 1, allow_unused=True)
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            sums[name] += np.array([float(value.detach()), float(norm)])
+    model.eval()
+    return {k: {"value": float(v[0] / num_batches), "grad_norm": float(v[1] / num_batches)} for k, v in sums.items()}

@@ -1,0 +1,50 @@
+"""The discovery benchmark's pieces: toyparts part-centre landmarks, loss curves, seed summaries (fast)."""
+
+import json
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from part_distillation.data.datasets.toyparts_landmarks import part_centre_keypoints
+from part_distillation.data.dataset_mappers.part_eval import decode_segmentation
+from part_distillation.evaluation.discovery_benchmark import format_summary, read_loss_curve, summarize_runs
+
+
+def test_toyparts_landmarks_are_part_centroids(datasets_root):
+    records = DatasetCatalog.get("toyparts_landmarks_val")
+    parts = DatasetCatalog.get("toyparts_parts_val")
+    assert [r["image_id"] for r in records] == [r["image_id"] for r in parts]
+    names = MetadataCatalog.get("toyparts_landmarks_val").keypoint_names
+    for r in records:
+        kps = np.asarray(r["keypoints"]).reshape(-1, 3)
+        assert kps.shape == (len(names), 3)
+        present = {a["category_id"] for a in r["annotations"]}
+        assert set(np.nonzero(kps[:, 2] > 0)[0]) == present
+        for c in present:
+            mask = np.zeros((r["height"], r["width"]), dtype=bool)
+            for a in r["annotations"]:
+                if a["category_id"] == c:
+                    mask |= decode_segmentation(a["segmentation"], r["height"], r["width"])
+            ys, xs = np.nonzero(mask)
+            assert kps[c, :2] == pytest.approx([xs.mean() + 0.5, ys.mean() + 0.5])
+    assert part_centre_keypoints({"height": 4, "width": 4, "annotations": []}, 2) == [0.0] * 6
+
+
+def test_loss_curve_keeps_the_latest_run(tmp_path):
+    lines = [{"iteration": 19, "total_loss": 9.0, "loss_a": 5.0}, {"iteration": 39, "total_loss": 8.0, "loss_a": 4.0},
+             {"iteration": 19, "total_loss": 7.0, "loss_a": 3.0, "lr": 0.1}, {"iteration": 20, "eval": 1.0}]  # fmt: skip
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert read_loss_curve(str(tmp_path)) == [{"iteration": 19, "total_loss": 7.0, "loss_a": 3.0}]
+    assert read_loss_curve(str(tmp_path / "missing")) == []
+
+
+def test_summary_mean_and_spread_over_seeds():
+    def run(method, seed, v):
+        metrics = {"NMI": v, "ARI": v, "FG-NMI": v, "FG-ARI": v + 1, "NME": 10 - v}
+        return {"method": method, "seed": seed, "metrics": metrics, "iterations": 5, "seconds": 2.0 * seed}
+
+    summary = summarize_runs([run("a", 0, 1.0), run("a", 1, 3.0), run("b", 0, 2.0)])
+    assert summary["a"]["FG-NMI"] == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0}
+    assert summary["a"]["seconds_mean"] == 1.0 and summary["b"]["seeds"] == [0]
+    assert "| a | 2.0 ± 1.0 |" in format_summary(summary)
