@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="output/bench_discovery", help="checkpoints and logs of the runs")
     p.add_argument("--tag", default="", help="a label stored in the JSON (e.g. an ablation's name)")
     p.add_argument("--resume", default="", help="an earlier JSON of this benchmark: keep its runs, skip their (method, seed)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also score the learned heads' checkpoints every N iterations (a metric curve per run)")
     p.add_argument(
         "--grad-norms", type=int, default=0, metavar="N",
         help="instead of the benchmark: each learned head's loss values and per-term gradient norms on N training "
@@ -181,7 +183,7 @@ def main(argv=None):
         runs.append(
             run_discovery_method(
                 name, os.path.join(REPO, "configs", config), trained, os.path.join(args.workdir, f"{name}_s{seed}"),
-                seed, sched.get(name, 0), args.opts,
+                seed, sched.get(name, 0), args.opts, args.eval_every,
             )
         )  # fmt: skip
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

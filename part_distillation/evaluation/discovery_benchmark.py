@@ -115,10 +115,18 @@ def evaluate_discovery_model(cfg, model, fit_dataset: str = FIT_DATASET, eval_da
     return out
 
 
-def run_discovery_method(name: str, config_path: str, trained: bool, output_dir: str, seed: int, max_iter: int = 0, opts=()):
-    """One (method, seed) run: ``{"method", "seed", "metrics", "iterations", "seconds", "loss_curve"}``."""
+def run_discovery_method(
+    name: str, config_path: str, trained: bool, output_dir: str, seed: int, max_iter: int = 0, opts=(), eval_every: int = 0
+):
+    """One (method, seed) run: ``{"method", "seed", "metrics", "iterations", "seconds", "loss_curve"}``; with
+    ``eval_every`` also ``"metric_curve"``: the same metrics of the checkpoints saved every ``eval_every``
+    iterations of this schedule (scored after training)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
     from ..engine import Trainer
 
+    if trained and eval_every:
+        opts = list(opts) + ["SOLVER.CHECKPOINT_PERIOD", str(int(eval_every))]
     cfg = method_cfg(config_path, output_dir, seed, max_iter if trained else 0, opts)
     seed_all_rng(seed)
     torch.manual_seed(seed)
@@ -137,7 +145,16 @@ def run_discovery_method(name: str, config_path: str, trained: bool, output_dir:
     metrics = evaluate_discovery_model(cfg, model)
     eval_seconds = time.perf_counter() - start
     logger.info("%s seed %d: %s", name, seed, {k: round(v, 2) for k, v in metrics.items()})
-    return {
+    metric_curve = []
+    if trained and eval_every:
+        for it in range(int(eval_every), cfg.SOLVER.MAX_ITER, int(eval_every)):
+            path = os.path.join(cfg.OUTPUT_DIR, f"model_{it - 1:07d}.pth")
+            if os.path.isfile(path):
+                DetectionCheckpointer(model).load(path)
+                metric_curve.append({"iteration": it, "metrics": evaluate_discovery_model(cfg, model)})
+                logger.info("%s seed %d, iteration %d: %s", name, seed, it, metric_curve[-1]["metrics"])
+        metric_curve.append({"iteration": cfg.SOLVER.MAX_ITER, "metrics": metrics})
+    out = {
         "method": name,
         "seed": int(seed),
         "metrics": metrics,
@@ -146,6 +163,9 @@ def run_discovery_method(name: str, config_path: str, trained: bool, output_dir:
         "eval_seconds": eval_seconds,
         "loss_curve": read_loss_curve(cfg.OUTPUT_DIR) if trained else [],
     }
+    if metric_curve:
+        out["metric_curve"] = metric_curve
+    return out
 
 
 def summarize_runs(runs):

@@ -48,3 +48,24 @@ def test_summary_mean_and_spread_over_seeds():
     assert summary["a"]["FG-NMI"] == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0}
     assert summary["a"]["seconds_mean"] == 1.0 and summary["b"]["seeds"] == [0]
     assert "| a | 2.0 ± 1.0 |" in format_summary(summary)
+
+
+def test_one_run_trains_scores_and_keeps_its_curves(datasets_root, tmp_path):
+    """The benchmark's unit of work on the tiny toyparts: 2 iterations of Choudhury et al., every metric (NMI,
+    ARI, FG-NMI, FG-ARI, landmark NME) from the one evaluator pass, the loss curve and a checkpoint's metrics."""
+    import os
+
+    from conftest import REPO_ROOT
+
+    from part_distillation.evaluation.discovery_benchmark import METHODS, METRICS, run_discovery_method
+
+    config, trained = METHODS["choudhury21"]
+    opts = ["INPUT.PAIRED_VIEW.IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2"]
+    run = run_discovery_method(
+        "choudhury21", os.path.join(REPO_ROOT, "configs", config), trained, str(tmp_path), 3, 2, opts, eval_every=1
+    )
+    assert run["iterations"] == 2 and run["seed"] == 3 and run["seconds"] > 0
+    assert set(run["metrics"]) == set(METRICS)
+    assert all(np.isfinite(v) for v in run["metrics"].values()), run["metrics"]
+    assert [c["iteration"] for c in run["metric_curve"]] == [1, 2]
+    assert run["metric_curve"][-1]["metrics"] == run["metrics"]
