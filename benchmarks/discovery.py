@@ -17,7 +17,10 @@ EfficientNet-Lite0, standing in for VGG19 / DINO / DINOv2.
 
     OMP_NUM_THREADS=1 python benchmarks/discovery.py [--seeds 0 1 2] [--methods kmeans dff choudhury21 ...]
         [--iters choudhury21=300 partformer=300 mpae=160] [--stage4-weights output/demo/stage4/model_final.pth]
-        [--output benchmarks/results/discovery.json] [--workdir output/bench_discovery] [--resume JSON] [KEY VALUE ...]
+        [--output benchmarks/results/discovery.json] [--workdir output/bench_discovery] [--resume JSON ...]
+        [--eval-every N] [KEY VALUE ...]
+    python benchmarks/discovery.py --grad-norms 2 ...              # per-term loss gradient norms (init, trained)
+    python benchmarks/discovery.py --methods partformer --eval-weights a.pth b.pth   # score checkpoints
 """
 import argparse
 import datetime
@@ -57,7 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--output", default=RESULTS)
     p.add_argument("--workdir", default="output/bench_discovery", help="checkpoints and logs of the runs")
     p.add_argument("--tag", default="", help="a label stored in the JSON (e.g. an ablation's name)")
-    p.add_argument("--resume", default="", help="an earlier JSON of this benchmark: keep its runs, skip their (method, seed)")
+    p.add_argument("--resume", nargs="*", default=[],
+                   help="earlier JSONs of this benchmark: keep their runs, skip their (method, seed)")
+    p.add_argument("--eval-weights", nargs="*", default=[], metavar="PATH",
+                   help="instead of the benchmark: score these checkpoints of the one method in --methods (seed = the "
+                   "first of --seeds)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="also score the learned heads' checkpoints every N iterations (a metric curve per run)")
     p.add_argument(
@@ -128,6 +135,25 @@ def _grad_norms(args, sched):
     return out
 
 
+def _eval_weights(args, sched):
+    """[{"weights", "metrics"}] of ``--eval-weights`` (the same evaluators as the benchmark)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from part_distillation.engine import Trainer
+    from part_distillation.evaluation.discovery_benchmark import evaluate_discovery_model, method_cfg
+
+    name = args.methods[0]
+    cfg = method_cfg(os.path.join(REPO, "configs", METHODS[name][0]), os.path.join(args.workdir, f"{name}_scored"),
+                     args.seeds[0], sched.get(name, 0), args.opts)  # fmt: skip
+    model = Trainer.build_model(cfg)
+    out = []
+    for path in args.eval_weights:
+        DetectionCheckpointer(model).load(path)
+        out.append({"weights": path, "metrics": evaluate_discovery_model(cfg, model)})
+        logger.info("%s: %s", path, out[-1]["metrics"])
+    return out
+
+
 def _payload(args, sched, runs):
     summary = summarize_runs(runs)
     margins = {}
@@ -169,11 +195,20 @@ def main(argv=None):
         atomic_write_bytes(args.output, json.dumps(payload, indent=1).encode())
         print(json.dumps(payload["norms"], indent=1))
         return payload
+    if args.eval_weights:
+        payload = {"benchmark": "discovery_checkpoints", "tag": args.tag, "method": args.methods[0],
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "scores": _eval_weights(args, sched)}  # fmt: skip
+        atomic_write_bytes(args.output, json.dumps(payload, indent=1).encode())
+        print(json.dumps(payload["scores"], indent=1))
+        return payload
     runs = []
-    if args.resume:
-        with open(args.resume) as f:
-            runs = [r for r in json.load(f)["runs"] if r["method"] in args.methods and r["seed"] in args.seeds]
-        logger.info("Resuming with %d runs from %s", len(runs), args.resume)
+    for path in args.resume:
+        with open(path) as f:
+            kept = [r for r in json.load(f)["runs"] if r["method"] in args.methods and r["seed"] in args.seeds]
+        seen = {(r["method"], r["seed"]) for r in runs}
+        runs += [r for r in kept if (r["method"], r["seed"]) not in seen]
+        logger.info("Resuming with %d runs from %s", len(kept), path)
     done = {(r["method"], r["seed"]) for r in runs}
     # seed-major: an interrupted benchmark has every method for its first seeds
     jobs = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
