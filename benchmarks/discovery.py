@@ -16,7 +16,7 @@ so an interrupted benchmark keeps what it finished. The backbone everywhere is t
 EfficientNet-Lite0, standing in for VGG19 / DINO / DINOv2.
 
     OMP_NUM_THREADS=1 python benchmarks/discovery.py [--seeds 0 1 2] [--methods kmeans dff choudhury21 ...]
-        [--iters choudhury21=300 partformer=300 mpae=160] [--stage4-weights output/demo/stage4/model_final.pth]
+        [--iters choudhury21=120 partformer=100 mpae=60] [--stage4-weights output/demo/stage4/model_final.pth]
         [--output benchmarks/results/discovery.json] [--workdir output/bench_discovery] [--resume JSON ...]
         [--eval-every N] [KEY VALUE ...]
     python benchmarks/discovery.py --grad-norms 2 ...              # per-term loss gradient norms (init, trained)
