@@ -30,7 +30,7 @@ background 0). The background label is the metadata ``background_label`` (PartIm
 DeepFashion 0; painted annotations 0); ``ignore_label`` (default 255) pixels are left out.
 * NMI/ARI: all non-ignored pixels, predicted labels as they are (background included);
 * FG-NMI/ARI: GT-foreground pixels only; the predicted label is the argmax over the K part scores
-  (background impossible; Choudhury et al. 2021 §4.1, PartFormer §5.1 "argmax of the K part logits"): of
+  (background impossible; Choudhury et al. 2021 §4.1, "on foreground pixels only"): of
   ``part_fg_probs`` [K, H, W] when given (the part distribution before any fg mask, which the discovery
   meta-architecture returns), else of the foreground channels of ``part_probs``, else ``part_seg`` (a
   foreground pixel predicted as background keeps label 0). Masked ``part_probs`` alone would send every

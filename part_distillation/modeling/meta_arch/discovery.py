@@ -17,9 +17,9 @@ canonical layout (spec §0, §7):
 * ``part_seg``: [H, W] long, 0 = background, 1..K = parts;
 * ``part_probs``: [K+1, H, W] float, summing to 1 over channels (``MODEL.PART_DISCOVERY.RETURN_PROBS``);
 * ``part_fg_probs``: [K, H, W] float, the head's part distribution *before* any fg mask is applied (with
-  ``RETURN_PROBS``). FG-NMI/FG-ARI take the argmax of these K part scores, unmasked (Choudhury et al. 2021
-  §4.1, PartFormer §5.1: "the argmax of the K part logits"): with the masked ``part_probs`` every pixel outside
-  the mask would score 0 on every part and fall to part 1.
+  ``RETURN_PROBS``). FG-NMI/FG-ARI score the part assignment of GT-foreground pixels (Choudhury et al. 2021
+  §4.1, "on foreground pixels only"), i.e. the argmax of these K part scores, unmasked: with the masked
+  ``part_probs`` every pixel outside the mask would score 0 on every part and fall to part 1.
 
 For heads that take the background from a given fg mask (``external_background``; Choudhury et al. and
 the baselines) the probabilities are ``[1 − m, m · P]`` with P the head's part distribution (spec §3.6:
