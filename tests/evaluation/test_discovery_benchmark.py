@@ -69,3 +69,29 @@ def test_one_run_trains_scores_and_keeps_its_curves(datasets_root, tmp_path):
     assert all(np.isfinite(v) for v in run["metrics"].values()), run["metrics"]
     assert [c["iteration"] for c in run["metric_curve"]] == [1, 2]
     assert run["metric_curve"][-1]["metrics"] == run["metrics"]
+
+
+def test_partdistillation_checkpoint_scored_by_the_same_evaluators(datasets_root, tmp_path):
+    """benchmarks/discovery.py --stage4-weights: a (random) stage-4 model's part_instances get every metric."""
+    import importlib.util
+    import os
+
+    import torch
+    from detectron2.modeling import build_model
+
+    from conftest import REPO_ROOT, tiny_quick_opts
+
+    from part_distillation.engine import load_cfg
+    from part_distillation.evaluation.discovery_benchmark import METRICS
+
+    spec = importlib.util.spec_from_file_location("bench_discovery", os.path.join(REPO_ROOT, "benchmarks", "discovery.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = tiny_quick_opts(tmp_path, 1)
+    stage4 = load_cfg(os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml"), opts)
+    torch.manual_seed(0)
+    weights = str(tmp_path / "stage4.pth")
+    torch.save({"model": build_model(stage4).state_dict()}, weights)
+    run = bench._stage4_run(weights, str(tmp_path / "work"), opts)
+    assert run["method"] == "partdistillation" and set(run["metrics"]) == set(METRICS)
+    assert all(-100.0 <= run["metrics"][m] <= 100.0 for m in METRICS[:4])
