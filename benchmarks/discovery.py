@@ -189,9 +189,11 @@ def main(argv=None):
     setup_logger(name="part_distillation")
     sched = _schedule(args.iters)
     if args.grad_norms:
-        payload = {"benchmark": "discovery_grad_norms", "tag": args.tag, "batches": args.grad_norms, "seed": args.seeds[0],
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "norms": _grad_norms(args, sched)}  # fmt: skip
+        payload = {
+            "benchmark": "discovery_grad_norms", "tag": args.tag, "batches": args.grad_norms, "seed": args.seeds[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "norms": _grad_norms(args, sched),
+        }  # fmt: skip
         atomic_write_bytes(args.output, json.dumps(payload, indent=1).encode())
         print(json.dumps(payload["norms"], indent=1))
         return payload

@@ -117,7 +117,14 @@ def evaluate_discovery_model(cfg, model, fit_dataset: str = FIT_DATASET, eval_da
 
 
 def run_discovery_method(
-    name: str, config_path: str, trained: bool, output_dir: str, seed: int, max_iter: int = 0, opts=(), eval_every: int = 0
+    name: str,
+    config_path: str,
+    trained: bool,
+    output_dir: str,
+    seed: int,
+    max_iter: int = 0,
+    opts=(),
+    eval_every: int = 0,
 ):
     """One (method, seed) run: ``{"method", "seed", "metrics", "iterations", "seconds", "loss_curve"}``; with
     ``eval_every`` also ``"metric_curve"``: the same metrics of the checkpoints saved every ``eval_every``
@@ -180,7 +187,9 @@ def summarize_runs(runs):
         entry["seconds_mean"] = float(np.mean([r["seconds"] for r in rs]))
         for m in METRICS:
             vals = np.array([r["metrics"][m] for r in rs], dtype=np.float64)
-            entry[m] = {"mean": float(vals.mean()), "std": float(vals.std()), "min": float(vals.min()), "max": float(vals.max())}
+            entry[m] = {
+                "mean": float(vals.mean()), "std": float(vals.std()), "min": float(vals.min()), "max": float(vals.max())
+            }
         summary[name] = entry
     return summary
 

@@ -32,8 +32,12 @@ def test_toyparts_landmarks_are_part_centroids(datasets_root):
 
 
 def test_loss_curve_keeps_the_latest_run(tmp_path):
-    lines = [{"iteration": 19, "total_loss": 9.0, "loss_a": 5.0}, {"iteration": 39, "total_loss": 8.0, "loss_a": 4.0},
-             {"iteration": 19, "total_loss": 7.0, "loss_a": 3.0, "lr": 0.1}, {"iteration": 20, "eval": 1.0}]  # fmt: skip
+    lines = [
+        {"iteration": 19, "total_loss": 9.0, "loss_a": 5.0},
+        {"iteration": 39, "total_loss": 8.0, "loss_a": 4.0},
+        {"iteration": 19, "total_loss": 7.0, "loss_a": 3.0, "lr": 0.1},
+        {"iteration": 20, "eval": 1.0},
+    ]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert read_loss_curve(str(tmp_path)) == [{"iteration": 19, "total_loss": 7.0, "loss_a": 3.0}]
     assert read_loss_curve(str(tmp_path / "missing")) == []
@@ -84,7 +88,8 @@ def test_partdistillation_checkpoint_scored_by_the_same_evaluators(datasets_root
     from part_distillation.engine import load_cfg
     from part_distillation.evaluation.discovery_benchmark import METRICS
 
-    spec = importlib.util.spec_from_file_location("bench_discovery", os.path.join(REPO_ROOT, "benchmarks", "discovery.py"))
+    path = os.path.join(REPO_ROOT, "benchmarks", "discovery.py")
+    spec = importlib.util.spec_from_file_location("bench_discovery", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     opts = tiny_quick_opts(tmp_path, 1)

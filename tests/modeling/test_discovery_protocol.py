@@ -92,7 +92,6 @@ def test_independent_warps_move_both_views(smooth_record):
         valid1 = out["valid1"]
         # view 1 itself is warped (not the base view) ...
         moved += int((v1 - base).abs()[:, valid1].mean() > 5.0)
-        assert valid1.float().mean() < 1.0 or (v1 - base).abs().mean() > 5.0
         # ... and ``transform`` still maps view 1 onto view 2 where both come from the base view
         inner = out["valid2"].clone()
         inner[1:-1, 1:-1] &= out["valid2"][:-2, 1:-1] & out["valid2"][2:, 1:-1]
@@ -130,7 +129,8 @@ def _inputs():
     g = torch.Generator().manual_seed(0)
     fg = torch.zeros(16, 16, dtype=torch.bool)
     fg[3:13, 2:14] = True
-    return [{"image": torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g), "fg_mask": fg} for _ in range(2)]
+    images = [torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(2)]
+    return [{"image": image, "fg_mask": fg} for image in images]
 
 
 def test_choudhury_losses_use_the_jittered_copy():
