@@ -39,6 +39,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_part_distillation_model_config(cfg)
     _add_visualization_config(cfg)
     _add_paper_path_config(cfg)
+    _add_discovery_protocol_config(cfg)
     return cfg
 
 
@@ -691,3 +692,20 @@ def _add_visualization_config(cfg: CN) -> None:
     cfg.VIS.NUM_PREDICTION_IMAGES = 0
     # Also log them to Weights & Biases (only when the wandb package is installed and a run is active).
     cfg.VIS.WANDB = False
+
+def _add_discovery_protocol_config(cfg: CN) -> None:
+    # Part-discovery protocol switches (issue 17).
+    # Adam/AdamW (beta1, beta2) (SOLVER.OPTIMIZER "ADAMW"); torch's default (0.9, 0.999). PartFormer (Xia et al.
+    # 2024) trains with (0.9, 0.95).
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Paired views: True = each view is the (flipped) base view under its own random similarity (PartFormer §4.3,
+    # "each input image twice"); False = view 1 is the base view and only view 2 is warped.
+    cfg.INPUT.PAIRED_VIEW.INDEPENDENT_WARPS = False
+    # Choudhury et al. 2021: L_f, L_v, L_c on the predictions of the colour-jittered copy (the one whose detached,
+    # warped prediction is also the L_e target), as the method does; False = on the un-jittered image (a third,
+    # gradient-free pass then gives the L_e target).
+    cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LOSSES_ON_JITTERED = True
+    # A config whose head takes its background from a fg mask (Choudhury et al., the K-means and DFF baselines)
+    # refuses training/test records without one (no fg_mask_file, sem_seg_file_name, parsing_file_name or
+    # annotations); False = every pixel is foreground there (the background becomes one of the K parts).
+    cfg.MODEL.PART_DISCOVERY.REQUIRE_FG_MASK = True

@@ -22,6 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 from part_distillation.data.pseudo_labels import atomic_write_bytes
 from part_distillation.engine import Trainer, check_runtime, load_cfg, run_cli
+from part_distillation.evaluation.discovery_benchmark import METHODS as DISCOVERY_METHODS
 from part_distillation.utils.compat import quiet_upstream_warnings
 
 quiet_upstream_warnings()
@@ -29,14 +30,8 @@ quiet_upstream_warnings()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 DATASET = "toyparts_parts_val"
-# name → (config, trained?)
-METHODS = {
-    "kmeans": ("discovery/baselines/kmeans_toyparts.yaml", False),
-    "dff": ("discovery/baselines/dff_toyparts.yaml", False),
-    "choudhury21": ("discovery/choudhury21/toyparts.yaml", True),
-    "partformer": ("discovery/partformer/toyparts.yaml", True),
-    "mpae": ("discovery/mpae/toyparts.yaml", True),
-}
+# name → (config, trained?), shared with benchmarks/discovery.py (several seeds, loss curves, landmark NME)
+METHODS = dict(DISCOVERY_METHODS)
 STAGE4_CONFIG = "quick_schedules/stage4_distillation_toyparts.yaml"
 METRICS = ("NMI", "ARI", "FG-NMI", "FG-ARI")
 logger = logging.getLogger("part_distillation.discovery_table")

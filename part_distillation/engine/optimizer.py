@@ -79,7 +79,10 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         )
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
-        optim_cls, kwargs = torch.optim.AdamW, {}
+        betas = tuple(float(b) for b in cfg.SOLVER.BETAS)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"SOLVER.BETAS={list(cfg.SOLVER.BETAS)!r}: give two values in [0, 1), e.g. (0.9, 0.95).")
+        optim_cls, kwargs = torch.optim.AdamW, {"betas": betas}
     elif name == "SGD":
         optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
     else:

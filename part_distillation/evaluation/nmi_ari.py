@@ -29,11 +29,18 @@ DeepFashion ``parsing_file_name``, or its part annotations painted in order (lab
 background 0). The background label is the metadata ``background_label`` (PartImageNet-Seg 40,
 DeepFashion 0; painted annotations 0); ``ignore_label`` (default 255) pixels are left out.
 * NMI/ARI: all non-ignored pixels, predicted labels as they are (background included);
-* FG-NMI/ARI: GT-foreground pixels only; the predicted label is the argmax over the K foreground
-  channels of ``part_probs`` when given (background impossible, spec §1.2/§1.3 "argmax of the K part
-  logits"), else ``part_seg`` (a foreground pixel predicted as background keeps label 0).
+* FG-NMI/ARI: GT-foreground pixels only; the predicted label is the argmax over the K part scores
+  (background impossible; Choudhury et al. 2021 §4.1, "on foreground pixels only"): of
+  ``part_fg_probs`` [K, H, W] when given (the part distribution before any fg mask, which the discovery
+  meta-architecture returns), else of the foreground channels of ``part_probs``, else ``part_seg`` (a
+  foreground pixel predicted as background keeps label 0). Masked ``part_probs`` alone would send every
+  pixel outside the mask to part 1 (all K channels 0 there).
 Predictions are compared at GT resolution (nearest resize of the prediction), or, with ``eval_size``,
-both are resized (nearest) to that square grid (protocol B/C: 128).
+both are resized (nearest) to that square grid (protocol B/C: 128). When the input was cropped around an
+object (the view mappers' ``crop_box`` (x0, y0, x1, y1), original pixels), the GT is cropped to the same box
+first, and the box's pixels outside the image are ignored: NMI/ARI and FG-NMI/ARI are computed inside the crop
+(Choudhury et al. 2021 appendix, PASCAL-Part: "we also crop the image to the target objects' bounding boxes
+for NMI/ARI calculation (but evaluate *with* background pixels in this case)").
 
 Keypoint-based GT (evaluator type ``part_keypoints``; CUB, CelebA/MAFL; spec §1.2): each visible
 landmark (visibility > 0.5) is one sample with GT label = its landmark index; its predicted label is the
@@ -72,6 +79,7 @@ __all__ = [
     "paint_part_instances",
     "predicted_part_maps",
     "sample_at_points",
+    "crop_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,14 +197,31 @@ def predicted_part_maps(output: dict):
         full = paint_part_instances(output["part_instances"])
     else:
         raise KeyError("outputs carry neither 'part_seg' nor 'part_instances'")
+    fg_probs = output.get("part_fg_probs")
     probs = output.get("part_probs")
-    if probs is not None and probs.shape[0] > 1:
+    if fg_probs is not None:  # unmasked part scores (module docstring)
+        fg = torch.as_tensor(fg_probs).detach().cpu().argmax(dim=0) + 1
+        if tuple(fg.shape) != tuple(full.shape):
+            fg = _resize_labels(fg, full.shape)
+    elif probs is not None and probs.shape[0] > 1:
         fg = torch.as_tensor(probs).detach().cpu()[1:].argmax(dim=0) + 1
         if tuple(fg.shape) != tuple(full.shape):
             fg = _resize_labels(fg, full.shape)
     else:
         fg = full
     return full, fg
+
+
+def crop_labels(labels: np.ndarray, box, fill: int) -> np.ndarray:
+    """``labels[y0:y1, x0:x1]`` for an integer box (x0, y0, x1, y1) that may extend past the image; the part
+    outside the image is ``fill``."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h, w = labels.shape[:2]
+    out = np.full((max(y1 - y0, 1), max(x1 - x0, 1)), fill, dtype=labels.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = labels[sy0:sy1, sx0:sx1]
+    return out
 
 
 def _resize_labels(labels: torch.Tensor, size) -> torch.Tensor:
@@ -324,6 +349,8 @@ class PartNMIARIEvaluator(DatasetEvaluator):
 
     def _process_masks(self, inp, full, fg):
         gt, background, ignore = self._gt_label_map(inp)
+        if inp.get("crop_box") is not None:
+            gt = crop_labels(gt, inp["crop_box"], ignore)
         gt = torch.from_numpy(gt)
         size = (self.eval_size, self.eval_size) if self.eval_size > 0 else tuple(gt.shape)
         gt = _resize_labels(gt, size).numpy()

@@ -188,7 +188,7 @@ def test_head_from_plain_args_and_aspp_shape():
 
 @pytest.fixture(scope="module")
 def quick_model():
-    return build_model(load_cfg(QUICK)).eval()
+    return build_model(load_cfg(QUICK, ["MODEL.PART_DISCOVERY.REQUIRE_FG_MASK", "False"])).eval()
 
 
 def test_inference_canonical_layout(quick_model):

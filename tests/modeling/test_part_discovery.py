@@ -44,7 +44,8 @@ K = 4
 
 
 def _cfg(name, opts=()):
-    return load_cfg(CONFIGS[name], ["INPUT.PAIRED_VIEW.IMAGE_SIZE", str(SIZE), *opts])
+    # REQUIRE_FG_MASK False: the fixtures mix inputs with and without fg masks on purpose
+    return load_cfg(CONFIGS[name], ["INPUT.PAIRED_VIEW.IMAGE_SIZE", str(SIZE), "MODEL.PART_DISCOVERY.REQUIRE_FG_MASK", "False", *opts])
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,12 @@
 """Paired-view mapper for the reconstruction / equivariance part-discovery heads, plus its geometry.
 
-View 1 is the (optionally bbox-cropped) image resized to a square ``image_size``, flipped at random when
-training. View 2 is view 1 warped by a random similarity transform ``A`` (scale, rotation about the image
-centre, translation), as in PartFormer (Xia et al., TPAMI 2024, seed 003: "randomly scale (±5%), rotate
-(±15°) and translate (±5px) each input image"). Choudhury et al. (NeurIPS 2021, seeds 002/004) draw their
+The base view is the (optionally bbox-cropped) image resized to a square ``image_size``, flipped at random
+when training. By default view 1 is the base view and view 2 the base view warped by a random similarity
+transform ``A`` (scale, rotation about the image centre, translation). With ``independent_warps``
+(``INPUT.PAIRED_VIEW.INDEPENDENT_WARPS``) each view is the base view under its own random similarity, ``A1``
+and ``A2``, as PartFormer (Xia et al., TPAMI 2024, §4.3: "randomly scale (±5%), rotate (±15°) and translate
+(±5px) each input image" twice); ``transform`` is then ``A = A2 · A1⁻¹`` (view 1 → view 2) and ``valid1``
+marks the view-1 pixels that come from inside the base view. Choudhury et al. (NeurIPS 2021) draw their
 equivariance warp (TPS around a similarity, rotation ±60°, zoom [0.7, 2], ±10% shift) on the GPU inside
 the model; for that head use this mapper's view 1 (and fg mask) and ignore view 2, or set the ranges
 wide.
@@ -187,8 +190,10 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
     ``supervisedlabels``) is foreground where > 0, otherwise where ≥ 128 (e.g. CUB's soft 0–255
     segmentations; colour masks use their brightest channel). ``sem_seg_file_name`` (used when there is
     no ``fg_mask_file``): a label map, foreground where the label is neither 0 (background) nor
-    ``sem_seg_ignore_value``; for colour-coded maps, where any channel is non-zero. Otherwise, the union of
-    the record's (non-crowd) ``annotations`` masks, when it has any with a ``segmentation``.
+    ``sem_seg_ignore_value``; for colour-coded maps, where any channel is non-zero. ``parsing_file_name``
+    (DeepFashion's colour-coded ``_segment.png``, Choudhury et al. 2021 train on its foreground): decoded with
+    the dataset's palette, foreground where the label is not 0 (black). Otherwise, the union of the record's
+    (non-crowd) ``annotations`` masks, when it has any with a ``segmentation``.
     Raises OSError/ValueError for an unreadable file or a size that differs from the image.
     """
     if dataset_dict.get("fg_mask_file"):
@@ -207,6 +212,11 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
             fg = (arr[..., :3] != 0).any(axis=2)
         else:
             fg = (arr != 0) & (arr != sem_seg_ignore_value)
+    elif dataset_dict.get("parsing_file_name"):
+        from ..datasets.deepfashion import decode_parsing
+
+        path = dataset_dict["parsing_file_name"]
+        fg = decode_parsing(path) != 0
     elif any("segmentation" in a for a in dataset_dict.get("annotations", [])):
         # instance/part annotations (toyparts, PartImageNet, COCO-style): the GT foreground is their union
         fg = np.zeros(tuple(image_hw), dtype=bool)
@@ -378,6 +388,7 @@ _PAIRED_VIEW_KEYS = {
     "rotation": "ROTATION",
     "translation": "TRANSLATION",
     "warp_fill": "WARP_FILL",
+    "independent_warps": "INDEPENDENT_WARPS",
 }
 
 
@@ -454,7 +465,8 @@ class PairedViewDatasetMapper:
 
     Output (training):
       ``image``, ``image2``: uint8 C×S×S (``image_format`` channel order); ``fg_mask``, ``fg_mask2``:
-      bool S×S (only when the record has a mask); ``valid2``: bool S×S, view-2 pixels that come from
+      bool S×S (only when the record has a mask); ``valid1`` (``independent_warps`` only): bool S×S, view-1
+      pixels that come from inside the base view; ``valid2``: bool S×S, view-2 pixels that come from
       inside view 1; ``transform``: float32 2×3 ``A``, view-1 → view-2 pixel coordinates (module
       docstring); ``orig_transform``: float32 2×3, original-image → view-1 pixel coordinates (crop,
       resize and flip); ``flipped``; ``crop_box`` (x0, y0, x1, y1) in original pixels or None;
@@ -482,6 +494,7 @@ class PairedViewDatasetMapper:
         bbox_jitter: float = 0.05,
         crop_fill: int = 255,
         warp_fill: int = 0,
+        independent_warps: bool = False,
     ):
         """
         Args:
@@ -494,6 +507,7 @@ class PairedViewDatasetMapper:
             bbox_margin, bbox_square, bbox_jitter: see :func:`object_crop_box`; jitter is training-only.
             crop_fill: grey level of crop pixels outside the image (Choudhury: white).
             warp_fill: grey level of view-2 pixels outside view 1 (PartFormer's cv2 border: black).
+            independent_warps: warp both views, each by its own random similarity (module docstring).
         """
         _init_view_args(
             self, is_train=is_train, image_format=image_format, image_size=image_size, flip_prob=flip_prob,
@@ -513,6 +527,7 @@ class PairedViewDatasetMapper:
         self.scale, self.rotation, self.translation = float(scale), float(rotation), float(translation)
         self.flip_prob = float(flip_prob)
         self.warp_fill = int(warp_fill)
+        self.independent_warps = bool(independent_warps)
         logger.info(
             "%s (%s): size %d, scale ±%g, rotation ±%g°, translation ±%g px, flip %g, "
             "bbox crop %s (margin %g, square %s, jitter %g)",
@@ -558,8 +573,22 @@ class PairedViewDatasetMapper:
             dataset_dict["transform"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
             return dataset_dict
 
+        base, base_mask = dataset_dict["image"], dataset_dict.get("fg_mask")
         a = random_similarity((size, size), self.scale, self.rotation, self.translation)
-        image2, mask2, valid2 = self.warp_view(dataset_dict["image"], dataset_dict.get("fg_mask"), a)
+        image2, mask2, valid2 = self.warp_view(base, base_mask, a)
+        if self.independent_warps:
+            # view 1 = base under A1, view 2 = base under A2 (drawn above): A = A2 · A1⁻¹ maps view 1 → view 2
+            a1 = random_similarity((size, size), self.scale, self.rotation, self.translation)
+            image1, mask1, valid1 = self.warp_view(base, base_mask, a1)
+            dataset_dict.update({"image": image1, "valid1": valid1})
+            if mask1 is not None:
+                dataset_dict["fg_mask"] = mask1
+            a = (_to3x3(a) @ _to3x3(invert_affine(a1)))[:2]
+            # view-2 pixels must also come from a valid view-1 pixel
+            back = warp_to_view2(valid1[None, None].float(), a, mode="nearest")[0, 0] > 0.5
+            valid2 = valid2 & back
+            if mask2 is not None:
+                mask2 = mask2 & valid2
         dataset_dict.update({"image2": image2, "valid2": valid2, "transform": torch.as_tensor(a, dtype=torch.float32)})
         if mask2 is not None:
             dataset_dict["fg_mask2"] = mask2

@@ -20,7 +20,15 @@ Registered names:
 
 * ``pascal_part_{train,val}``: ``annotations`` = objects (category_id = VOC class index 0..19),
   ``part_annotations`` = parts (category_id 0..49, ``object_index`` into ``annotations``);
-* ``pascal_part_parts_{train,val}``: ``annotations`` = parts, ``object_annotations`` = objects.
+* ``pascal_part_parts_{train,val}``: ``annotations`` = parts, ``object_annotations`` = objects;
+* ``pascal_part_crops_<class>_{train,val}`` (one per VOC class, e.g. ``pascal_part_crops_sheep_train``): the
+  per-class object-crop view of Choudhury et al. 2021 (appendix, "PASCAL-Part": one model per category, "only
+  ... images for which the respective object category occupies at least 20% of the image (measured by its
+  bounding box) during training and evaluation"; NMI/ARI and FG-NMI/ARI inside the object's crop). One record
+  per object of the class whose bbox covers ≥ :data:`CROP_MIN_BBOX_AREA` of the image: the top-level ``bbox``
+  (XYWH) is the object's, so the paired-view / keypoint mappers crop around it; ``annotations`` = that object's
+  parts only (their union is the training fg mask; other objects are background); ``object_annotations`` = the
+  object. ``image_id`` is ``<VOC id>_<object index>``. See :func:`object_crop_records`.
 
 Every annotation has a split-unique ``id``; objects carry ``object_id`` = their own id and parts
 the id of their object (as toyparts does). Nothing is read at import time: the root comes from
@@ -41,7 +49,15 @@ import numpy as np
 from detectron2.structures import BoxMode
 
 from ...utils.errors import DatasetNotFoundError
-from .common import dataset_root, readme_hint, register_part_views, require, sync_metadata, view_name
+from .common import (
+    dataset_root,
+    readme_hint,
+    register_part_views,
+    replace_registration,
+    require,
+    sync_metadata,
+    view_name,
+)
 
 __all__ = [
     "PASCAL_OBJECT_CLASSES",
@@ -60,6 +76,8 @@ __all__ = [
     "sync_metadata",
     "log_drop_summary",
     "default_pascal_part_root",
+    "object_crop_records",
+    "CROP_MIN_BBOX_AREA",
 ]
 
 logger = logging.getLogger(__name__)
@@ -490,6 +508,58 @@ def load_pascal_part(root, split, parts_view=False, merge_parts=True, dataset_na
     return records
 
 
+# Objects whose bounding box covers less of the image are left out of the crop view (Choudhury et al. 2021
+# appendix: "at least 20% of the image ... during training and evaluation").
+CROP_MIN_BBOX_AREA = 0.2
+
+
+def object_crop_records(records, object_category, min_bbox_area=CROP_MIN_BBOX_AREA, dataset_name="pascal_part"):
+    """Objects-view records → one record per object of ``object_category`` whose XYWH box covers at least
+    ``min_bbox_area`` of its image (module docstring, ``pascal_part_crops_<class>_<split>``)."""
+    out = []
+    counts = collections.Counter()
+    for r in records:
+        image_area = float(r["height"]) * float(r["width"])
+        for index, obj in enumerate(r["annotations"]):
+            if int(obj["category_id"]) != int(object_category):
+                continue
+            x, y, w, h = (float(v) for v in obj["bbox"])
+            if w * h < min_bbox_area * image_area:
+                counts[f"objects under {min_bbox_area:.0%} of the image"] += 1
+                continue
+            parts = [dict(p) for p in r.get("part_annotations", []) if p.get("object_index") == index]
+            if not parts:
+                counts["objects without parts"] += 1
+                continue
+            out.append(
+                {
+                    "file_name": r["file_name"],
+                    "image_id": f"{r['image_id']}_{index}",
+                    "height": r["height"],
+                    "width": r["width"],
+                    "bbox": [x, y, w, h],
+                    "bbox_mode": BoxMode.XYWH_ABS,
+                    "annotations": parts,
+                    "object_annotations": [dict(obj)],
+                    "object_category_id": int(object_category),
+                }
+            )
+    log_drop_summary(dataset_name, {"objects kept": len(out), **counts})
+    return out
+
+
+def _load_crops(name, split, object_category, root, merge_parts):
+    records = load_pascal_part(root or default_pascal_part_root(), split, False, merge_parts, dataset_name=name)
+    return object_crop_records(records, object_category, CROP_MIN_BBOX_AREA, dataset_name=name)
+
+
+def _crop_metadata(root, split, object_category, merge_parts):
+    meta = _metadata(root, split, True, merge_parts)
+    meta.update(object_class=PASCAL_OBJECT_CLASSES[object_category], min_bbox_area=CROP_MIN_BBOX_AREA,
+                background_label=0, evaluator_type="part_nmi_ari")  # fmt: skip
+    return meta
+
+
 def register_pascal_part(root=None, merge_parts=True):
     """Register the four Pascal-Part views; ``root=None`` resolves the root at load time.
 
@@ -500,6 +570,14 @@ def register_pascal_part(root=None, merge_parts=True):
         functools.partial(load_pascal_part, merge_parts=merge_parts),
         functools.partial(_metadata, merge_parts=merge_parts),
     )  # fmt: skip
+    for split in _SPLITS:
+        for category, object_class in enumerate(PASCAL_OBJECT_CLASSES):
+            name = f"pascal_part_crops_{object_class}_{split}"
+            replace_registration(
+                name,
+                functools.partial(_load_crops, name, split, category, root, merge_parts),
+                _crop_metadata(root or default_pascal_part_root(), split, category, merge_parts),
+            )
 
 
 register_pascal_part()

@@ -15,12 +15,17 @@ Inference, per image, at the input's ``height`` × ``width`` (default: the image
 canonical layout (spec §0, §7):
 
 * ``part_seg``: [H, W] long, 0 = background, 1..K = parts;
-* ``part_probs``: [K+1, H, W] float, summing to 1 over channels (``MODEL.PART_DISCOVERY.RETURN_PROBS``).
+* ``part_probs``: [K+1, H, W] float, summing to 1 over channels (``MODEL.PART_DISCOVERY.RETURN_PROBS``);
+* ``part_fg_probs``: [K, H, W] float, the head's part distribution *before* any fg mask is applied (with
+  ``RETURN_PROBS``). FG-NMI/FG-ARI score the part assignment of GT-foreground pixels (Choudhury et al. 2021
+  §4.1, "on foreground pixels only"), i.e. the argmax of these K part scores, unmasked: with the masked
+  ``part_probs`` every pixel outside the mask would score 0 on every part and fall to part 1.
 
 For heads that take the background from a given fg mask (``external_background``; Choudhury et al. and
 the baselines) the probabilities are ``[1 − m, m · P]`` with P the head's part distribution (spec §3.6:
 ``argmax([1 − m, m·P])``), so every pixel outside ``fg_mask`` is 0 and every pixel inside is a part.
-Without an ``fg_mask`` the head's own channel 0 is used (0 for the baselines: every pixel is a part).
+Without an ``fg_mask`` the head's own channel 0 is used (0 for the baselines: every pixel is a part); such
+inputs are refused (:class:`ConfigError`) unless ``MODEL.PART_DISCOVERY.REQUIRE_FG_MASK`` is False.
 The mask is applied at the image's (mapper output) resolution; when ``height``/``width`` differ from it, the
 probabilities are then resized bilinearly and ``part_seg`` is their argmax.
 """
@@ -64,6 +69,7 @@ class PartDiscovery(nn.Module):
         pixel_std,
         input_format: str = "RGB",
         return_probs: bool = True,
+        require_fg_mask: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -76,6 +82,7 @@ class PartDiscovery(nn.Module):
             self.backbone.eval()
         self.input_format = input_format
         self.return_probs = bool(return_probs)
+        self.require_fg_mask = bool(require_fg_mask)
         self.size_divisibility = max(int(getattr(backbone, "size_divisibility", 0) or 0), 1)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
@@ -92,6 +99,7 @@ class PartDiscovery(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
             "return_probs": pd.RETURN_PROBS,
+            "require_fg_mask": pd.REQUIRE_FG_MASK,
         }
 
     @property
@@ -135,9 +143,24 @@ class PartDiscovery(nn.Module):
                 given[i] = True
         return images, raw_images, valid, fg, given
 
+    def _check_fg_masks(self, batched_inputs: List[dict]) -> None:
+        """With ``require_fg_mask``, refuse inputs without ``fg_mask`` for a head that takes its background
+        from one (a silent whole-image foreground would train and score a different task)."""
+        if not (self.require_fg_mask and self.head.needs_fg_mask):
+            return
+        for x in batched_inputs:
+            if x.get("fg_mask") is None:
+                raise ConfigError(
+                    f"{x.get('file_name', x.get('image_id'))!r}: MODEL.PART_DISCOVERY.HEAD={type(self.head).__name__!r} "
+                    "takes its background from a foreground mask, but the record gives none (fg_mask_file, "
+                    "sem_seg_file_name, parsing_file_name or part annotations); add one to the records, or set "
+                    "MODEL.PART_DISCOVERY.REQUIRE_FG_MASK False to treat every pixel as foreground."
+                )
+
     def prepare(self, batched_inputs: List[dict]) -> DiscoveryBatch:
         """Normalise, pad and collect view 1 (and view 2 when every input has ``image2``)."""
-        images, raw, valid, fg, given = self._view(batched_inputs, "image", "fg_mask", None)
+        self._check_fg_masks(batched_inputs)
+        images, raw, valid, fg, given = self._view(batched_inputs, "image", "fg_mask", "valid1")
         batch = DiscoveryBatch(
             inputs=batched_inputs, images=images, raw_images=raw, valid=valid, fg_masks=fg, fg_given=given,
             input_format=self.input_format, features_of=self.features_of,
@@ -159,7 +182,8 @@ class PartDiscovery(nn.Module):
                     "parameters); evaluate it with `tools/train_net.py --eval-only`."
                 )
             batch = self.prepare(batched_inputs)
-            losses = self.head.losses(self.features_of(batch.images.tensor), batch)
+            features = self.features_of(batch.images.tensor) if self.head.needs_view1_features else {}
+            losses = self.head.losses(features, batch)
             if not losses:
                 raise RuntimeError(f"{type(self.head).__name__}.losses returned no loss.")
             return losses
@@ -183,9 +207,9 @@ class PartDiscovery(nn.Module):
         for i, x in enumerate(batch.inputs):
             h, w = batch.images.image_sizes[i]
             s = scores[i, :, :h, :w]
+            parts = s[1:] + _EPS
+            parts = parts / parts.sum(0, keepdim=True)
             if self.head.external_background and bool(batch.fg_given[i]):
-                parts = s[1:] + _EPS
-                parts = parts / parts.sum(0, keepdim=True)
                 m = batch.fg_masks[i, :h, :w].float()[None]
                 probs = torch.cat([1 - m, m * parts])
             else:
@@ -196,8 +220,10 @@ class PartDiscovery(nn.Module):
             height, width = int(x.get("height", h)), int(x.get("width", w))
             if (height, width) != (h, w):
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+                parts = F.interpolate(parts[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             out = {"part_seg": probs.argmax(0)}
             if self.return_probs:
                 out["part_probs"] = probs
+                out["part_fg_probs"] = parts
             results.append(out)
         return results

@@ -8,15 +8,18 @@ channel: the background is the given fg mask (``external_background``; spec §3.
 
 Training (:meth:`Choudhury21Head.losses`, spec §3.2–3.4), per batch of view-1 images I with fg masks m:
 
-* P = softmax of the logits of the un-jittered I (the meta-architecture's ``features``), bilinearly
-  upsampled to the image (``align_corners=True``, as the reference);
+* P = softmax of the logits of cj1, a colour-jittered copy of I (see L_e), bilinearly upsampled to the image
+  (``align_corners=True``, as the reference); the targets (φ, Lab) come from the un-jittered I. With
+  ``LOSSES_ON_JITTERED False`` P is computed on the un-jittered I (the meta-architecture's ``features``) and
+  the L_e target from a third, gradient-free pass on cj1;
 * φ = the frozen perceptual network's taps (``PERCEPTUAL.LAYERS`` × ``LAYER_WEIGHTS``: VGG19 relu3_2 × 0.33
   and relu5_4 × 1, or the EfficientNet-Lite0 stand-in) upsampled to the image and concatenated, no grad;
 * L_f = Σ_batch part_consistency(P, φ, m); L_v = mean_batch part_consistency(P, Lab(I), m);
   L_c = contrastive loss of the part descriptors of φ (τ = 0.19, positives from a random other image);
 * L_e: two independent colour-jittered copies cj1, cj2 of I (brightness/contrast 0.3, saturation/hue 0.2
   with p = 0.8, then grayscale with p = 0.2; torchvision's ColorJitter semantics, written in torch, on the
-  GPU) and a random warp T; target = T(logits(cj1)) (detached, warped before the softmax), prediction =
+  GPU) and a random warp T; target = T(logits(cj1)) (the same forward pass as P, detached, warped before
+  the softmax), prediction =
   logits(T(cj2)), weighted by T(m). T is a thin-plate spline through a 5×5 control grid jittered by
   U(±σ), σ = 0.01, composed with a random similarity: rotation U(±60°), zoom U[0.7, 2.0] (its inverse
   ``U(1/2, 1/0.7)`` scales the target → source grid), translation U(±0.1) (normalised coordinates); sampled
@@ -281,6 +284,7 @@ class Choudhury21Head(PartHead):
         jitter_prob: float = 0.8,
         grayscale_prob: float = 0.2,
         seed: int = 0,
+        losses_on_jittered: bool = True,
     ):
         """
         Args:
@@ -297,6 +301,9 @@ class Choudhury21Head(PartHead):
             kl_mode: "forward" (code: KL(T(f(I)) ‖ f(T(I))), target detached) or "symmetric" (paper eq. 5,
                 no stop-gradient).
             use_lab: L_v on CIE-Lab (reference ``use_lab: true``) instead of RGB in [0, 1].
+            losses_on_jittered: L_f, L_v, L_c on the prediction of the colour-jittered copy cj1, whose
+                detached warp is also the L_e target (two segmenter passes per step, as the method); False:
+                on the un-jittered image (three passes).
             Others: see the module docstring and ``MODEL.PART_DISCOVERY.CHOUDHURY21``.
         """
         super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
@@ -335,6 +342,7 @@ class Choudhury21Head(PartHead):
             p=float(jitter_prob), grayscale_p=float(grayscale_prob),
         )  # fmt: skip
         self.generator = torch.Generator().manual_seed(int(seed) + comm.get_rank())
+        self.losses_on_jittered = bool(losses_on_jittered)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -376,6 +384,7 @@ class Choudhury21Head(PartHead):
             "jitter_prob": c.JITTER_PROB,
             "grayscale_prob": c.GRAYSCALE_PROB,
             "seed": c.SEED,
+            "losses_on_jittered": c.LOSSES_ON_JITTERED,
         }
 
     # ------------------------------------------------------------------ pieces
@@ -414,6 +423,11 @@ class Choudhury21Head(PartHead):
             x = x.flip(1)
         return (x - self.pixel_mean) / self.pixel_std
 
+    @property
+    def needs_view1_features(self) -> bool:
+        """Whether :meth:`losses` reads the meta-architecture's features of the un-jittered view 1."""
+        return not self.losses_on_jittered
+
     # ------------------------------------------------------------------ training
     def losses(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> Dict[str, torch.Tensor]:
         if batch.input_format not in ("RGB", "BGR"):
@@ -421,7 +435,12 @@ class Choudhury21Head(PartHead):
         hw = batch.padded_hw
         b = len(batch)
         fg = batch.fg_masks.float()
-        logits = self.logits(features, hw)
+        rgb = self._rgb01(batch.raw_images.float(), batch.input_format)
+        if self.losses_on_jittered:
+            cj1 = self._normalize(color_jitter(rgb, self.generator, **self.jitter_args), batch.input_format)
+            logits = self.logits(batch.features_of(cj1), hw)
+        else:
+            logits = self.logits(features, hw)
         probs = F.softmax(logits.float(), dim=1)
         lam = self.lambdas
         out = {}
@@ -438,23 +457,30 @@ class Choudhury21Head(PartHead):
                 out["loss_contrastive"] = lam["contrastive"] * contrastive_loss(
                     z, positives, self.temperature, self.own_image_negatives
                 )
-        rgb = self._rgb01(batch.raw_images.float(), batch.input_format)
         if lam["visual"] > 0:
             colours = rgb_to_lab(rgb) if self.use_lab else rgb
             out["loss_visual"] = lam["visual"] * part_consistency_loss(probs, colours, fg).mean()
         if lam["eqv"] > 0:
-            out["loss_eqv"] = lam["eqv"] * self._equivariance(rgb, fg, batch)
+            out["loss_eqv"] = lam["eqv"] * self._equivariance(rgb, fg, batch, logits if self.losses_on_jittered else None)
         if not out:  # λc only, with a single image
             out["loss_contrastive"] = logits.sum() * 0.0
         return out
 
-    def _equivariance(self, rgb: torch.Tensor, fg: torch.Tensor, batch: DiscoveryBatch) -> torch.Tensor:
+    def _equivariance(
+        self, rgb: torch.Tensor, fg: torch.Tensor, batch: DiscoveryBatch, logits1: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """L_e; ``logits1``: the segmenter's logits of cj1 when the caller already has them (else a pass on a
+        fresh cj1, gradient-free unless ``KL_MODE`` is symmetric)."""
         hw, fmt = batch.padded_hw, batch.input_format
-        cj1 = self._normalize(color_jitter(rgb, self.generator, **self.jitter_args), fmt)
+        if logits1 is None:
+            cj1 = self._normalize(color_jitter(rgb, self.generator, **self.jitter_args), fmt)
         cj2 = self._normalize(color_jitter(rgb, self.generator, **self.jitter_args), fmt)
         grid = random_warp_grid(len(batch), hw, self.generator, device=rgb.device, **self.warp_args)
-        with torch.set_grad_enabled(self.symmetric_kl and torch.is_grad_enabled()):
-            target = _warp(self.logits(batch.features_of(cj1), hw), grid)
+        if logits1 is not None:
+            target = _warp(logits1, grid)
+        else:
+            with torch.set_grad_enabled(self.symmetric_kl and torch.is_grad_enabled()):
+                target = _warp(self.logits(batch.features_of(cj1), hw), grid)
         if not self.symmetric_kl:
             target = target.detach()
         pred = self.logits(batch.features_of(_warp(cj2, grid)), hw)

@@ -12,7 +12,8 @@ Contract of a head (``MODEL.PART_DISCOVERY.HEAD`` names its class in the registr
   ``output_shape()``.
 * ``losses(features, batch) -> dict``: the already-weighted losses of one training step (the Trainer sums
   and logs them). ``features`` are the backbone outputs of view 1 (``batch.images``); a head that needs
-  the second view computes them with ``batch.features_of(batch.images2.tensor)``.
+  the second view computes them with ``batch.features_of(batch.images2.tensor)``. A head whose
+  ``needs_view1_features`` is False gets ``{}`` (the meta-architecture then skips that backbone pass).
 * ``inference(features, batch) -> Tensor [B, K+1, h, w]``: non-negative part *scores* on a grid that covers
   the padded batch (any resolution; the meta-architecture resizes them bilinearly). Channel 0 is the
   background, channels 1..K the parts (the canonical layout: heads whose reference code puts the
@@ -130,6 +131,18 @@ class PartHead(nn.Module, metaclass=abc.ABCMeta):
         """The ``from_config`` arguments every head takes: K, the backbone levels it reads and their shapes."""
         pd = cfg.MODEL.PART_DISCOVERY
         return {"num_parts": pd.NUM_PARTS, "feature_levels": pd.FEATURE_LEVELS, "input_shape": input_shape}
+
+    @property
+    def needs_fg_mask(self) -> bool:
+        """Whether every input must carry a ``fg_mask`` (checked with ``MODEL.PART_DISCOVERY.REQUIRE_FG_MASK``):
+        by default, the heads with ``external_background``."""
+        return bool(self.external_background)
+
+    @property
+    def needs_view1_features(self) -> bool:
+        """Whether :meth:`losses` reads ``features`` (the backbone outputs of the un-augmented view 1); a head
+        that computes its own (e.g. of a colour-jittered copy) returns False and gets an empty dict."""
+        return True
 
     @property
     def trainable(self) -> bool:

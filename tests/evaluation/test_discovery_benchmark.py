@@ -1,0 +1,102 @@
+"""The discovery benchmark's pieces: toyparts part-centre landmarks, loss curves, seed summaries (fast)."""
+
+import json
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from part_distillation.data.datasets.toyparts_landmarks import part_centre_keypoints
+from part_distillation.data.dataset_mappers.part_eval import decode_segmentation
+from part_distillation.evaluation.discovery_benchmark import format_summary, read_loss_curve, summarize_runs
+
+
+def test_toyparts_landmarks_are_part_centroids(datasets_root):
+    records = DatasetCatalog.get("toyparts_landmarks_val")
+    parts = DatasetCatalog.get("toyparts_parts_val")
+    assert [r["image_id"] for r in records] == [r["image_id"] for r in parts]
+    names = MetadataCatalog.get("toyparts_landmarks_val").keypoint_names
+    for r in records:
+        kps = np.asarray(r["keypoints"]).reshape(-1, 3)
+        assert kps.shape == (len(names), 3)
+        present = {a["category_id"] for a in r["annotations"]}
+        assert set(np.nonzero(kps[:, 2] > 0)[0]) == present
+        for c in present:
+            mask = np.zeros((r["height"], r["width"]), dtype=bool)
+            for a in r["annotations"]:
+                if a["category_id"] == c:
+                    mask |= decode_segmentation(a["segmentation"], r["height"], r["width"])
+            ys, xs = np.nonzero(mask)
+            assert kps[c, :2] == pytest.approx([xs.mean() + 0.5, ys.mean() + 0.5])
+    assert part_centre_keypoints({"height": 4, "width": 4, "annotations": []}, 2) == [0.0] * 6
+
+
+def test_loss_curve_keeps_the_latest_run(tmp_path):
+    lines = [
+        {"iteration": 19, "total_loss": 9.0, "loss_a": 5.0},
+        {"iteration": 39, "total_loss": 8.0, "loss_a": 4.0},
+        {"iteration": 19, "total_loss": 7.0, "loss_a": 3.0, "lr": 0.1},
+        {"iteration": 20, "eval": 1.0},
+    ]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert read_loss_curve(str(tmp_path)) == [{"iteration": 19, "total_loss": 7.0, "loss_a": 3.0}]
+    assert read_loss_curve(str(tmp_path / "missing")) == []
+
+
+def test_summary_mean_and_spread_over_seeds():
+    def run(method, seed, v):
+        metrics = {"NMI": v, "ARI": v, "FG-NMI": v, "FG-ARI": v + 1, "NME": 10 - v}
+        return {"method": method, "seed": seed, "metrics": metrics, "iterations": 5, "seconds": 2.0 * seed}
+
+    summary = summarize_runs([run("a", 0, 1.0), run("a", 1, 3.0), run("b", 0, 2.0)])
+    assert summary["a"]["FG-NMI"] == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0}
+    assert summary["a"]["seconds_mean"] == 1.0 and summary["b"]["seeds"] == [0]
+    assert "| a | 2.0 ± 1.0 |" in format_summary(summary)
+
+
+def test_one_run_trains_scores_and_keeps_its_curves(datasets_root, tmp_path):
+    """The benchmark's unit of work on the tiny toyparts: 2 iterations of Choudhury et al., every metric (NMI,
+    ARI, FG-NMI, FG-ARI, landmark NME) from the one evaluator pass, the loss curve and a checkpoint's metrics."""
+    import os
+
+    from conftest import REPO_ROOT
+
+    from part_distillation.evaluation.discovery_benchmark import METHODS, METRICS, run_discovery_method
+
+    config, trained = METHODS["choudhury21"]
+    opts = ["INPUT.PAIRED_VIEW.IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2"]
+    run = run_discovery_method(
+        "choudhury21", os.path.join(REPO_ROOT, "configs", config), trained, str(tmp_path), 3, 2, opts, eval_every=1
+    )
+    assert run["iterations"] == 2 and run["seed"] == 3 and run["seconds"] > 0
+    assert set(run["metrics"]) == set(METRICS)
+    assert all(np.isfinite(v) for v in run["metrics"].values()), run["metrics"]
+    assert [c["iteration"] for c in run["metric_curve"]] == [1, 2]
+    assert run["metric_curve"][-1]["metrics"] == run["metrics"]
+
+
+def test_partdistillation_checkpoint_scored_by_the_same_evaluators(datasets_root, tmp_path):
+    """benchmarks/discovery.py --stage4-weights: a (random) stage-4 model's part_instances get every metric."""
+    import importlib.util
+    import os
+
+    import torch
+    from detectron2.modeling import build_model
+
+    from conftest import REPO_ROOT, tiny_quick_opts
+
+    from part_distillation.engine import load_cfg
+    from part_distillation.evaluation.discovery_benchmark import METRICS
+
+    path = os.path.join(REPO_ROOT, "benchmarks", "discovery.py")
+    spec = importlib.util.spec_from_file_location("bench_discovery", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = tiny_quick_opts(tmp_path, 1)
+    stage4 = load_cfg(os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml"), opts)
+    torch.manual_seed(0)
+    weights = str(tmp_path / "stage4.pth")
+    torch.save({"model": build_model(stage4).state_dict()}, weights)
+    run = bench._stage4_run(weights, str(tmp_path / "work"), opts)
+    assert run["method"] == "partdistillation" and set(run["metrics"]) == set(METRICS)
+    assert all(-100.0 <= run["metrics"][m] <= 100.0 for m in METRICS[:4])
