@@ -16,6 +16,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from ...structures.masks import segmentation_to_rle
+from ..image_io import read_image
 from ..validation import ERROR, check_image_file
 from .registry import DATASET_MAPPER_REGISTRY
 
@@ -28,13 +29,16 @@ def read_image_checked(dataset_dict: dict, image_format: str):
     """``(image, None)``, or ``(None, reason)`` when the file is missing, corrupt or degenerate.
 
     The validator's checks name *why* a read failed (truncated, 0 bytes, EXIF size mismatch, ...);
-    they only run on failure, so good images cost nothing extra.
+    they only run on failure, so good images cost nothing extra. Every PIL mode is decoded to 8 bits
+    (16-bit images are rescaled, not clipped; see ``part_distillation.data.image_io``).
     """
+    from PIL import Image
+
     file_name = dataset_dict["file_name"]
     try:
-        image = utils.read_image(file_name, format=image_format)
+        image = read_image(file_name, format=image_format)
         utils.check_image_size(dataset_dict, image)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for broken files
         expected_hw = (dataset_dict.get("height"), dataset_dict.get("width"))
         reasons = [f"{f.check}: {f.detail}" for f in check_image_file(file_name, expected_hw) if f.severity == ERROR]
         return None, "; ".join(reasons) or str(e)
