@@ -36,6 +36,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_vit_backbone_config(cfg)
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
+    _add_bad_input_config(cfg)
     return cfg
 
 
@@ -598,3 +599,12 @@ def _add_part_distillation_model_config(cfg: CN) -> None:
     # Inference: OR the masks of one object's queries that predict the same part class, keeping the best
     # score (reference _unique_assignment_with_classes: True).
     cfg.MODEL.PART_DISTILLATION.MERGE_SAME_CLASS = True
+
+
+def _add_bad_input_config(cfg: CN) -> None:
+    # Bad inputs (see tests/bad_inputs/README.md). A labelling run (stage 1/3) fails, and its store is marked
+    # unusable, when more than this fraction of its images is skipped (unreadable, mask size mismatch, ...);
+    # a run that labels no image with an object always fails. 1.0 = never fail on skips.
+    cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION = 0.5
+    # Training stops at the first non-finite loss, naming the iteration and the last checkpoint (0 = do not check).
+    cfg.SOLVER.CHECK_FINITE_LOSS = True

@@ -127,7 +127,7 @@ def main(args):
         dicts, indices, build_dataset_mapper(cfg, is_train=False),
         batch_size=batch, num_workers=cfg.DATALOADER.NUM_WORKERS,
     )  # fmt: skip
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer))
+    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]

@@ -220,7 +220,7 @@ def main(args):
     )  # fmt: skip
     indices = writer.pending_indices(rank=rank, world_size=world)
     loader = build_labelling_loader(dicts, indices, mapper, 1, cfg.DATALOADER.NUM_WORKERS)
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer))
+    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]

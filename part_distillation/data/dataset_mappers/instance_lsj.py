@@ -17,10 +17,11 @@ from detectron2.data import transforms as T
 
 from ...structures.masks import segmentation_to_rle
 from ..image_io import read_image
+from ..skips import note_skip, reason_key
 from ..validation import ERROR, check_image_file
 from .registry import DATASET_MAPPER_REGISTRY
 
-__all__ = ["InstanceLSJDatasetMapper", "read_image_checked", "read_image_or_none"]
+__all__ = ["InstanceLSJDatasetMapper", "read_image_checked", "read_image_or_none", "mask_size_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ def read_image_checked(dataset_dict: dict, image_format: str):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for broken files
         expected_hw = (dataset_dict.get("height"), dataset_dict.get("width"))
         reasons = [f"{f.check}: {f.detail}" for f in check_image_file(file_name, expected_hw) if f.severity == ERROR]
-        return None, "; ".join(reasons) or str(e)
+        return None, "; ".join(reasons) or f"unreadable_image: {type(e).__name__}: {e}"
     if min(image.shape[:2]) < 2:
-        return None, "degenerate image {}x{}".format(*image.shape[:2])
+        return None, "degenerate_image: {}x{} (HxW)".format(*image.shape[:2])
     return image, None
 
 
@@ -55,8 +56,18 @@ def read_image_or_none(dataset_dict: dict, image_format: str):
     """
     image, reason = read_image_checked(dataset_dict, image_format)
     if image is None:
-        logger.warning("Skipping unreadable image %s: %s", dataset_dict["file_name"], reason)
+        note_skip(reason_key(reason), dataset_dict["file_name"], reason.split(":", 1)[-1].strip())
     return image
+
+
+def mask_size_mismatch(annotations, height: int, width: int):
+    """A reason (str) if an annotation's RLE size is not ``(height, width)`` (the masks then belong to
+    another image or resolution: no crop or broadcast can place them), else None."""
+    for i, obj in enumerate(annotations):
+        segm = obj.get("segmentation")
+        if isinstance(segm, dict) and "size" in segm and [int(v) for v in segm["size"]] != [height, width]:
+            return f"annotation {i}: RLE size {list(segm['size'])} on a {height}x{width} image"
+    return None
 
 
 @DATASET_MAPPER_REGISTRY.register()
@@ -84,6 +95,10 @@ class InstanceLSJDatasetMapper:
         if image is None:
             return None
         height, width = image.shape[:2]
+        mismatch = mask_size_mismatch(dataset_dict.get("annotations", []), height, width)
+        if mismatch and self.is_train:
+            note_skip("mask_size_mismatch", dataset_dict["file_name"], mismatch)
+            return None
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
