@@ -606,5 +606,3 @@ def _add_bad_input_config(cfg: CN) -> None:
     # unusable, when more than this fraction of its images is skipped (unreadable, mask size mismatch, ...);
     # a run that labels no image with an object always fails. 1.0 = never fail on skips.
     cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION = 0.5
-    # Training stops at the first non-finite loss, naming the iteration and the last checkpoint (0 = do not check).
-    cfg.SOLVER.CHECK_FINITE_LOSS = True

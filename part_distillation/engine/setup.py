@@ -13,7 +13,10 @@ from detectron2.engine import default_setup
 from ..config import add_part_distillation_config
 from ..utils.errors import ConfigError, UserError
 
-__all__ = ["default_argument_parser", "load_cfg", "check_runtime", "setup_cfg", "run_cli", "run_worker"]
+__all__ = [
+    "default_argument_parser", "load_cfg", "check_runtime", "check_checkpoints", "check_checkpoint_file", "setup_cfg",
+    "run_cli", "run_worker",
+]
 
 _KEY_FILES = "part_distillation/config.py, mask2former/config.py and detectron2/config/defaults.py"
 
@@ -29,6 +32,8 @@ def load_cfg(config_file: str, opts=()):
 
     Unknown keys raise :class:`ConfigError` naming the key, where it came from and where keys live.
     """
+    import yaml
+
     cfg = get_cfg()
     add_part_distillation_config(cfg)
     if config_file:
@@ -38,6 +43,14 @@ def load_cfg(config_file: str, opts=()):
             cfg.merge_from_file(config_file)
         except KeyError as e:
             raise ConfigError(f"{config_file}: {e.args[0]}. Fix the key's spelling; valid keys are in {_KEY_FILES}.")
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"{config_file} is not valid YAML{where} ({problem}); fix the file's syntax.") from None
+        except (ValueError, AssertionError, TypeError, AttributeError, OSError) as e:  # type mismatch, bad _BASE_
+            message = str(e.args[0] if e.args else e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{config_file}: {message}. Valid keys and types are in {_KEY_FILES}.") from None
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
@@ -58,9 +71,58 @@ def _check_registered(cfg):
             raise ConfigError(f"{key}={name!r} is not registered; use one of: {known}.")
 
 
+# Config keys naming a checkpoint file to load; checked before any model is built.
+_CHECKPOINT_KEYS = ("MODEL.WEIGHTS", "MODEL.PROPOSAL.INIT_FROM", "MODEL.PART_DISTILLATION.INIT_FROM")
+_REMOTE_PREFIXES = ("detectron2://", "http://", "https://", "catalog://", "s3://", "gs://", "manifold://")
+
+
+def _cfg_value(cfg, key):
+    node = cfg
+    for k in key.split("."):
+        node = node.get(k) if hasattr(node, "get") else None
+    return node
+
+
+def check_checkpoint_file(path: str, key: str) -> None:
+    """One-line :class:`ConfigError` if checkpoint ``path`` (given by config ``key``) is missing or is not a
+    checkpoint: a PyTorch file is a zip archive (``torch.save``) or a pickle (legacy ``torch.save``,
+    detectron2's model-zoo ``.pkl``), so the first bytes and the zip directory tell a truncated or
+    unrelated file apart without unpickling anything."""
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{key}={path!r} does not exist; train the stage that writes it (its OUTPUT_DIR/model_final.pth), "
+            f"fix the path, or set {key} \"\"."
+        )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        ok = zipfile.is_zipfile(path)
+    else:
+        ok = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # pickle protocol 2..5
+    if not ok:
+        what = "empty" if not head else ("a truncated zip archive" if head.startswith(b"PK") else "not a PyTorch/pickle file")
+        raise ConfigError(
+            f"{key}={path!r} is not a readable checkpoint ({what}); re-download it or point {key} at a "
+            "model_final.pth written by tools/train_net.py (or a model-zoo .pkl)."
+        )
+
+
+def check_checkpoints(cfg) -> None:
+    """:func:`check_checkpoint_file` for every local path in :data:`_CHECKPOINT_KEYS` (URLs are left to the
+    checkpointer)."""
+    for key in _CHECKPOINT_KEYS:
+        path = _cfg_value(cfg, key)
+        if isinstance(path, str) and path and not path.startswith(_REMOTE_PREFIXES):
+            check_checkpoint_file(path, key)
+
+
 def check_runtime(cfg):
-    """Adapt/validate ``cfg`` for the machine it runs on (no GPU → clear error; AMP off on CPU)."""
+    """Adapt/validate ``cfg`` for the machine it runs on (no GPU → clear error; AMP off on CPU) and check
+    the checkpoint files it names."""
     _check_registered(cfg)
+    check_checkpoints(cfg)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("MODEL.DEVICE is 'cuda' but no GPU is visible; add `MODEL.DEVICE cpu` to the command.")
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:

@@ -9,11 +9,38 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import build_detection_test_loader, build_detection_train_loader
 from ..evaluation import build_evaluator
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, UserError
 from .accumulation import AccumulatingAMPTrainer, AccumulatingTrainer
 from .optimizer import build_optimizer
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "CheckedCheckpointer", "TrainingDivergedError"]
+
+
+class TrainingDivergedError(UserError):
+    """The loss became NaN or infinite: training stopped (the message names the iteration and last checkpoint)."""
+
+
+class CheckedCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer whose unreadable files (truncated, not a checkpoint) raise a one-line
+    :class:`ConfigError` naming the file, instead of torch's unpickling traceback."""
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except (OSError, EOFError, RuntimeError, ValueError) as e:
+            raise ConfigError(_unreadable_checkpoint(filename, e)) from None
+        except Exception as e:  # pickle.UnpicklingError and friends
+            if type(e).__module__ in ("pickle", "_pickle", "zipfile"):
+                raise ConfigError(_unreadable_checkpoint(filename, e)) from None
+            raise
+
+
+def _unreadable_checkpoint(filename, e):
+    # torch's own message may advise loading with weights_only=False: never do that for a file of unknown origin
+    return (
+        f"checkpoint {filename} cannot be read ({type(e).__name__}); it is truncated or not a checkpoint: delete it "
+        "(--resume then uses the previous one) or point MODEL.WEIGHTS at a model_final.pth written by train_net.py."
+    )
 
 
 class Trainer(DefaultTrainer):
@@ -45,7 +72,7 @@ class Trainer(DefaultTrainer):
             trainer_cls = AccumulatingAMPTrainer if cfg.SOLVER.AMP.ENABLED else AccumulatingTrainer
             self._trainer = trainer_cls(model, data_loader, optimizer, accum)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = CheckedCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -74,7 +101,46 @@ class Trainer(DefaultTrainer):
 
         return build_lr_scheduler(cfg, optimizer)
 
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:  # detectron2's check of the reduced loss, after each step
+            self._diverged = str(e).splitlines()[-1].strip()
+            # the end-of-training hooks save model_final and evaluate when iter + 1 >= max_iter: a diverged
+            # model must not become model_final, so push max_iter out of their reach
+            self.max_iter = self.iter + 2 + 10**9
+            raise
+
     def train(self):
-        """Train; return the last evaluation's results (detectron2 returns them only with EXPECTED_RESULTS)."""
-        results = super().train()
+        """Train; return the last evaluation's results (detectron2 returns them only with EXPECTED_RESULTS).
+
+        A non-finite loss stops training with :class:`TrainingDivergedError` naming the iteration and the last
+        checkpoint (no model_final is written for the diverged model)."""
+        self._diverged = None
+        # detectron2 logs every training exception with its traceback; a divergence gets the one line below
+        quiet = _DropRecordIf(lambda record: self._diverged is not None and record.exc_info is not None)
+        train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        train_loop_logger.addFilter(quiet)
+        try:
+            results = super().train()
+        except FloatingPointError:
+            if self._diverged is None:
+                raise
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            raise TrainingDivergedError(
+                f"training stopped: the loss is not finite at iteration {self.iter} ({self._diverged}); last "
+                f"checkpoint: {last or 'none (nothing saved yet)'}. Lower SOLVER.BASE_LR or enable "
+                "SOLVER.CLIP_GRADIENTS, then rerun (with --resume to continue from that checkpoint)."
+            ) from None
+        finally:
+            train_loop_logger.removeFilter(quiet)
         return results if results is not None else getattr(self, "_last_eval_results", None)
+
+
+class _DropRecordIf(logging.Filter):
+    def __init__(self, predicate):
+        super().__init__()
+        self.predicate = predicate
+
+    def filter(self, record):
+        return not self.predicate(record)
