@@ -100,8 +100,16 @@ def build_detection_train_loader(cfg):
 
 
 def build_detection_test_loader(cfg, dataset_name: str):
+    """detectron2's test loader, except that an image the mapper cannot use yields ``{"skipped": ...}``
+    instead of a random other image (see ``engine/skip_aware.py`` for how evaluation counts it)."""
+    from detectron2.data.samplers import InferenceSampler
+
     check_dataset_names([dataset_name], "DATASETS.TEST")
-    return d2_test_loader(cfg, dataset_name, mapper=build_dataset_mapper(cfg, is_train=False))
+    dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    dataset = _IndexedMapDataset(dicts, range(len(dicts)), build_dataset_mapper(cfg, is_train=False))
+    return d2_test_loader(
+        dataset, mapper=None, sampler=InferenceSampler(len(dataset)), num_workers=cfg.DATALOADER.NUM_WORKERS
+    )
 
 
 class _IndexedMapDataset(torch.utils.data.Dataset):

@@ -12,6 +12,7 @@ from ..evaluation import build_evaluator
 from ..utils.errors import ConfigError, UserError
 from .accumulation import AccumulatingAMPTrainer, AccumulatingTrainer
 from .optimizer import build_optimizer
+from .skip_aware import SkipAwareModel, wrap_evaluators
 
 __all__ = ["Trainer", "CheckedCheckpointer", "TrainingDivergedError"]
 
@@ -88,7 +89,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(cfg, dataset_name, output_folder)
+        return wrap_evaluators(build_evaluator(cfg, dataset_name, output_folder))
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's test loop; unreadable images are skipped and counted, never replaced (engine/skip_aware.py)."""
+        if evaluators is not None:
+            evaluators = [wrap_evaluators(e) for e in (evaluators if isinstance(evaluators, list) else [evaluators])]
+        return super().test(cfg, SkipAwareModel(model), evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
