@@ -83,14 +83,41 @@ def _train_dataset_dicts(cfg):
     )
 
 
+class _GiveUpAfterSkips:
+    """A training mapper that fails when ``limit`` samples in a row map to None: detectron2's MapDataset
+    retries a skipped sample with random others forever, so a dataset whose images are all unusable (a
+    wrong image folder, say) would hang training instead of failing."""
+
+    def __init__(self, mapper, limit: int = 200):
+        self.mapper, self.limit, self.in_a_row = mapper, limit, 0
+
+    def __call__(self, dataset_dict):
+        out = self.mapper(dataset_dict)
+        if out is not None:
+            self.in_a_row = 0
+            return out
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            from ..utils.errors import UserError
+            from .skips import skip_counts
+
+            raise UserError(
+                f"{self.in_a_row} training samples in a row were skipped (last: {dataset_dict.get('file_name')}; "
+                f"skips by reason so far: {skip_counts()}): the training data is unusable; check it with "
+                "tools/validate_dataset.py"
+            )
+        return None
+
+
 def build_detection_train_loader(cfg):
     check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     percentage = _check_percentage(cfg.DATASETS.get("TRAIN_LABEL_PERCENTAGE", 100.0), "DATASETS.TRAIN_LABEL_PERCENTAGE")
-    mapper = build_dataset_mapper(cfg, is_train=True)
-    if percentage == 100.0:
-        return d2_train_loader(cfg, mapper=mapper)
-    seed = cfg.DATASETS.get("TRAIN_LABEL_SEED", 1234)
     dicts = _train_dataset_dicts(cfg)
+    # detectron2's MapDataset gives up on an index once it failed, and errors when none is left
+    mapper = _GiveUpAfterSkips(build_dataset_mapper(cfg, is_train=True), limit=min(200, max(1, len(dicts))))
+    if percentage == 100.0:
+        return d2_train_loader(cfg, mapper=mapper, dataset=dicts)
+    seed = cfg.DATASETS.get("TRAIN_LABEL_SEED", 1234)
     kept = label_percentage_subset(dicts, percentage, seed)
     logger.info(
         "DATASETS.TRAIN_LABEL_PERCENTAGE: kept %d of %d images (%g%%) of %s, NumPy seed %d.",

@@ -23,6 +23,8 @@ SKIP_REASONS = {
     "object_below_min_area": "an object is smaller than MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO: dropped",
     "object_below_score": "an object scores below MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH: dropped",
     "object_beyond_topk": "an object is not among the MODEL.PIXEL_GROUPING.OBJECT_TOPK best: dropped",
+    "annotation_without_image": "(loader) an annotation's image_id is no image of the JSON: dropped",
+    "invalid_polygon": "(loader) an annotation has no polygon of 3 or more points: dropped",
 }
 
 _COUNTS = Counter()
@@ -34,9 +36,9 @@ def reason_key(reason: str) -> str:
     return str(reason).split(":", 1)[0].strip() or "unknown"
 
 
-def note_skip(reason: str, file_name: str, detail: str = "", what: str = "Skipping") -> str:
-    """Count and log one skip; returns ``"<reason>: <detail>"`` (what labelling stores as the reason)."""
-    _COUNTS[reason] += 1
+def note_skip(reason: str, file_name: str, detail: str = "", what: str = "Skipping", count: int = 1) -> str:
+    """Count (``count`` times) and log one skip; returns ``"<reason>: <detail>"`` (what labelling stores)."""
+    _COUNTS[reason] += count
     n = _COUNTS[reason]
     if n <= _ALWAYS_LOGGED or str(n).rstrip("0") == "1":  # 1..5, 10, 100, 1000, ...
         logger.warning("%s %s: %s%s (%d skipped for this reason in this process)", what, file_name, reason,

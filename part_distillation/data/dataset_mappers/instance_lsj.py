@@ -10,6 +10,7 @@ import copy
 import logging
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
@@ -18,7 +19,7 @@ from detectron2.data import transforms as T
 from ...structures.masks import segmentation_to_rle
 from ..image_io import read_image
 from ..skips import note_skip, reason_key
-from ..validation import ERROR, check_image_file
+from ..validation import ERROR, MAX_ASPECT_RATIO, check_image_file
 from .registry import DATASET_MAPPER_REGISTRY
 
 __all__ = ["InstanceLSJDatasetMapper", "read_image_checked", "read_image_or_none", "mask_size_mismatch"]
@@ -95,10 +96,14 @@ class InstanceLSJDatasetMapper:
         if image is None:
             return None
         height, width = image.shape[:2]
-        mismatch = mask_size_mismatch(dataset_dict.get("annotations", []), height, width)
-        if mismatch and self.is_train:
-            note_skip("mask_size_mismatch", dataset_dict["file_name"], mismatch)
-            return None
+        if self.is_train:
+            mismatch = mask_size_mismatch(dataset_dict.get("annotations", []), height, width)
+            if mismatch:
+                note_skip("mask_size_mismatch", dataset_dict["file_name"], mismatch)
+                return None
+            if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:  # same rule as stage 1
+                note_skip("extreme_aspect_ratio", dataset_dict["file_name"], f"{height}x{width} (HxW)")
+                return None
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -108,12 +113,20 @@ class InstanceLSJDatasetMapper:
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
+        rasterized = [_rasterized(obj, height, width) for obj in dataset_dict.pop("annotations", []) if not obj.get("iscrowd", 0)]
+        empty = [obj for obj in rasterized if "segmentation" in obj and not mask_util.area(obj["segmentation"])]
+        for _ in empty:  # empty or entirely outside the image before any augmentation: a data problem, counted
+            note_skip("empty_object_mask", dataset_dict["file_name"], "annotation dropped", what="Dropping an object of")
         annos = [
-            utils.transform_instance_annotations(_rasterized(obj, height, width), transforms, image_shape)
-            for obj in dataset_dict.pop("annotations", [])
-            if obj.get("iscrowd", 0) == 0
+            utils.transform_instance_annotations(obj, transforms, image_shape)
+            for obj in rasterized
+            if not any(obj is e for e in empty)
         ]
         instances = utils.annotations_to_instances(annos, image_shape, mask_format="bitmask")
+        if not instances.has("gt_masks"):  # no annotation left: an image of background only
+            from detectron2.structures import BitMasks
+
+            instances.gt_masks = BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool))
         # Boxes are recomputed from the cropped masks so empty (cropped-away) instances are dropped.
         instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         instances = utils.filter_empty_instances(instances)

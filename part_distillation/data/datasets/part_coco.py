@@ -104,12 +104,14 @@ def _valid_polygons(segmentation):
     return [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
 
 
-def load_checked_coco_json(json_file, image_root, dataset_name=None, extra_annotation_keys=("id", "object_id")):
+def load_checked_coco_json(json_file, image_root, dataset_name=None, extra_annotation_keys=("id", "object_id"),
+                           drops_out=None):
     """COCO JSON → detectron2 dataset dicts (as ``load_coco_json`` makes them), checked first.
 
     Category ids are mapped to 0..C-1 in increasing id order (``thing_dataset_id_to_contiguous_id``) and
     ``thing_classes`` are the category names in that order; with ``dataset_name`` these, ``json_file``,
-    ``image_root`` and ``load_drops`` (counts by reason) are set in its metadata.
+    ``image_root`` and ``load_drops`` (counts by reason) are set in its metadata; ``drops_out`` (a dict), if
+    given, receives the drop counts too.
 
     Raises:
         DatasetNotFoundError: ``json_file`` does not exist.
@@ -149,8 +151,12 @@ def load_checked_coco_json(json_file, image_root, dataset_name=None, extra_annot
             "height": int(img["height"]), "width": int(img["width"]), "image_id": img["id"],
             "annotations": by_image[img["id"]],
         })  # fmt: skip
+    from ..skips import note_skip
+
     for reason, n in sorted(drops.items()):
-        logger.warning("%s: dropped %d annotation(s): %s", json_file, n, reason)
+        note_skip(reason, json_file, f"{n} annotation(s)", what="Dropping annotations of", count=n)
+    if drops_out is not None:
+        drops_out.update(drops)
     if dataset_name is not None:
         meta = MetadataCatalog.get(dataset_name)
         values = {
@@ -195,9 +201,14 @@ def _union_object_records(part_records):
 
 
 def _load(name, json_file, image_root, objects_view):
-    records = load_checked_coco_json(json_file, image_root, None if objects_view else name)
+    drops = {}
+    records = load_checked_coco_json(json_file, image_root, None if objects_view else name, drops_out=drops)
     if objects_view:
-        MetadataCatalog.get(name).set(load_drops={})
+        meta = MetadataCatalog.get(name)
+        if meta.get("load_drops", None) != drops:
+            from .common import reset_metadata
+
+            reset_metadata(name, dict({k: v for k, v in meta.as_dict().items() if k != "name"}, load_drops=drops))
         return _union_object_records(records)
     return records
 
