@@ -113,11 +113,20 @@ class Trainer(DefaultTrainer):
         try:
             super().run_step()
         except FloatingPointError as e:  # detectron2's check of the reduced loss, after each step
-            self._diverged = str(e).splitlines()[-1].strip()
-            # the end-of-training hooks save model_final and evaluate when iter + 1 >= max_iter: a diverged
-            # model must not become model_final, so push max_iter out of their reach
-            self.max_iter = self.iter + 2 + 10**9
+            self._stop_diverged(str(e).splitlines()[-1].strip())
             raise
+        except ValueError as e:
+            # Mask2Former's Hungarian matcher (scipy) meets NaN costs before any loss is computed
+            if "invalid numeric entries" not in str(e):
+                raise
+            self._stop_diverged("the matching cost is NaN: predictions or loss weights are not finite")
+            raise FloatingPointError(str(e)) from None
+
+    def _stop_diverged(self, why):
+        self._diverged = why
+        # the end-of-training hooks save model_final and evaluate when iter + 1 >= max_iter: a diverged
+        # model must not become model_final, so push max_iter out of their reach
+        self.max_iter = self.iter + 2 + 10**9
 
     def train(self):
         """Train; return the last evaluation's results (detectron2 returns them only with EXPECTED_RESULTS).

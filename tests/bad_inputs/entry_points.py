@@ -94,8 +94,8 @@ def _parse(module, argv):
 
 
 def label(dataset, store_root, out_dir, extra=(), config=STAGE1, module=make_pseudo_labels, stage="grouping",
-          eval_parts=""):
-    argv = ["--config-file", config, "--shard-size", "2", "--stage", stage, *TINY,
+          eval_parts="", resume=False):
+    argv = ["--config-file", config, *(["--resume"] if resume else []), "--shard-size", "2", "--stage", stage, *TINY,
             "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", eval_parts,
             "DATASETS.PSEUDO_LABEL_ROOT", str(store_root), "OUTPUT_DIR", str(out_dir), "DATASETS.TEST", f"('{dataset}',)",
             "MODEL.PIXEL_GROUPING.KMEANS_N_INIT", "1", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "2", "MODEL.PIXEL_GROUPING.CRF.ENABLED", "False", *extra]  # fmt: skip
@@ -117,4 +117,10 @@ def train(config, out_dir, extra=(), eval_only=False):
         assert not os.path.exists(os.path.join(out_dir, "model_final.pth")), "a failed run wrote model_final.pth"
         return res
     res, skips = res
-    return Result("skip" if skips else "ok", f"{skips} counted skip(s)" if skips else "", res.value)
+    counted = {"counted skips": skips}
+    for metrics in (res.value or {}).values():
+        if isinstance(metrics, dict):
+            for key in ("num_images_skipped", "num_gt_parts_unusable"):
+                counted[key] = counted.get(key, 0) + int(metrics.get(key, 0) or 0)
+    counted = {k: v for k, v in counted.items() if v}
+    return Result("skip" if counted else "ok", ", ".join(f"{k}: {v}" for k, v in counted.items()), res.value)

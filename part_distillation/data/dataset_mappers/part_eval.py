@@ -35,6 +35,7 @@ from detectron2.structures import Instances
 
 from ...structures.masks import decode_segmentation
 from ...utils.errors import ConfigError
+from ..skips import note_skip
 from .instance_lsj import read_image_or_none
 from .registry import DATASET_MAPPER_REGISTRY
 
@@ -135,7 +136,11 @@ class PartEvalDatasetMapper:
         masks = np.zeros((len(groups),) + tuple(new_hw), dtype=bool)
         classes = []
         for i, (_, obj, members) in enumerate(groups):
-            mask = _object_mask(obj, members, orig_h, orig_w)
+            try:
+                mask = _object_mask(obj, members, orig_h, orig_w)
+            except ValueError as e:  # an RLE of another size: the GT cannot be placed on this image
+                note_skip("mask_size_mismatch", record["file_name"], str(e))
+                return None
             masks[i] = transforms.apply_segmentation(mask.astype(np.uint8)).astype(bool)
             classes.append(self._object_class(obj, members))
         objects = Instances(tuple(new_hw))
