@@ -606,3 +606,6 @@ def _add_bad_input_config(cfg: CN) -> None:
     # unusable, when more than this fraction of its images is skipped (unreadable, mask size mismatch, ...);
     # a run that labels no image with an object always fails. 1.0 = never fail on skips.
     cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION = 0.5
+    # Your own COCO-style part datasets, registered when a tool starts: "name,json_file,image_root" or
+    # "name,json_file,image_root,objects_name" (part view, plus an object view; see datasets/README.md).
+    cfg.DATASETS.PART_COCO = []

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-examples", type=int, default=3, help="examples per check in the table")
     parser.add_argument("--num-parts", type=int, default=4, metavar="K", help="warn about masks of fewer than K pixels")
+    parser.add_argument("--part-coco", action="append", default=[], metavar="NAME,JSON,IMAGE_ROOT[,OBJECTS_NAME]",
+                        help="register your own COCO part dataset first (as config DATASETS.PART_COCO)")
     return parser.parse_args(argv)
 
 
@@ -74,8 +76,14 @@ def main(argv=None):
 
     import part_distillation  # noqa: F401  (registers the datasets)
     from part_distillation.data.validation import ERROR, format_summary_table, validate_dataset_dicts
+    from part_distillation.data.datasets.part_coco import register_part_coco_specs
     from part_distillation.utils.errors import UserError
 
+    try:
+        register_part_coco_specs(args.part_coco, "--part-coco")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.dataset not in DatasetCatalog.list():
         close = difflib.get_close_matches(args.dataset, DatasetCatalog.list(), n=5, cutoff=0.5)
         hint = (

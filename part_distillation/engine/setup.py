@@ -135,6 +135,10 @@ def setup_cfg(args):
     """Frozen config for a tool run, with detectron2's logging/output-dir set-up done."""
     cfg = check_runtime(load_cfg(args.config_file, args.opts))
     cfg.freeze()
+    if cfg.DATASETS.PART_COCO:
+        from ..data.datasets.part_coco import register_part_coco_specs
+
+        register_part_coco_specs(cfg.DATASETS.PART_COCO)
     if cfg.DATASETS.PSEUDO_LABEL_ROOT:
         from ..data.pseudo_labels import register_all_pseudo_label_datasets
 

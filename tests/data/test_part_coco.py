@@ -69,3 +69,17 @@ def test_truncated_json_and_counted_drops(tmp_path):
     records = load_checked_coco_json(json_file, str(tmp_path), "pc_drops", drops_out=drops)
     assert drops == {"annotation_without_image": 1, "invalid_polygon": 1}
     assert MetadataCatalog.get("pc_drops").load_drops == drops and len(records[0]["annotations"]) == 3
+
+
+def test_config_specs_and_validator_flag(tmp_path, repo_script):
+    from part_distillation.data.datasets.part_coco import register_part_coco_specs
+    from part_distillation.utils.errors import ConfigError
+
+    json_file, _ = _coco(tmp_path)
+    assert register_part_coco_specs([f"pc_spec_parts,{json_file},{tmp_path},pc_spec"]) == ["pc_spec_parts", "pc_spec"]
+    assert len(DatasetCatalog.get("pc_spec")) == 1
+    with pytest.raises(ConfigError, match="DATASETS.PART_COCO entry 'only,two'"):
+        register_part_coco_specs(["only,two"])
+    validate = repo_script("tools/validate_dataset.py")
+    # the image file does not exist: reported (exit 1), not a load failure
+    assert validate.main(["--part-coco", f"pc_flag,{json_file},{tmp_path}", "--dataset", "pc_flag", "--no-progress"]) == 1

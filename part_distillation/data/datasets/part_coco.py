@@ -27,7 +27,7 @@ from detectron2.structures import BoxMode
 from ...utils.errors import DatasetNotFoundError, UserError
 from .common import replace_registration
 
-__all__ = ["DatasetFormatError", "load_checked_coco_json", "register_part_coco"]
+__all__ = ["DatasetFormatError", "load_checked_coco_json", "register_part_coco", "register_part_coco_specs"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,3 +236,20 @@ def register_part_coco(name, json_file, image_root, metadata=None, objects_name=
                  parts_json_file=json_file, parts_dataset=name),
         )  # fmt: skip
     return name
+
+
+def register_part_coco_specs(specs, key="DATASETS.PART_COCO"):
+    """Register ``"name,json_file,image_root[,objects_name]"`` strings (config ``DATASETS.PART_COCO``, or the
+    validator's ``--part-coco``) with :func:`register_part_coco`; returns the names registered."""
+    from ...utils.errors import ConfigError
+
+    names = []
+    for spec in specs or ():
+        fields = [f.strip() for f in str(spec).split(",")]
+        if len(fields) not in (3, 4) or not all(fields):
+            raise ConfigError(
+                f"{key} entry {spec!r} must be \"name,json_file,image_root\" or \"name,json_file,image_root,objects_name\""
+            )
+        register_part_coco(fields[0], fields[1], fields[2], objects_name=fields[3] if len(fields) == 4 else None)
+        names += fields[:1] + fields[3:]
+    return names
