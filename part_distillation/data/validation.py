@@ -351,7 +351,7 @@ def check_annotations(record, metadata=None, min_mask_pixels=0):
                     )
             if anno.get("segmentation") is not None:
                 findings += _check_segmentation(anno["segmentation"], hw, where, file, min_mask_pixels)
-            elif key in ("annotations", "part_annotations") and "keypoints" not in anno:
+            elif key == "part_annotations" or (key == "annotations" and _meta_get(metadata, "is_part_dataset")):
                 findings.append(Finding(ERROR, "invalid_mask", file, f"{where}: no segmentation"))
 
     linked = _object_and_part_lists(record)

@@ -177,7 +177,10 @@ def run_cli(fn, *args):
     try:
         return fn(*args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -340,3 +340,27 @@ def test_write_outcome_table():
         os.replace(tmp, README)
     for case in EXPECTED:
         assert not any(r.outcome.startswith("exit") for r in RESULTS[case].values())
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    """The real command lines (subprocess): one ``error:`` line, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    bad_json = tmp_path / "parts.json"
+    bad_json.write_text('{"images": [')
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [
+        ["tools/validate_dataset.py", "--part-coco", f"mine,{bad_json},{tmp_path}", "--dataset", "mine", "--no-progress"],
+        ["tools/train_net.py", "--config-file", ep.STAGE0, "--eval-only", "MODEL.WEIGHTS", str(garbage)],
+    ]
+    for argv in runs:
+        proc = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and (str(bad_json) in last or str(garbage) in last), last

@@ -123,6 +123,8 @@ class PixelGroupingDatasetMapper:
         try:
             objects = self._objects_of(record, (h, w))
         except ValueError as e:
+            if isinstance(e, ConfigError):  # e.g. an unusable OBJECT_MASKS_JSON: a config problem, not this image's
+                raise
             return self._skipped(record, "mask_size_mismatch", str(e))
         scale = self.image_size / max(h, w)
         new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
