@@ -133,7 +133,10 @@ class Trainer(DefaultTrainer):
 
         A non-finite loss stops training with :class:`TrainingDivergedError` naming the iteration and the last
         checkpoint (no model_final is written for the diverged model)."""
+        from ..data.skips import skip_counts
+
         self._diverged = None
+        skips_before = skip_counts()
         # detectron2 logs every training exception with its traceback; a divergence gets the one line below
         quiet = _DropRecordIf(lambda record: self._diverged is not None and record.exc_info is not None)
         train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
@@ -151,6 +154,9 @@ class Trainer(DefaultTrainer):
             ) from None
         finally:
             train_loop_logger.removeFilter(quiet)
+            skipped = {k: v - skips_before.get(k, 0) for k, v in skip_counts().items() if v > skips_before.get(k, 0)}
+            if skipped:  # counted in this process (with DATALOADER.NUM_WORKERS > 0 the workers log their own)
+                logging.getLogger(__name__).warning("Samples skipped or dropped during training, by reason: %s", skipped)
         return results if results is not None else getattr(self, "_last_eval_results", None)
 
 
