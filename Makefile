@@ -15,7 +15,7 @@ $(STAMP): scripts/install_deps.sh requirements.txt requirements-dev.txt setup.py
 	touch $@
 
 demo: setup
-	$(PY) tools/demo.py --output output/demo
+	$(PY) tools/run_toy_pipeline.py --output output/demo
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts.yaml")
 
 
@@ -55,14 +53,15 @@ class RSSSampler(threading.Thread):
 
 
 def run_ours(out_dir, image_size, opts=(), device="cpu"):
-    import make_pseudo_labels
+    from part_distillation.engine import default_argument_parser, setup_cfg
+    from part_distillation.engine.labelling import label_dataset
 
-    sys.argv = ["make_pseudo_labels.py", "--config-file", CONFIG, "--shard-size", "100",
-                "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
-                "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
-                "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
-    args = make_pseudo_labels.parse_args()
-    summary = make_pseudo_labels.main(args)
+    argv = ["--config-file", CONFIG,
+            "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
+            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
+            "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
+    cfg = setup_cfg(default_argument_parser().parse_args(argv))  # what tools/make_pseudo_labels.py runs
+    summary = label_dataset(cfg, shard_size=100)
     return summary["seconds"], summary  # labelling time, model building excluded like the reference's
 
 
@@ -73,7 +72,7 @@ def run_reference(out_dir, model, mapper, dicts):
     from pydensecrf.utils import unary_from_labels
     from sklearn.cluster import KMeans
 
-    from part_distillation.modeling.meta_arch.pixel_grouping import _object_grid_masks
+    from part_distillation.structures.masks import object_grid_masks
 
     os.makedirs(out_dir, exist_ok=True)
     k = model.num_parts
@@ -86,7 +85,7 @@ def run_reference(out_dir, model, mapper, dicts):
             feats = model.features(((image.to(device).float() - model.pixel_mean) / model.pixel_std)[None])[0].cpu()
         h, w = image.shape[-2:]
         masks = x["objects"].gt_masks
-        grid = _object_grid_masks(masks, feats.shape[-2:])
+        grid = object_grid_masks(masks, feats.shape[-2:])
         labels = torch.zeros((h, w), dtype=torch.long)
         next_label = 1
         for j in range(len(masks)):

@@ -5,7 +5,7 @@ Every key says where its default comes from: "seed 000" is the PartDistillation 
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_part_distillation_config"]
+__all__ = ["add_part_distillation_config", "load_cfg"]
 
 
 def add_part_distillation_config(cfg: CN) -> CN:
@@ -37,6 +37,50 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
     _add_bad_input_config(cfg)
+    _add_visualization_config(cfg)
+    return cfg
+
+
+# Where valid keys are defined, for the error messages of load_cfg.
+KEY_FILES = "part_distillation/config.py, mask2former/config.py and detectron2/config/defaults.py"
+
+
+def load_cfg(config_file: str, opts=()) -> CN:
+    """detectron2's defaults + Mask2Former's + ours, merged from ``config_file`` and ``opts``; not frozen.
+
+    Unknown keys raise :class:`~part_distillation.utils.errors.ConfigError` naming the key, where it
+    came from and where keys live. Used by the tools (through ``engine.setup``) and by models that
+    build another model from its own config file (e.g. the object model of stage 1).
+    """
+    import os
+
+    from detectron2.config import get_cfg
+
+    from .utils.errors import ConfigError
+
+    import yaml
+
+    cfg = get_cfg()
+    add_part_distillation_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"Config file {config_file!r} does not exist; pass a file from configs/.")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            raise ConfigError(f"{config_file}: {e.args[0]}. Fix the key's spelling; valid keys are in {KEY_FILES}.")
+        except yaml.YAMLError as e:  # malformed YAML (this file or a _BASE_)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"{config_file} is not valid YAML{where} ({problem}); fix the file's syntax.") from None
+        except (ValueError, AssertionError, TypeError, AttributeError, OSError) as e:  # type mismatch, bad _BASE_
+            message = str(e.args[0] if e.args else e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{config_file}: {message}. Valid keys and types are in {KEY_FILES}.") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"command-line opts: {e.args[0] if e.args else e}. Valid keys are in {KEY_FILES}.")
     return cfg
 
 
@@ -73,6 +117,11 @@ def _add_backbone_config(cfg: CN) -> None:
 
 
 def _add_mask_former_overrides(cfg: CN) -> None:
+    # Transformer decoder: Mask2Former's masked-attention decoder that also returns each prediction set's
+    # query features (modeling/meta_arch/query_decoder.py; same parameters as
+    # "MultiScaleMaskedTransformerDecoder", so either name loads the other's checkpoints). The part models
+    # (ProposalModel, PartRankingModel, PartDistillationModel) need it.
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "QueryFeatureTransformerDecoder"
     # Mask-loss point sampling (Mask2Former, Sec. 3.2.3 of its paper): "importance" = over-sample
     # OVERSAMPLE_RATIO×TRAIN_NUM_POINTS points and keep IMPORTANCE_SAMPLE_RATIO of them by
     # uncertainty (M2F default); "uniform" = TRAIN_NUM_POINTS uniformly random points
@@ -609,3 +658,11 @@ def _add_bad_input_config(cfg: CN) -> None:
     # Your own COCO-style part datasets, registered when a tool starts: "name,json_file,image_root" or
     # "name,json_file,image_root,objects_name" (part view, plus an object view; see datasets/README.md).
     cfg.DATASETS.PART_COCO = []
+def _add_visualization_config(cfg: CN) -> None:
+    # Pictures of predictions during training (engine/hooks.py PredictionImagesHook; issue #18).
+    cfg.VIS = CN()
+    # Images of DATASETS.TEST[0] drawn with the model's predictions into TensorBoard (EventStorage.put_image) at
+    # every evaluation (TEST.EVAL_PERIOD) and after training; 0 = off.
+    cfg.VIS.NUM_PREDICTION_IMAGES = 0
+    # Also log them to Weights & Biases (only when the wandb package is installed and a run is active).
+    cfg.VIS.WANDB = False

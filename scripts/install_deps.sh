@@ -17,6 +17,13 @@ if ! dpkg -s wordnet-base wordnet-sense-index >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
 fi
 
+# --- 0b. headless Chromium for the collage page's browser test (tests/tools/test_collages.py) ------------
+if ! dpkg -s chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then echo "need root for apt-get (chromium)" >&2; exit 1; fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 # --- 1. venv + pinned tooling -----------------------------------------------------------
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip)

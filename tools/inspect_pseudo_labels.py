@@ -20,7 +20,7 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from part_distillation.data.pseudo_labels import PseudoLabelReader, mask_area  # noqa: E402
-from part_distillation.utils.visualization import render_pseudo_labels  # noqa: E402
+from part_distillation.data.visualization import render_pseudo_labels  # noqa: E402
 
 
 def parse_args(argv=None):

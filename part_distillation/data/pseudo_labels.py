@@ -63,6 +63,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_util
 
+from ..structures.masks import decode_rle as decode_mask  # noqa: F401  (re-exported)
+from ..structures.masks import encode_mask  # noqa: F401  (re-exported)
 from ..utils.errors import ConfigError, DatasetNotFoundError, UserError
 
 __all__ = [
@@ -113,25 +115,6 @@ class CorruptShardError(UserError):
 # ------------------------------------------------------------------------------------------
 # Masks and records
 # ------------------------------------------------------------------------------------------
-def encode_mask(mask) -> dict:
-    """Boolean H×W mask → compressed COCO RLE ``{"size": [H, W], "counts": str}``."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"encode_mask expects one H×W mask, got shape {mask.shape}")
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_mask(rle: dict) -> np.ndarray:
-    """Compressed COCO RLE (counts as str or bytes) → boolean H×W array."""
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE, as some COCO files hold
-        rle = mask_util.frPyObjects(rle, *rle["size"])
-    elif isinstance(counts, str):
-        rle = {"size": rle["size"], "counts": counts.encode("ascii")}
-    return mask_util.decode(rle).astype(bool)
-
-
 def mask_area(rle: dict) -> int:
     """Pixel count of an RLE mask, without decoding it."""
     return int(mask_util.area({"size": rle["size"], "counts": _counts_bytes(rle)}))

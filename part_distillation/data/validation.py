@@ -234,18 +234,6 @@ def _meta_get(metadata, key):
     return metadata.get(key, None)
 
 
-def _rle_area(segm):
-    """Area of an RLE dict (compressed str/bytes or uncompressed list counts)."""
-    counts = segm["counts"]
-    if isinstance(counts, list):
-        return int(sum(counts[1::2]))
-    from pycocotools import mask as mask_util
-
-    if isinstance(counts, str):
-        segm = {"size": segm["size"], "counts": counts.encode("ascii")}
-    return int(mask_util.area(segm))
-
-
 def _polygon_area(poly):
     xs, ys = poly[0::2], poly[1::2]
     n = len(xs)
@@ -255,7 +243,9 @@ def _polygon_area(poly):
 def _check_segmentation(segm, hw, where, file, min_pixels=0):
     findings = _check_segmentation_shape(segm, hw, where, file)
     if min_pixels and not any(f.check in ("invalid_mask", "empty_mask") for f in findings):
-        area = _rle_area(segm) if isinstance(segm, dict) else sum(_polygon_area([float(v) for v in p]) for p in segm)
+        from ..structures.masks import rle_area
+
+        area = rle_area(segm) if isinstance(segm, dict) else sum(_polygon_area([float(v) for v in p]) for p in segm)
         if 0 < area < min_pixels:
             findings.append(
                 Finding(WARNING, "tiny_mask", file, f"{where}: {area:g} pixel(s), fewer than K={min_pixels} parts")
@@ -273,8 +263,10 @@ def _check_segmentation_shape(segm, hw, where, file):
             findings.append(
                 Finding(ERROR, "mask_outside_image", file, f"{where}: RLE size {list(size)} != image size {list(hw)}")
             )
+        from ..structures.masks import rle_area
+
         try:
-            area = _rle_area(segm)
+            area = rle_area(segm)
         except Exception as e:  # pycocotools raises generic errors on malformed counts
             return findings + [Finding(ERROR, "invalid_mask", file, f"{where}: bad RLE ({e})")]
         if area == 0:

@@ -9,3 +9,4 @@ from .setup import (  # noqa: F401
     setup_cfg,
 )
 from .trainer import Trainer  # noqa: F401
+from .predictor import PartPredictor  # noqa: F401

@@ -6,11 +6,10 @@ import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser as d2_argument_parser
 from detectron2.engine import default_setup
 
-from ..config import add_part_distillation_config
+from ..config import load_cfg
 from ..utils.errors import ConfigError, UserError
 
 __all__ = [
@@ -18,44 +17,11 @@ __all__ = [
     "run_cli", "run_worker",
 ]
 
-_KEY_FILES = "part_distillation/config.py, mask2former/config.py and detectron2/config/defaults.py"
-
 
 def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
     """detectron2's parser (--config-file, --resume, --eval-only, --num-gpus, --num-machines,
     --machine-rank, --dist-url, opts)."""
     return d2_argument_parser(epilog=epilog)
-
-
-def load_cfg(config_file: str, opts=()):
-    """Config with our keys, merged from ``config_file`` and ``opts``; not frozen.
-
-    Unknown keys raise :class:`ConfigError` naming the key, where it came from and where keys live.
-    """
-    import yaml
-
-    cfg = get_cfg()
-    add_part_distillation_config(cfg)
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"Config file {config_file!r} does not exist; pass a file from configs/.")
-        try:
-            cfg.merge_from_file(config_file)
-        except KeyError as e:
-            raise ConfigError(f"{config_file}: {e.args[0]}. Fix the key's spelling; valid keys are in {_KEY_FILES}.")
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or type(e).__name__
-            raise ConfigError(f"{config_file} is not valid YAML{where} ({problem}); fix the file's syntax.") from None
-        except (ValueError, AssertionError, TypeError, AttributeError, OSError) as e:  # type mismatch, bad _BASE_
-            message = str(e.args[0] if e.args else e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"{config_file}: {message}. Valid keys and types are in {_KEY_FILES}.") from None
-    try:
-        cfg.merge_from_list(list(opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"command-line opts: {e.args[0] if e.args else e}. Valid keys are in {_KEY_FILES}.")
-    return cfg
 
 
 def _check_registered(cfg):

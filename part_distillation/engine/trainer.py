@@ -1,11 +1,12 @@
 """The one Trainer used by every stage and head (selected by config, not by script)."""
+import contextlib
+import functools
 import logging
-import weakref
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from ..data import build_detection_test_loader, build_detection_train_loader
 from ..evaluation import build_evaluator
@@ -44,6 +45,26 @@ def _unreadable_checkpoint(filename, e):
     )
 
 
+@contextlib.contextmanager
+def _ddp_without_device_ids(enabled: bool):
+    """While ``enabled``, DefaultTrainer's DDP wrapper gets ``device_ids=None``.
+
+    detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which
+    ``DistributedDataParallel`` rejects for CPU modules, so multi-process (gloo) training on CPU needs
+    ``device_ids=None``. Only that one call changes: the rest of ``DefaultTrainer.__init__`` runs as
+    detectron2 wrote it (a rename upstream fails here loudly, it cannot diverge silently).
+    """
+    if not enabled:
+        yield
+        return
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer with registry-driven loaders/evaluators and Mask2Former's optimizer.
 
@@ -52,32 +73,19 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Same construction order as DefaultTrainer.__init__, except for the DDP wrapper: detectron2
-        # always passes device_ids=[local_rank], which DistributedDataParallel rejects for CPU modules,
-        # so multi-process (gloo) training on CPU needs device_ids=None.
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_cpu = cfg.MODEL.DEVICE == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
         accum = cfg.SOLVER.GRAD_ACCUM_STEPS
         if accum < 1:
             raise ConfigError(f"SOLVER.GRAD_ACCUM_STEPS={accum}: use 1 (no accumulation) or more.")
-        if accum == 1:
-            self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
-        else:
+        with _ddp_without_device_ids(cfg.MODEL.DEVICE == "cpu"):
+            super().__init__(cfg)
+        if accum > 1:
+            # Same model, loader and optimizer in a trainer that steps every ``accum`` micro-batches.
+            # The hooks read them through ``self`` (e.g. ``self.optimizer``), so swapping is safe here.
+            base = self._trainer
             trainer_cls = AccumulatingAMPTrainer if cfg.SOLVER.AMP.ENABLED else AccumulatingTrainer
-            self._trainer = trainer_cls(model, data_loader, optimizer, accum)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = CheckedCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+            self._trainer = trainer_cls(base.model, base.data_loader, base.optimizer, accum)
+        # unreadable checkpoint files: one line, not torch's traceback (same object: the checkpoint hook holds it)
+        self.checkpointer.__class__ = CheckedCheckpointer
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -127,6 +135,18 @@ class Trainer(DefaultTrainer):
         # the end-of-training hooks save model_final and evaluate when iter + 1 >= max_iter: a diverged
         # model must not become model_final, so push max_iter out of their reach
         self.max_iter = self.iter + 2 + 10**9
+
+    def build_hooks(self):
+        """DefaultTrainer's hooks, plus prediction pictures for TensorBoard (``VIS.NUM_PREDICTION_IMAGES``),
+        placed before the writer so that they are written at the same step."""
+        hooks = super().build_hooks()
+        if self.cfg.VIS.NUM_PREDICTION_IMAGES > 0 and self.cfg.DATASETS.TEST:
+            from .hooks import PredictionImagesHook
+
+            vis = PredictionImagesHook(self.cfg, self.cfg.DATASETS.TEST[0], self.cfg.VIS.NUM_PREDICTION_IMAGES,
+                                       self.cfg.TEST.EVAL_PERIOD, self.cfg.VIS.WANDB)  # fmt: skip
+            hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks), vis)
+        return hooks
 
     def train(self):
         """Train; return the last evaluation's results (detectron2 returns them only with EXPECTED_RESULTS).

@@ -9,7 +9,9 @@ the evaluated split itself, and the mapped predictions are scored with the stand
   as they are (e.g. the stage-3/4 cluster ids).
 * **mIoU-clustered** (``mode="clustered"``, the paper's main number; evaluator type ``part_miou``
   with ``TEST.PART_MIOU.MODE`` "clustered"): every predicted part carries a feature vector
-  (``part_instances.features``, [P, D]); per object class all features of the split are clustered with
+  (``part_instances.features``, [P, D]; a model that merges same-class parts, e.g. PartDistillationModel,
+  gives its per-query parts as ``part_query_instances``, which this mode reads instead, as PartDistillation
+  (Cho et al. 2023) clusters per-query features); per object class all features of the split are clustered with
   :func:`~part_distillation.modeling.grouping.kmeans.batched_kmeans` (K = ``TEST.PART_MIOU.NUM_CLUSTERS``
   = 8, 10 k-means++ restarts, seed 0, L2-normalised features as the reference's
   ``PROPOSAL_FEATURE_NORM``), and the cluster ids become the predicted ids.
@@ -347,8 +349,11 @@ class PartMIoUEvaluator(DatasetEvaluator):
         """Per GT object: (bool masks [P, H, W], ids [P] long, features [P, D] or None)."""
         num_objects = len(gt_objects)
         per_object = [[] for _ in range(num_objects)]
-        if self.predictions_key in output:
-            parts = output[self.predictions_key]
+        key = self.predictions_key
+        if self.mode == "clustered" and key == "part_instances" and "part_query_instances" in output:
+            key = "part_query_instances"  # one part per query, before any same-class merge (modeling/meta_arch/postprocessing.py)
+        if key in output:
+            parts = output[key]
             masks = _resize_masks(_as_bool_masks(parts.pred_masks), size)
             ids = torch.as_tensor(parts.pred_classes).cpu().long()
             feats = parts.get("features").detach().cpu().float() if parts.has("features") else None

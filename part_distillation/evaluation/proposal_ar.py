@@ -28,6 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from ..structures.masks import segmentation_to_rle
 from .build import register_evaluator
 
 __all__ = ["ProposalAREvaluator", "match_ranks", "IOU_THRESHOLDS", "DEFAULT_MAX_DETS"]
@@ -60,17 +61,6 @@ def match_ranks(ious: np.ndarray, thresholds=IOU_THRESHOLDS) -> np.ndarray:
                 taken[best] = True
                 ranks[ti, best] = d
     return ranks
-
-
-def _to_rle(segmentation, height, width):
-    if isinstance(segmentation, dict):
-        if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-            return mask_util.frPyObjects(segmentation, height, width)
-        if isinstance(segmentation.get("counts"), str):
-            return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
-        return segmentation
-    rles = mask_util.frPyObjects(segmentation, height, width)  # polygons
-    return mask_util.merge(rles)
 
 
 def _masks_to_rles(masks: torch.Tensor):
@@ -121,7 +111,7 @@ class ProposalAREvaluator(DatasetEvaluator):
             if ann.get("iscrowd", 0):
                 continue
             key = (ann.get("object_id", i), ann["category_id"]) if self.merge_same_class_parts else (i,)
-            groups.setdefault(key, []).append(_to_rle(ann["segmentation"], h, w))
+            groups.setdefault(key, []).append(segmentation_to_rle(ann["segmentation"], h, w))
         rles, obj_classes = [], []
         for key, parts in groups.items():
             if any(list(p["size"]) != [h, w] for p in parts):

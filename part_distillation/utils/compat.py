@@ -34,13 +34,14 @@ def install_fast_eval_api_shim() -> bool:
 
 
 def import_mask2former():
-    """Import ``mask2former`` (registers its heads/backbones) after installing the needed shims."""
+    """Import ``mask2former`` (registers its heads/backbones) after installing the needed shims.
+
+    The MSDeformAttn dispatch (``modeling/ops/ms_deform_attn.py``) is installed by
+    ``part_distillation.modeling`` when it is imported (utils never import modeling).
+    """
     install_fast_eval_api_shim()
     import mask2former
 
-    from ..modeling.ops import ms_deform_attn
-
-    ms_deform_attn.patch_mask2former()
     return mask2former
 
 

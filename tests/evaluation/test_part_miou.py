@@ -246,3 +246,17 @@ def test_registered_types_build(two_objects):
     assert isinstance(ev, PartMIoUEvaluator) and ev.mode == "clustered" and ev.num_clusters == 8
     cfg.TEST.EVALUATOR_TYPE = "part_miou_mapped"
     assert build_evaluator(cfg, two_objects, "/tmp/unused").mode == "mapped"
+
+
+def test_clustered_reads_per_query_parts_mapped_the_merged_ones(two_objects):
+    """A model with a same-class merge (PartDistillationModel) gives merged part_instances and per-query
+    part_query_instances: mIoU-clustered clusters the per-query features, mIoU-mapped scores the merged parts."""
+    e1, e2 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    merged_a = _instances([(PRED_A[0][0] | PRED_A[1][0] | PRED_A[2][0], 0)])  # one part: ids of no use here
+    out_a = {"part_instances": merged_a, "part_query_instances": _instances(PRED_A, features=[e1, e2, e2])}
+    out_b = {"part_instances": _instances(PRED_B), "part_query_instances": _instances(PRED_B, features=[e1, e2])}
+    clustered = _run(two_objects, [out_a, out_b], mode="clustered", num_clusters=8)["part_miou_clustered"]
+    assert clustered["mIoU-A"] == pytest.approx(100 * MIOU_A)  # clusters {id5}, {id7, id9}: the hand case
+    mapped = _run(two_objects, [out_a, out_b])["part_miou_mapped"]
+    only_merged = _run(two_objects, [{"part_instances": merged_a}, {"part_instances": _instances(PRED_B)}])
+    assert mapped == only_merged["part_miou_mapped"] and mapped["mIoU-A"] < clustered["mIoU-A"]

@@ -247,3 +247,35 @@ def test_init_from_proposal_checkpoint(stage4_cfg, tmp_path, caplog):
     assert f"Initialised {len(shared)} tensors" in caplog.text
     with pytest.raises(ConfigError, match="INIT_FROM"):
         build_model(stage4_cfg(extra=["MODEL.PART_DISTILLATION.INIT_FROM", str(tmp_path / "missing.pth")]))
+
+
+def test_clustered_path_has_one_part_per_query(model):
+    """part_query_instances: the parts before the same-class merge, each with its own query feature; OR-ing them
+    by (object, part class) gives the merged part_instances that mIoU-mapped reads."""
+    model.eval()
+    torch.manual_seed(1)
+    image = torch.randint(0, 255, (3, 96, 96), dtype=torch.uint8)
+    objects = Instances((96, 96))
+    objects.gt_masks = torch.zeros(2, 96, 96, dtype=torch.bool)
+    objects.gt_masks[0, 4:60, 4:60] = True
+    objects.gt_masks[1, 60:96, 20:90] = True
+    objects.gt_classes = torch.tensor([1, 2])
+    with torch.no_grad():
+        out = model([{"image": image, "objects": objects}])[0]
+    merged, per_query = out["part_instances"], out["part_query_instances"]
+    assert len(per_query) >= len(merged) > 0
+    assert per_query.features.shape == (len(per_query), model.part_classifier.hidden_dim)
+    for m in (0, 1):
+        mine = per_query.object_index == m
+        for c in per_query.pred_classes[mine].unique():
+            union = per_query.pred_masks[mine & (per_query.pred_classes == c)].any(dim=0)
+            row = (merged.object_index == m) & (merged.pred_classes == c)
+            assert row.sum() == 1 and torch.equal(merged.pred_masks[row][0], union)
+    model.merge_same_class = False
+    try:
+        with torch.no_grad():
+            plain = model([{"image": image, "objects": objects}])[0]
+    finally:
+        model.merge_same_class = True
+    assert torch.equal(plain["part_instances"].pred_masks, per_query.pred_masks)
+    assert torch.equal(plain["part_query_instances"].features, per_query.features)

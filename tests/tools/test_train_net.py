@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
@@ -135,3 +136,21 @@ def test_gradient_accumulation_in_the_trainer(quick_cfg):
     trainer, losses = _train(cfg)
     assert type(trainer._trainer).__name__ == "AccumulatingTrainer" and len(losses) == 3
     assert all(np.isfinite(losses))
+
+
+def test_cpu_ddp_wrapper_is_scoped_to_trainer_construction():
+    """DefaultTrainer.__init__ runs unchanged; only its create_ddp_model call gets device_ids=None (CPU), and
+    detectron2's function is restored afterwards, also when construction fails."""
+    from detectron2.engine import defaults
+
+    from part_distillation.engine.trainer import _ddp_without_device_ids
+
+    original = defaults.create_ddp_model
+    with _ddp_without_device_ids(False):
+        assert defaults.create_ddp_model is original
+    with _ddp_without_device_ids(True):
+        assert defaults.create_ddp_model.func is original and defaults.create_ddp_model.keywords == {"device_ids": None}
+    assert defaults.create_ddp_model is original
+    with pytest.raises(RuntimeError), _ddp_without_device_ids(True):
+        raise RuntimeError("build failed")
+    assert defaults.create_ddp_model is original

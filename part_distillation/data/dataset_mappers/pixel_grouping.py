@@ -10,7 +10,6 @@ import logging
 from collections import defaultdict
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
@@ -46,16 +45,6 @@ def load_object_results(path: str) -> dict:
     for r in results:
         by_image[r["image_id"]].append(r)
     return by_image
-
-
-def _decode(segmentation, height, width) -> np.ndarray:
-    if isinstance(segmentation, list):  # polygons
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_util.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    return mask_util.decode(rle).astype(bool)
 
 
 @DATASET_MAPPER_REGISTRY.register()

@@ -37,6 +37,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_util
 
+from ...structures.masks import segmentation_to_rle
 from ...utils.errors import UserError
 from .part_coco import load_checked_coco_json
 from .common import dataset_root, not_found, readme_hint, register_views, require, reset_metadata, view_name
@@ -173,12 +174,7 @@ def _union_segmentation(annos, height, width):
         return None
     if all(isinstance(s, list) for s in segms):
         return [poly for s in segms for poly in s]
-    rles = []
-    for s in segms:
-        if isinstance(s, list):
-            rles.append(mask_util.merge(mask_util.frPyObjects(s, height, width)))
-        else:
-            rles.append(s)
+    rles = [segmentation_to_rle(s, height, width) for s in segms]
     return mask_util.merge(rles, intersect=False)
 
 

@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Instances
 
+from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
 from .object_source import filter_objects
-from .pixel_grouping import PixelGroupingModel, _boxes, _object_grid_masks
+from .part_mask2former import normalize_images
+from .pixel_grouping import PixelGroupingModel
 from .ranking import prototype_soft_scores
 
 __all__ = ["ClassPixelGroupingModel", "load_prototypes", "sample_object_cells"]
@@ -116,7 +118,7 @@ class ClassPixelGroupingModel(PixelGroupingModel):
         if self.training:
             raise RuntimeError("ClassPixelGroupingModel has nothing to train; run it with tools/rank_parts.py or --eval-only.")
         raw = [x["image"].to(self.device) for x in batched_inputs]
-        images = ImageList.from_tensors([(x - self.pixel_mean) / self.pixel_std for x in raw], self.size_divisibility)
+        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
         feats = self.features(images.tensor)
         results = []
         for i, (x, obj) in enumerate(zip(batched_inputs, self._objects(batched_inputs))):
@@ -127,7 +129,7 @@ class ClassPixelGroupingModel(PixelGroupingModel):
             h, w = images.image_sizes[i]
             pad = images.tensor.shape[-2:]
             masks = F.pad(obj.gt_masks.bool(), (0, pad[1] - w, 0, pad[0] - h))
-            grid = _object_grid_masks(masks, feats.shape[-2:])  # [M, gh, gw]
+            grid = object_grid_masks(masks, feats.shape[-2:])  # [M, gh, gw]
             if self.prototypes is None:
                 results.append(self._cluster_features(feats[i], grid, obj))
             else:
@@ -167,7 +169,7 @@ class ClassPixelGroupingModel(PixelGroupingModel):
         sim = sim.masked_fill(unused[:, :, None, None], -1e30)
         sim = F.interpolate(sim, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         labels = torch.zeros(masks.shape, dtype=torch.long, device=masks.device)
-        for j, (y0, y1, x0, x1) in enumerate(_boxes(masks)):
+        for j, (y0, y1, x0, x1) in enumerate(mask_box_slices(masks)):
             if counts[j] > 0:
                 box = (slice(y0, y1), slice(x0, x1))
                 labels[j][box] = (sim[j][(slice(None),) + box].argmax(0) + 1) * masks[j][box]

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import ImageList
 from torch import nn
 
 from ...utils.errors import ConfigError
 from ..part_heads.registry import DiscoveryBatch, PartHead, build_part_head
+from .part_mask2former import normalize_images
 
 __all__ = ["PartDiscovery"]
 
@@ -116,7 +116,7 @@ class PartDiscovery(nn.Module):
 
     def _view(self, batched_inputs: List[dict], image_key: str, mask_key: str, valid_key: Optional[str]):
         raw = [x[image_key].to(self.device).float() for x in batched_inputs]
-        images = ImageList.from_tensors([(r - self.pixel_mean) / self.pixel_std for r in raw], self.size_divisibility)
+        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
         padded = tuple(images.tensor.shape[-2:])
         raw_images = torch.stack([_pad_to(r, padded) for r in raw])
         valid = torch.zeros((len(raw),) + padded, dtype=torch.bool, device=self.device)

@@ -50,8 +50,11 @@ Inference needs the object masks and classes (``objects``: ``gt_masks``, ``gt_cl
 Output ``instances``: ``pred_masks``, ``scores`` (in [0, 1]), ``pred_classes`` (part class in [0, N_c^p)),
 ``pred_object_index`` (row of ``objects``), ``pred_object_classes``, ``pred_boxes``, ``pred_features`` (the
 query embedding of each prediction's best query, [K, D]), and the same parts as ``part_instances``
-(``object_index``, ``features``) for the part-metric evaluators (mIoU-clustered clusters the features). Objects whose class is
-outside [0, N_c^o) are skipped (warning). Without ``objects`` the output is the class-agnostic proposal
+(``object_index``, ``features``; the format of :mod:`.postprocessing`) for the part-metric evaluators.
+``part_query_instances`` holds the parts of step 2, one per query, before the same-class merge: what
+mIoU-clustered clusters (PartDistillation, Cho et al. 2023, supp. "Zero-shot evaluation", clusters the predictions; the
+evaluator reads it in its clustered mode, mIoU-mapped reads the merged ``part_instances``). Objects whose
+class is outside [0, N_c^o) are skipped (warning). Without ``objects`` the output is the class-agnostic proposal
 inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with the GT object
 class (seed 000 says the predicted one): here the class is whatever ``objects.gt_classes`` holds.
 """
@@ -61,14 +64,16 @@ import math
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.structures import Instances
 from torch import nn
 from torch.nn import functional as F
 
 from ...utils.errors import ConfigError
-from .mask2former import Mask2Former, SetCriterion
-from .proposal import _object_union, load_decoder_weights, proposal_inference
+from .mask2former import SetCriterion
+from .part_mask2former import PartMask2Former
+from .postprocessing import assign_pixels, cat_instances, masks_to_boxes, object_masks
+from .postprocessing import merge_same_class as merge_same_class_masks
+from .proposal import load_decoder_weights, proposal_inference
 
 __all__ = [
     "PartDistillationModel",
@@ -200,24 +205,14 @@ def object_part_inference(
     score, index = score.topk(topk)
     label = label[index]
     logits = mask_pred[index].float() * object_mask.to(mask_pred.device, torch.float32)
-    positive = logits > 0
-    if per_pixel_assignment and topk > 0:
-        support = positive.any(dim=0)
-        winner = (score[:, None, None] * logits.sigmoid()).argmax(dim=0)
-        masks = (winner[None] == torch.arange(topk, device=logits.device)[:, None, None]) & support[None]
-    else:
-        masks = positive
+    masks = assign_pixels(score, logits, per_pixel_assignment)
     keep = masks.flatten(1).any(dim=1)
     masks, score, label, index = masks[keep], score[keep], label[keep], index[keep]
-    if merge_same_class and len(label):
-        classes = label.unique()
-        # score is sorted descending, so the first query of a class is its best one
-        best = torch.stack([(label == c).nonzero()[0, 0] for c in classes])
-        masks = torch.stack([masks[label == c].any(dim=0) for c in classes])
-        score, index, label = score[best], index[best], classes
-    order = torch.argsort(score, descending=True, stable=True)
-    result = masks[order], score[order], label[order]
-    return result + (index[order],) if return_queries else result
+    if merge_same_class:
+        masks, score, label, index = merge_same_class_masks(masks, score, label, index)
+    # score is sorted descending (top-k, then order-preserving filters and merge)
+    result = masks, score, label
+    return result + (index,) if return_queries else result
 
 
 def _check_one_class(num_classes: int) -> None:
@@ -230,7 +225,7 @@ def _check_one_class(num_classes: int) -> None:
 
 
 @META_ARCH_REGISTRY.register()
-class PartDistillationModel(Mask2Former):
+class PartDistillationModel(PartMask2Former):
     """Mask2Former with objectness × per-object-class part classification (module doc)."""
 
     @configurable
@@ -268,13 +263,7 @@ class PartDistillationModel(Mask2Former):
         self.criterion = PartDistillationCriterion.from_set_criterion(self.criterion, part_class_weight)
         self.per_pixel_assignment = per_pixel_assignment
         self.merge_same_class = merge_same_class
-        # The class head's input of each prediction set is the query embedding the part classifiers read.
-        self._query_feats = []
-        predictor.class_embed.register_forward_hook(self._capture_query_feats)
         self.init_report = load_shared_tensors(self, init_from) if init_from else None
-
-    def _capture_query_feats(self, module, inputs, output):
-        self._query_feats.append(inputs[0])
 
     @classmethod
     def from_config(cls, cfg):
@@ -290,23 +279,6 @@ class PartDistillationModel(Mask2Former):
             merge_same_class=group.MERGE_SAME_CLASS,
         )
         return ret
-
-    def _run_head(self, batched_inputs):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
-        self._query_feats = []
-        try:
-            outputs = self.sem_seg_head(self.backbone(images.tensor))
-            feats = self._query_feats
-        finally:
-            self._query_feats = []
-        aux = outputs.get("aux_outputs") or []
-        if len(feats) != len(aux) + 1:
-            raise RuntimeError(f"captured {len(feats)} query embeddings for {len(aux) + 1} prediction sets")
-        outputs["query_feats"] = feats[-1]
-        for out, f in zip(aux, feats[:-1]):
-            out["query_feats"] = f
-        return images, outputs
 
     def prepare_targets(self, targets, images):
         """Padded masks, objectness labels (0), part labels and object classes of each image."""
@@ -334,76 +306,73 @@ class PartDistillationModel(Mask2Former):
             t["object_classes"] = objects
         return new_targets
 
-    def forward(self, batched_inputs):
-        images, outputs = self._run_head(batched_inputs)
-        if self.training:
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            targets = self.prepare_targets(gt_instances, images)
-            losses = self.criterion(outputs, targets, self.part_classifier)
-            return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
-        mask_pred_results = F.interpolate(
-            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-        )
-        processed = []
-        for i, (inp, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            height, width = inp.get("height", image_size[0]), inp.get("width", image_size[1])
-            mask_pred = sem_seg_postprocess(mask_pred_results[i], image_size, height, width)
-            objects = inp.get("objects")
-            if objects is None:
-                result = proposal_inference(outputs["pred_logits"][i], mask_pred, self.test_topk_per_image)
-            else:
-                result = self._object_inference(
-                    outputs["pred_logits"][i], outputs["query_feats"][i], mask_pred, objects, image_size
-                )
-                # the part-metric evaluators read per-object parts from "part_instances" (object_index)
-                # features: the query embedding behind each part (what mIoU-clustered clusters, seed 000)
-                parts = Instances(result.image_size, pred_masks=result.pred_masks > 0.5, scores=result.scores,
-                                  pred_classes=result.pred_classes, object_index=result.pred_object_index,
-                                  features=result.pred_features)  # fmt: skip
-                processed.append({"instances": result, "part_instances": parts})
-                continue
-            processed.append({"instances": result})
-        return processed
+    def losses(self, outputs, batched_inputs, images):
+        """Set losses + ``loss_part_ce`` (module doc); ``outputs`` carry the decoder's ``query_feats``."""
+        targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+        losses = self.criterion(outputs, targets, self.part_classifier)
+        return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
+
+    def inference_single(self, mask_cls, mask_pred, query_feats, objects, image_size):
+        if objects is None:
+            return {"instances": proposal_inference(mask_cls, mask_pred, self.test_topk_per_image)}
+        per_query, merged = self._object_inference(mask_cls, query_feats, mask_pred, objects, image_size)
+        # the part-metric evaluators read per-object parts (format: .postprocessing); mIoU-clustered reads
+        # one part per query (part_query_instances), the other metrics the merged parts
+        return {
+            "instances": merged,
+            "part_instances": _as_part_instances(merged),
+            "part_query_instances": _as_part_instances(per_query),
+        }
 
     def _object_inference(self, mask_cls, feats, mask_pred, objects, image_size):
+        """(per-query, merged) predictions of every object (module doc); without the merge both are the same."""
         out_size = tuple(mask_pred.shape[-2:])
         device = mask_pred.device
+        masks_per_object = object_masks(objects, image_size, out_size, device)
         classes = objects.gt_classes.tolist() if objects.has("gt_classes") else [-1] * len(objects)
-        all_masks, all_scores, all_labels, all_index, all_objects, all_feats = [], [], [], [], [], []
+        names = ("pred_masks", "scores", "pred_classes", "pred_object_index", "pred_object_classes", "pred_features")
+        per_query = {k: [] for k in names}
+        merged = {k: [] for k in names}
         for m, object_class in enumerate(classes):
             if not 0 <= object_class < self.part_classifier.num_object_classes:
                 logger.warning("Object %d has class %d outside [0, %d): no part predictions for it.",
                                m, object_class, self.part_classifier.num_object_classes)  # fmt: skip
                 continue
-            single = Instances(objects.image_size)
-            single.gt_masks = objects.gt_masks[m : m + 1]
-            object_mask = _object_union(single, image_size, out_size, device)
             part_logits = self.part_classifier.logits_for_class(feats, object_class)
-            masks, scores, labels, queries = object_part_inference(
-                mask_cls, part_logits, mask_pred, object_mask, self.test_topk_per_image,
-                self.per_pixel_assignment, self.merge_same_class, return_queries=True,
+            single = object_part_inference(
+                mask_cls, part_logits, mask_pred, masks_per_object[m], self.test_topk_per_image,
+                self.per_pixel_assignment, merge_same_class=False, return_queries=True,
             )  # fmt: skip
-            all_masks.append(masks)
-            all_feats.append(feats[queries].float())
-            all_scores.append(scores)
-            all_labels.append(labels)
-            all_index.append(torch.full_like(labels, m))
-            all_objects.append(torch.full_like(labels, object_class))
-        result = Instances(out_size)
-        if all_masks:
-            masks = torch.cat(all_masks)
-            result.pred_masks = masks.float()
-            result.scores = torch.cat(all_scores)
-            result.pred_classes = torch.cat(all_labels)
-            result.pred_object_index = torch.cat(all_index)
-            result.pred_object_classes = torch.cat(all_objects)
-            result.pred_features = torch.cat(all_feats)
-        else:
-            masks = torch.zeros((0,) + out_size, dtype=torch.bool, device=device)
-            result.pred_masks = masks.float()
-            result.scores = torch.zeros(0, device=device)
-            for name in ("pred_classes", "pred_object_index", "pred_object_classes"):
-                result.set(name, torch.zeros(0, dtype=torch.int64, device=device))
-            result.pred_features = feats.new_zeros((0, feats.shape[-1]), dtype=torch.float32)
-        result.pred_boxes = BitMasks(masks).get_bounding_boxes().to(device)
-        return result
+            sets = [(per_query, single)]
+            if self.merge_same_class:
+                sets.append((merged, merge_same_class_masks(*single)))
+            for store, (masks, scores, labels, queries) in sets:
+                store["pred_masks"].append(masks.float())
+                store["scores"].append(scores)
+                store["pred_classes"].append(labels)
+                store["pred_object_index"].append(torch.full_like(labels, m))
+                store["pred_object_classes"].append(torch.full_like(labels, object_class))
+                store["pred_features"].append(feats[queries].float())
+        empty_long = torch.zeros(0, dtype=torch.int64, device=device)
+        empty = {
+            "pred_masks": torch.zeros((0,) + out_size, device=device),
+            "scores": torch.zeros(0, device=device),
+            "pred_classes": empty_long,
+            "pred_object_index": empty_long,
+            "pred_object_classes": empty_long,
+            "pred_features": feats.new_zeros((0, feats.shape[-1]), dtype=torch.float32),
+        }
+        results = []
+        for store in (per_query, merged) if self.merge_same_class else (per_query,):
+            result = cat_instances(out_size, store, empty)
+            result.pred_boxes = masks_to_boxes(result.pred_masks > 0)
+            results.append(result)
+        return results[0], results[-1]
+
+
+def _as_part_instances(result: Instances) -> Instances:
+    """Part predictions (``instances`` of :class:`PartDistillationModel`) in the ``part_instances`` format."""
+    return Instances(
+        result.image_size, pred_masks=result.pred_masks > 0.5, scores=result.scores,
+        pred_classes=result.pred_classes, object_index=result.pred_object_index, features=result.pred_features,
+    )  # fmt: skip

@@ -13,8 +13,10 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_se
 from detectron2.structures import BitMasks
 
 from ...utils.compat import import_mask2former
+from ..ops.ms_deform_attn import patch_mask2former
 
 import_mask2former()
+patch_mask2former()  # MSDeformAttn: the compiled op for CUDA tensors, PyTorch otherwise
 from mask2former.maskformer_model import MaskFormer  # noqa: E402
 from mask2former.modeling.criterion import SetCriterion  # noqa: E402
 from mask2former.modeling.matcher import HungarianMatcher  # noqa: E402

@@ -60,7 +60,7 @@ class ObjectModel(nn.Module):
 
 
 def _object_model_cfg(cfg, source: str):
-    from ...engine.setup import load_cfg
+    from ...config import load_cfg
 
     pg = cfg.MODEL.PIXEL_GROUPING
     if not pg.OBJECT_MODEL_CONFIG:

@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Instances
 from torch import nn
 
+from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
 from ..grouping.crf import DenseCRFRefiner
 from ..grouping.kmeans import batched_kmeans
 from .object_source import build_object_model, filter_objects
+from .part_mask2former import normalize_images
 
 __all__ = ["PixelGroupingModel", "group_pixels"]
 
@@ -43,20 +45,6 @@ def _similarity(feats: torch.Tensor, centers: torch.Tensor, distance: str) -> to
         cn = centers.norm(dim=-1).clamp_min(1e-6)[:, :, None, None]
         return dot / fn / cn
     raise ConfigError(f"MODEL.PIXEL_GROUPING.DISTANCE={distance!r}: use 'dot', 'l2' or 'cosine'.")
-
-
-def _object_grid_masks(masks: torch.Tensor, grid_hw) -> torch.Tensor:
-    """Object masks [M, H, W] (padded image size) → feature-grid masks [M, h, w].
-
-    Nearest sampling as the reference; an object too thin to hit a grid point keeps every cell it
-    touches, so small objects still get segments instead of being dropped.
-    """
-    m = masks[:, None].float()
-    nearest = F.interpolate(m, size=grid_hw, mode="nearest")[:, 0] > 0.5
-    touched = F.adaptive_max_pool2d(m, grid_hw)[:, 0] > 0.5
-    empty = ~nearest.flatten(1).any(1)
-    nearest[empty] = touched[empty]
-    return nearest
 
 
 def group_pixels(
@@ -80,7 +68,7 @@ def group_pixels(
     grid_hw = feats.shape[-2:]
     if num_objects == 0:
         return object_masks.new_zeros(object_masks.shape, dtype=torch.long), object_masks.new_zeros(0, dtype=torch.long)
-    grid = _object_grid_masks(object_masks, grid_hw)  # [M, h, w]
+    grid = object_grid_masks(object_masks, grid_hw)  # [M, h, w]
     obj_feats = feats[object_image]  # [M, C, h, w]
     points = obj_feats.flatten(2).transpose(1, 2)  # [M, h·w, C]; the validity mask selects the object
     result = batched_kmeans(points, grid.flatten(1), num_parts, **kwargs_for_kmeans(kmeans_kwargs))
@@ -91,7 +79,7 @@ def group_pixels(
     sim = sim.nan_to_num(neginf=-1e30)
     # upsample and argmax only inside each object's box: full-image maps cost more than K-means
     labels = torch.zeros(object_masks.shape, dtype=torch.long, device=object_masks.device)
-    for j, (y0, y1, x0, x1) in enumerate(_boxes(object_masks)):
+    for j, (y0, y1, x0, x1) in enumerate(mask_box_slices(object_masks)):
         if y1 == y0:
             continue
         window, (oy, ox) = _upsampled_window(sim[j], (y0, y1, x0, x1), object_masks.shape[-2:])
@@ -123,16 +111,6 @@ def _upsampled_window(sim: torch.Tensor, box, size):
     cells = sim[None, :, gy0:gy1, gx0:gx1].contiguous(memory_format=torch.channels_last)
     window = F.interpolate(cells, size=(sy * (gy1 - gy0), sx * (gx1 - gx0)), mode="bilinear", align_corners=False)
     return window[0], (sy * gy0, sx * gx0)
-
-
-def _boxes(masks: torch.Tensor):
-    """Inclusive-exclusive (y0, y1, x0, x1) box of each mask; empty masks give an empty box."""
-    rows, cols = masks.any(2), masks.any(1)
-    out = []
-    for r, c in zip(rows, cols):
-        ys, xs = torch.nonzero(r).flatten(), torch.nonzero(c).flatten()
-        out.append((0, 0, 0, 0) if len(ys) == 0 else (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
-    return out
 
 
 def kwargs_for_kmeans(kmeans_kwargs: dict) -> dict:
@@ -261,7 +239,7 @@ class PixelGroupingModel(nn.Module):
         if self.training:
             raise RuntimeError("PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py.")
         raw = [x["image"].to(self.device) for x in batched_inputs]
-        images = ImageList.from_tensors([(x - self.pixel_mean) / self.pixel_std for x in raw], self.size_divisibility)
+        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
         objects = [filter_objects(o.to(self.device), **self.object_filter) for o in self._objects(batched_inputs)]
         padded_hw = images.tensor.shape[-2:]
         masks, owner = [], []
@@ -293,7 +271,7 @@ class PixelGroupingModel(nn.Module):
         margin = 16
         boxes = [
             (max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W)) if y1 > y0 else (0,) * 4
-            for y0, y1, x0, x1 in _boxes(masks)
+            for y0, y1, x0, x1 in mask_box_slices(masks)
         ]
         out = self.crf.refine_boxes(image, labels, boxes, self.num_parts + 1)
         if self.restrict_to_object:

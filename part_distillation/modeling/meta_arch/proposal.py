@@ -25,7 +25,9 @@ Inference (``instances``: ``pred_masks``, ``scores``, ``pred_classes`` (all 0), 
    m_j > 0 and may overlap. Predictions left empty are dropped.
 4. score_j = s_j × mean sigmoid(m_j) over the final mask, as Mask2Former scores instances.
 
-Without ``objects`` the output is plain Mask2Former instance inference with one class. The reference's
+Without ``objects`` the output is plain Mask2Former instance inference with one class. Pre-processing, the
+forward and query features are :class:`PartMask2Former`'s; steps 1-4 are :meth:`ProposalModel.inference_single`
+with the pure functions of :mod:`.postprocessing`. The reference's
 evaluation-only shortcut that drops predictions not overlapping any GT part (spec §4.4 step 5) is not
 implemented: the model never sees GT parts.
 """
@@ -37,12 +39,12 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.structures import Instances
 from torch.nn import functional as F
 
 from ...utils.errors import ConfigError
-from .mask2former import Mask2Former
+from .part_mask2former import PartMask2Former
+from .postprocessing import assign_pixels, masks_to_boxes, object_union
 
 __all__ = ["ProposalModel", "load_decoder_weights", "proposal_inference", "INIT_PREFIXES"]
 
@@ -118,32 +120,6 @@ def load_decoder_weights(
     return {"loaded": loaded, "shape_mismatch": mismatch, "missing": missing}
 
 
-def _object_union(objects, image_size, output_size, device):
-    """Union of ``objects.gt_masks`` as a bool ``output_size`` mask.
-
-    Masks at the resized image's size (``image_size``, what evaluation mappers produce) are resized to
-    the output size like the predictions; masks already at ``output_size`` are used as they are.
-    """
-    masks = objects.gt_masks
-    if isinstance(masks, BitMasks):
-        masks = masks.tensor
-    masks = torch.as_tensor(masks, device=device)
-    if masks.dim() != 3:
-        raise ValueError(f"objects.gt_masks must be M×H×W, got shape {tuple(masks.shape)}")
-    if masks.shape[0] == 0:
-        return torch.zeros(output_size, dtype=torch.bool, device=device)
-    union = masks.bool().any(dim=0)
-    if tuple(union.shape) == tuple(output_size):
-        return union
-    if tuple(union.shape) != tuple(image_size):
-        raise ValueError(
-            f"object masks of size {tuple(union.shape)} match neither the image {tuple(image_size)} "
-            f"nor the output {tuple(output_size)}"
-        )
-    resized = F.interpolate(union[None, None].float(), size=tuple(output_size), mode="bilinear", align_corners=False)
-    return resized[0, 0] >= 0.5
-
-
 def proposal_inference(mask_cls, mask_pred, topk: int, object_mask=None, per_pixel_assignment: bool = True):
     """Class-agnostic instances of one image (module doc, steps 1, 3 and 4).
 
@@ -164,13 +140,7 @@ def proposal_inference(mask_cls, mask_pred, topk: int, object_mask=None, per_pix
         masks = logits > 0
     else:
         logits = logits * object_mask.to(logits)
-        positive = logits > 0
-        if per_pixel_assignment and topk > 0:
-            support = positive.any(dim=0)
-            winner = (part_prob[:, None, None] * logits.sigmoid()).argmax(dim=0)
-            masks = (winner[None] == torch.arange(topk, device=logits.device)[:, None, None]) & support[None]
-        else:
-            masks = positive
+        masks = assign_pixels(part_prob, logits, per_pixel_assignment)
         keep = masks.flatten(1).any(dim=1)
         part_prob, logits, masks = part_prob[keep], logits[keep], masks[keep]
     area = masks.flatten(1).sum(dim=1)
@@ -181,7 +151,7 @@ def proposal_inference(mask_cls, mask_pred, topk: int, object_mask=None, per_pix
     result.pred_masks = masks[order].float()
     result.scores = scores[order]
     result.pred_classes = torch.zeros(len(order), dtype=torch.int64, device=scores.device)
-    result.pred_boxes = BitMasks(masks[order]).get_bounding_boxes().to(scores.device)
+    result.pred_boxes = masks_to_boxes(masks[order])
     return result
 
 
@@ -193,7 +163,7 @@ def _check_one_class(num_classes: int) -> None:
 
 
 @META_ARCH_REGISTRY.register()
-class ProposalModel(Mask2Former):
+class ProposalModel(PartMask2Former):
     """Mask2Former with one class ("part") for class-agnostic part proposals (module doc)."""
 
     @configurable
@@ -203,7 +173,7 @@ class ProposalModel(Mask2Former):
             per_pixel_assignment: ``MODEL.PROPOSAL.PER_PIXEL_ASSIGNMENT``.
             apply_object_mask: ``MODEL.PROPOSAL.APPLY_OBJECT_MASK``.
             init_from: ``MODEL.PROPOSAL.INIT_FROM``, a stage-0 checkpoint for the decoder tensors ("" = none).
-            kwargs: :class:`Mask2Former`'s arguments.
+            kwargs: :class:`PartMask2Former`'s (Mask2Former's) arguments.
         """
         super().__init__(**kwargs)
         _check_one_class(self.sem_seg_head.num_classes)
@@ -230,31 +200,12 @@ class ProposalModel(Mask2Former):
             t["labels"] = torch.zeros_like(t["labels"])
         return new_targets
 
-    def forward(self, batched_inputs):
-        if self.training:
-            return super().forward(batched_inputs)
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
-        outputs = self.sem_seg_head(self.backbone(images.tensor))
-        mask_pred_results = F.interpolate(
-            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-        )
-        mask_cls_results = outputs["pred_logits"]
-        del outputs
-        processed = []
-        for mask_cls, mask_pred, inp, image_size in zip(
-            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
-        ):
-            height, width = inp.get("height", image_size[0]), inp.get("width", image_size[1])
-            mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
-            object_mask = None
-            if self.apply_object_mask and inp.get("objects") is not None:
-                object_mask = _object_union(inp["objects"], image_size, (height, width), mask_pred.device)
-            processed.append(
-                {
-                    "instances": proposal_inference(
-                        mask_cls, mask_pred, self.test_topk_per_image, object_mask, self.per_pixel_assignment
-                    )
-                }
+    def inference_single(self, mask_cls, mask_pred, query_feats, objects, image_size):
+        object_mask = None
+        if self.apply_object_mask and objects is not None:
+            object_mask = object_union(objects, image_size, mask_pred.shape[-2:], mask_pred.device)
+        return {
+            "instances": proposal_inference(
+                mask_cls, mask_pred, self.test_topk_per_image, object_mask, self.per_pixel_assignment
             )
-        return processed
+        }

@@ -35,6 +35,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from ...structures.masks import masks_to_grid  # noqa: F401  (re-exported: the heads import it from here)
 from ...utils.errors import ConfigError
 
 __all__ = ["PART_HEAD_REGISTRY", "build_part_head", "PartHead", "DiscoveryBatch", "masks_to_grid"]
@@ -98,21 +99,6 @@ class DiscoveryBatch:
 
     def __len__(self) -> int:
         return len(self.inputs)
-
-
-def masks_to_grid(masks: torch.Tensor, grid_hw) -> torch.Tensor:
-    """Bool masks [B, H, W] → [B, h, w]: a cell is in the mask when at least half of it is.
-
-    A non-empty mask too thin to fill half of any cell keeps every cell it touches, so small objects
-    still get points.
-    """
-    m = masks[:, None].float()
-    frac = F.interpolate(m, size=tuple(grid_hw), mode="area")[:, 0]
-    out = frac >= 0.5
-    empty = ~out.flatten(1).any(1)
-    if empty.any():
-        out[empty] = frac[empty] > 0
-    return out
 
 
 class PartHead(nn.Module, metaclass=abc.ABCMeta):

@@ -5,7 +5,7 @@ import sys
 from conftest import REPO_ROOT, tiny_quick_opts
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-import demo  # noqa: E402
+import run_toy_pipeline as demo  # noqa: E402
 
 
 def test_demo_runs_all_stages(datasets_root, tmp_path, capsys):

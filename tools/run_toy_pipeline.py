@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end CPU demo on the embedded toyparts dataset (what `make demo` runs).
+"""End-to-end CPU demo on the embedded toyparts dataset (what `make demo` runs; formerly tools/demo.py).
 
 Generates toyparts (if absent), then runs the pipeline on the quick schedules:
 

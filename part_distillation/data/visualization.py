@@ -2,7 +2,7 @@
 import cv2
 import numpy as np
 
-from ..data.pseudo_labels import atomic_write_bytes, decode_mask
+from .pseudo_labels import atomic_write_bytes, decode_mask
 
 __all__ = ["render_pseudo_labels"]
 
