@@ -44,7 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from part_distillation.data.pseudo_labels import atomic_write_bytes  # noqa: E402
-from part_distillation.modeling.grouping.crf import DenseCRFRefiner  # noqa: E402
+from part_distillation.clustering.crf import DenseCRFRefiner  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "crf.json")
 SEED_PARAMS = dict(

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from part_distillation.data.pseudo_labels import atomic_write_bytes  # noqa: E402
-from part_distillation.modeling.grouping.kmeans import batched_kmeans  # noqa: E402
+from part_distillation.clustering.kmeans import batched_kmeans  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kmeans.json")
 

@@ -12,7 +12,14 @@ the whole image, and one ``torch.save`` per image. Both label the same toyparts 
 Also samples the process's resident memory while ours labels a longer run: it must stay flat
 (records are streamed to shards, nothing accumulates).
 
+``--paper``: the paper's labelling configuration instead of the CPU quick schedule, for throughput per GPU at
+ImageNet-21K scale: ``configs/stage1_pixel_grouping.yaml`` (Swin-L backbone, res3+res4 features, K=4, dense CRF
+on, 640 px) with random weights (``MODEL.WEIGHTS ""``: the timing does not depend on them) on toyparts images
+with their GT objects; ``--skip-reference`` times ours only. It prints the hours ImageNet-21K (14.2M images)
+would take on one 8-GPU node at the measured rate.
+
     python benchmarks/pseudo_labels.py [--num-images 40] [--long-run 200]
+    python benchmarks/pseudo_labels.py --paper --device cuda --num-images 100 --long-run 0 --skip-reference
 """
 import argparse
 import json
@@ -27,6 +34,11 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts.yaml")
+PAPER_CONFIG = os.path.join(REPO, "configs", "stage1_pixel_grouping.yaml")
+# the paper's config labels toyparts here: its GT objects, random Swin-L weights (timing only)
+PAPER_OPTS = ["DATASETS.TEST", "('toyparts_val',)", "MODEL.WEIGHTS", "", "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "gt"]
+IMAGENET_21K = 14_197_122
+EXTRA_OPTS = []  # set by --paper
 
 
 def rss_mb() -> float:
@@ -56,7 +68,7 @@ def run_ours(out_dir, image_size, opts=(), device="cpu"):
     from part_distillation.engine import default_argument_parser, setup_cfg
     from part_distillation.engine.labelling import label_dataset
 
-    argv = ["--config-file", CONFIG,
+    argv = ["--config-file", CONFIG, *EXTRA_OPTS,
             "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
             "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
             "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
@@ -139,7 +151,19 @@ def main():
         help="torch intra-op threads of both pipelines (1 is steadier when other jobs share the cores)",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of both pipelines' backbone (ours also clusters and runs the CRF there)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's labelling config (Swin-L, 640 px, K=4, CRF on; random weights)")
+    parser.add_argument("--skip-reference", action="store_true", help="time ours only (no reference-style run)")
     args = parser.parse_args()
+    global CONFIG
+    if args.paper:
+        CONFIG = PAPER_CONFIG
+        EXTRA_OPTS[:] = PAPER_OPTS
+        # Timing only: the stage checks rightly refuse to label with a random Swin-L; this benchmark does it on
+        # purpose (throughput does not depend on the weights), so it skips that one check.
+        from part_distillation.engine import checks
+
+        checks.check_stage_weights = lambda *args, **kwargs: None
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
 
@@ -155,22 +179,31 @@ def main():
     os.environ["DETECTRON2_DATASETS"] = work
     ensure_toyparts(os.path.join(work, "toyparts"), num_train=1, num_val=args.num_images, seed=0,
                     image_size=args.image_size, progress=False)  # fmt: skip
-    cfg = load_cfg(CONFIG, ["INPUT.IMAGE_SIZE", str(args.image_size), "MODEL.DEVICE", args.device])
+    cfg = load_cfg(CONFIG, [*EXTRA_OPTS, "INPUT.IMAGE_SIZE", str(args.image_size), "MODEL.DEVICE", args.device])
     cfg.MODEL.PIXEL_GROUPING.CRF.ENABLED = False  # the reference runs its own CRF below
     model = build_model(cfg).eval()
     dicts = DatasetCatalog.get("toyparts_val")
 
     ours_s, summary = run_ours(os.path.join(work, "ours"), args.image_size, device=args.device)
-    coarse_s, _ = run_ours(os.path.join(work, "ours_x2"), args.image_size, ["MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE", "2"],
-                           device=args.device)  # fmt: skip
+    if args.paper:  # the paper's CRF is the full-resolution one
+        coarse_s = float("nan")
+    else:
+        coarse_s, _ = run_ours(os.path.join(work, "ours_x2"), args.image_size,
+                               ["MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE", "2"], device=args.device)  # fmt: skip
     backbone_s = time_backbone(model, build_dataset_mapper(cfg, is_train=False), dicts)
-    ref_s = run_reference(os.path.join(work, "ref"), model, build_dataset_mapper(cfg, is_train=False), dicts)
+    if args.skip_reference:
+        ref_s = float("nan")
+    else:
+        ref_s = run_reference(os.path.join(work, "ref"), model, build_dataset_mapper(cfg, is_train=False), dicts)
     n = len(dicts)
     result = {
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                     "device": args.device,
                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},  # fmt: skip
         "threads": args.threads,
+        "config": os.path.relpath(CONFIG, REPO),
+        "paper_config": args.paper,
+        "imagenet_21k_hours_one_8_gpu_node": IMAGENET_21K / (n / ours_s) / 8 / 3600,
         "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "images": n,
         "image_size": args.image_size,
@@ -215,6 +248,8 @@ def main():
           f"{result['backbone_s_per_image']:.3f} s/image; without it: {result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
     print(f"with CRF.DOWNSAMPLE 2: {result['speedup_crf_x2']:.1f}x, without the backbone "
           f"{result['speedup_crf_x2_excluding_backbone']:.1f}x")  # fmt: skip
+    print(f"config {result['config']}: ImageNet-21K ({IMAGENET_21K} images) at {n / ours_s:.2f} images/s per device "
+          f"would take {result['imagenet_21k_hours_one_8_gpu_node']:.0f} h on one node of 8 such devices")  # fmt: skip
     if "long_run" in result:
         lr = result["long_run"]
         print(f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "

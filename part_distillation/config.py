@@ -27,6 +27,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_pixel_grouping_config(cfg)
     _add_one_stage_config(cfg)
     _add_pseudo_label_config(cfg)
+    _add_store_loader_config(cfg)
     _add_proposal_config(cfg)
     _add_part_metrics_config(cfg)
     _add_part_discovery_config(cfg)
@@ -38,6 +39,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_part_distillation_model_config(cfg)
     _add_bad_input_config(cfg)
     _add_visualization_config(cfg)
+    _add_paper_path_config(cfg)
     return cfg
 
 
@@ -82,6 +84,30 @@ def load_cfg(config_file: str, opts=()) -> CN:
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"command-line opts: {e.args[0] if e.args else e}. Valid keys are in {KEY_FILES}.")
     return cfg
+
+
+def _add_paper_path_config(cfg: CN) -> None:
+    # The ImageNet-21K path of PartDistillation (Cho et al. 2023): object classes and zero-shot evaluation.
+    # Zero-shot evaluation (paper Tab. 3): how a target dataset's object becomes a class id of the model's classifiers.
+    #   ""        the dataset's own object class ids (a model trained on that label space, e.g. the supervised baseline)
+    #   "synset"  the object's WordNet synset (PartImageNet: the image's ImageNet-1K synset; Pascal-Part: its class
+    #             name's synset) → the same synset among the model's classes, else its nearest hypernym there
+    #             (data/object_classes.py); objects with neither get class -1 and are not evaluated.
+    #   "predicted" the class of the best-overlapping object (IoU >= 0.5) in TEST.OBJECT_PREDICTIONS_JSON (paper supp.:
+    #             "we use the prediction's object class prediction"): its class_code (wnid, mapped as "synset") or
+    #             else its category_id, taken as the model's class id.
+    cfg.TEST.OBJECT_CLASS_MAP = ""
+    # COCO results JSON of object predictions on the evaluated dataset (image_id, segmentation, score, class_code or
+    # category_id), e.g. Detic with the model's classes as vocabulary; for OBJECT_CLASS_MAP "predicted".
+    cfg.TEST.OBJECT_PREDICTIONS_JSON = ""
+    # The model's class list (the synset of each classifier) for OBJECT_CLASS_MAP "synset": an object_classes.json;
+    # "" = the one of DATASETS.TRAIN[0]'s pseudo-label store (stage 4 trains one classifier per class it lists).
+    cfg.TEST.MODEL_CLASS_CODES = ""
+    # Stage 2: drop training objects whose mask covers at most this fraction of the image (reference code, stage-2
+    # script: PROPOSAL_LEARNING.MIN_OBJECT_AREA_RATIO 0.05; the paper does not state it). 0 = keep every object.
+    cfg.MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO = 0.0
+    # InstanceLSJDatasetMapper: every annotation gets class 0 (class-agnostic supervised part proposals, paper Tab. 2).
+    cfg.INPUT.CLASS_AGNOSTIC = False
 
 
 def _add_input_config(cfg: CN) -> None:
@@ -189,15 +215,15 @@ def _add_view_mapper_config(cfg: CN) -> None:
 def _add_pixel_grouping_config(cfg: CN) -> None:
     # Stage 1 (PixelGroupingModel): part segments by clustering backbone features inside objects.
     cfg.MODEL.PIXEL_GROUPING = CN()
-    # Backbone levels resized to the first level's grid and concatenated (seed 000 Tab. 1: res3+res4).
+    # Backbone levels resized to the first level's grid and concatenated (PartDistillation supp. Tab. 1: res3+res4).
     cfg.MODEL.PIXEL_GROUPING.FEATURE_LEVELS = ["res3", "res4"]
-    # L2-normalise each pixel's feature vector before clustering (seed 000 scripts: False).
+    # L2-normalise each pixel's feature vector before clustering (reference code, its scripts: False; not in the paper).
     cfg.MODEL.PIXEL_GROUPING.FEATURE_NORMALIZE = False
-    # K, the number of part segments per object (seed 000: 4).
+    # K, the number of part segments per object (PartDistillation Fig. 6 / supp.: k = 4).
     cfg.MODEL.PIXEL_GROUPING.NUM_PARTS = 4
-    # Similarity that assigns pixels to centroids: "dot" (seed 000 scripts), "l2" or "cosine".
+    # Similarity that assigns pixels to centroids: "dot" (reference code, its scripts; not in the paper), "l2" or "cosine".
     cfg.MODEL.PIXEL_GROUPING.DISTANCE = "dot"
-    # K-means restarts run in parallel; the best inertia wins (seed 000: "repeat 10 times", sklearn n_init=10).
+    # K-means restarts run in parallel; the best inertia wins (PartDistillation supp.: "repeating 10 times").
     cfg.MODEL.PIXEL_GROUPING.KMEANS_N_INIT = 10
     # Lloyd iteration cap (sklearn default 300).
     cfg.MODEL.PIXEL_GROUPING.KMEANS_MAX_ITER = 300
@@ -221,7 +247,8 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS = ""
     # Keep objects whose score is at least this (GT objects have score 1).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH = 0.5
-    # Keep objects covering at least this fraction of the image (seed 000: MIN_OBJECT_AREA_RATIO 0.001).
+    # Keep objects covering at least this fraction of the image (reference code, stage-4 debug script:
+    # MIN_OBJECT_AREA_RATIO 0.001; not in the paper).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO = 0.001
     # Keep at most this many objects per image, by score (reference on ImageNet: the top-1 Detic mask).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_TOPK = 10
@@ -276,7 +303,7 @@ def _add_pseudo_label_config(cfg: CN) -> None:
     # (class-agnostic part proposals; stage 2).
     cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES = False
     # Keep a part only if its area after augmentation is > this fraction of its object's area
-    # (seed 000 / reference stage-2 script: PROPOSAL_LEARNING.MIN_AREA_RATIO 0.05).
+    # (reference code, stage-2 script: PROPOSAL_LEARNING.MIN_AREA_RATIO 0.05; not in the paper).
     cfg.MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
     # Root of the pseudo-label store; its stores register as "<source>_pseudo_<stage>" datasets.
     cfg.DATASETS.PSEUDO_LABEL_ROOT = "pseudo_labels"
@@ -286,6 +313,20 @@ def _add_pseudo_label_config(cfg: CN) -> None:
     cfg.DATASETS.TRAIN_LABEL_PERCENTAGE = 100.0
     # NumPy seed of that shuffle (reference: np.random.seed(1234)).
     cfg.DATASETS.TRAIN_LABEL_SEED = 1234
+
+
+def _add_store_loader_config(cfg: CN) -> None:
+    # Training from a pseudo-label store without loading it into memory (data/store_dataset.py).
+    # "store": registered stores are PseudoLabelStoreDataset views decoded on access (memory flat in the
+    # store's size; what ImageNet-21K needs); "list": every record as a dict in every process (the
+    # previous behaviour, for comparisons).
+    cfg.DATASETS.PSEUDO_LABEL_LOADER = "store"
+    # Training order over a store: "shard_window" (per epoch: shards permuted with SEED and dealt to the ranks,
+    # the images of STORE_SHUFFLE_WINDOW shards shuffled together; --resume continues the order) or "global"
+    # (detectron2's TrainingSampler over all images: the list path's order, one shard decoded per image).
+    cfg.DATALOADER.STORE_SHUFFLE = "shard_window"
+    # Shards whose images are shuffled together (each loader worker keeps that many shards decoded).
+    cfg.DATALOADER.STORE_SHUFFLE_WINDOW = 8
 
 
 def _add_proposal_config(cfg: CN) -> None:

@@ -1,6 +1,6 @@
 """Layering of the package and the tools, read from the source (no imports run): utils import neither data
-nor modeling, modeling never imports engine, every package imports only the ones below it, and no tool
-imports another tool."""
+nor modeling, modeling never imports engine, clustering imports only structures and utils, every package
+imports only the ones below it, and no tool imports another tool."""
 import ast
 import os
 
@@ -53,9 +53,26 @@ def test_modeling_does_not_import_engine():
     assert _offenders("modeling", ["part_distillation.engine"]) == []
 
 
+def test_clustering_imports_only_structures_and_utils():
+    package = ["config", "data", "modeling", "evaluation", "engine"]
+    assert _offenders("clustering", [f"part_distillation.{name}" for name in package]) == []
+
+
+def test_modeling_grouping_is_only_a_compatibility_alias():
+    """The old home of K-means and the CRF re-exports clustering/ (no code of its own, same module objects)."""
+    import part_distillation.clustering.crf as crf
+    import part_distillation.clustering.kmeans as kmeans
+    import part_distillation.modeling.grouping.crf as old_crf
+    from part_distillation.modeling.grouping.kmeans import batched_kmeans
+
+    assert old_crf is crf and batched_kmeans is kmeans.batched_kmeans
+    assert set(os.listdir(os.path.join(PACKAGE, "modeling", "grouping"))) - {"__pycache__"} == {"__init__.py"}
+
+
 def test_packages_import_only_downwards():
-    """utils ← structures ← data ← modeling ← evaluation ← engine (README, "Inside part_distillation/")."""
-    order = ["utils", "structures", "data", "modeling", "evaluation", "engine"]
+    """utils ← structures ← clustering ← data ← modeling ← evaluation ← engine (README, "Inside
+    part_distillation/")."""
+    order = ["utils", "structures", "clustering", "data", "modeling", "evaluation", "engine"]
     bad = []
     for i, sub in enumerate(order):
         bad += _offenders(sub, [f"part_distillation.{above}" for above in order[i + 1 :]])

@@ -27,7 +27,8 @@ features, and every object pixel gets its nearest prototype (no MODEL.WEIGHTS ne
 
     python tools/rank_parts.py --config-file configs/quick_schedules/onestage_grouping_toyparts.yaml --stage onestage
 
-The driver is :func:`part_distillation.engine.labelling.rank_and_label`.
+The driver is :func:`part_distillation.engine.labelling.rank_and_label`; the per-class K-means and the
+prototypes file are :mod:`part_distillation.clustering.prototypes`.
 """
 from part_distillation.engine import default_argument_parser, launch_main, setup_cfg
 from part_distillation.engine.labelling import rank_and_label

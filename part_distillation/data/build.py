@@ -21,6 +21,7 @@ from detectron2.data import get_detection_dataset_dicts
 
 from ..utils.errors import ConfigError
 from .dataset_mappers import build_dataset_mapper
+from .store_dataset import StoreMapDataset, build_store_train_sampler
 
 __all__ = [
     "build_detection_train_loader",
@@ -62,7 +63,9 @@ def label_percentage_subset(dataset_dicts, percentage, seed: int = 1234, key: st
         ConfigError: ``percentage`` is outside (0, 100] (named by ``key``), or the list is empty.
     """
     p = _check_percentage(percentage, key)
-    dataset_dicts = list(dataset_dicts)
+    view = getattr(dataset_dicts, "subset", None)  # list-like datasets (a pseudo-label store) give views
+    if view is None:
+        dataset_dicts = list(dataset_dicts)
     if p == 100.0:
         return dataset_dicts
     n = len(dataset_dicts)
@@ -70,6 +73,8 @@ def label_percentage_subset(dataset_dicts, percentage, seed: int = 1234, key: st
         raise ConfigError(f"{key}={percentage}: the training set is empty, there is nothing to subsample.")
     keep = max(1, int(math.floor(n * p / 100.0)))  # floating point, as the reference computes it
     order = np.random.RandomState(int(seed)).permutation(n)
+    if view is not None:
+        return view(order[:keep])
     return [dataset_dicts[i] for i in order[:keep]]
 
 
@@ -112,18 +117,28 @@ class _GiveUpAfterSkips:
 def build_detection_train_loader(cfg):
     check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     percentage = _check_percentage(cfg.DATASETS.get("TRAIN_LABEL_PERCENTAGE", 100.0), "DATASETS.TRAIN_LABEL_PERCENTAGE")
-    dicts = _train_dataset_dicts(cfg)
+    dicts = _train_dataset_dicts(cfg)  # a list, or a PseudoLabelStoreDataset (decoded on access)
     # detectron2's MapDataset gives up on an index once it failed, and errors when none is left
-    mapper = _GiveUpAfterSkips(build_dataset_mapper(cfg, is_train=True), limit=min(200, max(1, len(dicts))))
-    if percentage == 100.0:
-        return d2_train_loader(cfg, mapper=mapper, dataset=dicts)
-    seed = cfg.DATASETS.get("TRAIN_LABEL_SEED", 1234)
-    kept = label_percentage_subset(dicts, percentage, seed)
-    logger.info(
-        "DATASETS.TRAIN_LABEL_PERCENTAGE: kept %d of %d images (%g%%) of %s, NumPy seed %d.",
-        len(kept), len(dicts), percentage, ", ".join(cfg.DATASETS.TRAIN), seed,
-    )  # fmt: skip
-    return d2_train_loader(cfg, mapper=mapper, dataset=kept)
+    limit = min(200, max(1, len(dicts))) if isinstance(dicts, list) else 200
+    mapper = _GiveUpAfterSkips(build_dataset_mapper(cfg, is_train=True), limit=limit)
+    if percentage < 100.0:
+        seed = cfg.DATASETS.get("TRAIN_LABEL_SEED", 1234)
+        kept = label_percentage_subset(dicts, percentage, seed)
+        logger.info(
+            "DATASETS.TRAIN_LABEL_PERCENTAGE: kept %d of %d images (%g%%) of %s, NumPy seed %d.",
+            len(kept), len(dicts), percentage, ", ".join(cfg.DATASETS.TRAIN), seed,
+        )  # fmt: skip
+        dicts = kept
+    sampler = build_store_train_sampler(cfg, dicts)  # None: detectron2's sampler (DATALOADER.SAMPLER_TRAIN)
+    if sampler is None:
+        loader = d2_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
+    else:  # a store: no detectron2 MapDataset (it keeps a set of every index; see data/store_dataset.py)
+        loader = d2_train_loader(
+            StoreMapDataset(dicts, mapper), mapper=None, sampler=sampler, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )  # fmt: skip
+    loader.resumable_sampler = sampler  # Trainer.resume_or_load skips what the resumed run already saw
+    return loader
 
 
 def build_detection_test_loader(cfg, dataset_name: str):

@@ -91,6 +91,8 @@ __all__ = [
     "PseudoLabelWriter",
     "PseudoLabelReader",
     "record_to_dataset_dict",
+    "require_complete",
+    "read_shard_text",
     "load_pseudo_label_dicts",
     "pseudo_label_dataset_name",
     "register_pseudo_label_dataset",
@@ -923,6 +925,51 @@ def record_store_outcome(directory: str, counts: dict, failed=None) -> dict:
 # ------------------------------------------------------------------------------------------
 # Reader
 # ------------------------------------------------------------------------------------------
+def require_complete(manifest: dict, directory: str) -> None:
+    """Raise a one-line UserError when a store's manifest says shards are missing, or that its labelling
+    failed (nothing labelled, too many images skipped: ``failed``, see evaluation/pseudo_label_writer.py)."""
+    if manifest.get("failed"):
+        raise UserError(f"pseudo-label store {directory} is not usable: {manifest['failed']}")
+    if manifest["complete"]:
+        return
+    missing = manifest["missing_shards"]
+    what = (
+        f"shards {missing[:5]}{'...' if len(missing) > 5 else ''} of {manifest['num_shards']} are missing"
+        if missing
+        else "the number of images expected is unknown"
+    )
+    raise UserError(
+        f"pseudo-label store {directory} is incomplete: {what}; rerun make_pseudo_labels.py with --resume "
+        "(and let it finalize)"
+    )
+
+
+def read_shard_text(path: str, sha256=None) -> bytes:
+    """The decompressed JSON-lines bytes of one shard file; checks ``sha256`` (hex) when given.
+
+    Raises:
+        CorruptShardError: the file is missing, does not match ``sha256`` or is not valid gzip.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CorruptShardError(
+            f"pseudo-label shard {path} listed in the manifest is missing; rerun make_pseudo_labels.py with --resume"
+        )
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise CorruptShardError(
+                f"pseudo-label shard {path} is corrupted (sha256 {actual[:12]}..., expected {sha256[:12]}...); "
+                f"{_FIX_CORRUPT}"
+            )
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, ValueError) as e:
+        raise CorruptShardError(f"pseudo-label shard {path} cannot be decoded ({e}); {_FIX_CORRUPT}")
+
+
 class PseudoLabelReader:
     """Reads a store in dataset order, shard by shard, verifying each shard's sha256 before use.
 
@@ -936,19 +983,8 @@ class PseudoLabelReader:
         self.dir = store_dir(root, source, stage)
         self.verify = verify
         self.manifest = read_manifest(root, source, stage)
-        if self.manifest.get("failed") and not allow_incomplete:
-            raise UserError(f"pseudo-label store {self.dir} is not usable: {self.manifest['failed']}")
-        if not self.manifest["complete"] and not allow_incomplete:
-            missing = self.manifest["missing_shards"]
-            what = (
-                f"shards {missing[:5]}{'...' if len(missing) > 5 else ''} of {self.manifest['num_shards']} are missing"
-                if missing
-                else "the number of images expected is unknown"
-            )
-            raise UserError(
-                f"pseudo-label store {self.dir} is incomplete: {what}; rerun make_pseudo_labels.py with --resume "
-                "(and let it finalize)"
-            )
+        if not allow_incomplete:
+            require_complete(self.manifest, self.dir)
         self.shard_size = self.manifest["shard_size"]
         self._shards = {s["shard"]: s for s in self.manifest["shards"]}
         self._cache = collections.OrderedDict()
@@ -966,30 +1002,14 @@ class PseudoLabelReader:
 
     def _read_shard(self, k: int) -> list:
         info = self._shards[k]
-        path = os.path.join(self.dir, info["file"])
+        text = read_shard_text(os.path.join(self.dir, info["file"]), info["sha256"] if self.verify else None)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise CorruptShardError(
-                f"pseudo-label shard {path} listed in the manifest is missing; "
-                "rerun make_pseudo_labels.py with --resume"
-            )
-        if self.verify:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != info["sha256"]:
-                raise CorruptShardError(
-                    f"pseudo-label shard {path} is corrupted (sha256 {actual[:12]}..., expected "
-                    f"{info['sha256'][:12]}...); {_FIX_CORRUPT}"
-                )
-        try:
-            text = gzip.decompress(data).decode("utf-8")
-            records = [json.loads(line) for line in text.splitlines() if line]
-        except (OSError, EOFError, ValueError) as e:
-            raise CorruptShardError(f"pseudo-label shard {path} cannot be decoded ({e}); {_FIX_CORRUPT}")
+            records = [json.loads(line) for line in text.decode("utf-8").splitlines() if line]
+        except ValueError as e:
+            raise CorruptShardError(f"pseudo-label shard {self.shard_path(k)} cannot be decoded ({e}); {_FIX_CORRUPT}")
         if len(records) != info["num_images"]:
             raise CorruptShardError(
-                f"pseudo-label shard {path} holds {len(records)} records, the manifest says "
+                f"pseudo-label shard {self.shard_path(k)} holds {len(records)} records, the manifest says "
                 f"{info['num_images']}; {_FIX_CORRUPT}"
             )
         return records
@@ -1109,18 +1129,32 @@ def load_pseudo_label_dicts(root: str, source: str, stage: str, verify: bool = T
     return dicts
 
 
-def register_pseudo_label_dataset(name, root, source, stage, metadata_from=None, thing_classes=("part",)):
+def register_pseudo_label_dataset(
+    name, root, source, stage, metadata_from=None, thing_classes=("part",), loader: str = "store"
+):
     """Register store ``<root>/<source>/<stage>`` as detectron2 dataset ``name`` (lazily: the store
     is read when ``DatasetCatalog.get(name)`` runs). Replaces an existing registration.
+
+    ``loader``: "store" (default) makes ``DatasetCatalog.get(name)`` return a
+    :class:`~part_distillation.data.store_dataset.PseudoLabelStoreDataset`, a list-like view that decodes
+    records on access (memory independent of the store's size); "list" returns every record as a dict
+    (:func:`load_pseudo_label_dicts`; config key ``DATASETS.PSEUDO_LABEL_LOADER``).
 
     Metadata: ``thing_classes`` (class-agnostic ``["part"]`` by default), ``evaluator_type``
     copied from dataset ``metadata_from`` when given, and ``pseudo_label_root/source/stage``.
     """
     store_dir(root, source, stage)  # validates the names
+    if loader not in ("store", "list"):
+        raise ConfigError(f"DATASETS.PSEUDO_LABEL_LOADER={loader!r}: use 'store' (decode on access) or 'list'")
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, functools.partial(load_pseudo_label_dicts, root, source, stage))
+    if loader == "store":
+        from .store_dataset import PseudoLabelStoreDataset
+
+        DatasetCatalog.register(name, functools.partial(PseudoLabelStoreDataset, root, source, stage))
+    else:
+        DatasetCatalog.register(name, functools.partial(load_pseudo_label_dicts, root, source, stage))
     meta = {
         "thing_classes": list(thing_classes),
         "pseudo_label_root": root,
@@ -1136,12 +1170,13 @@ def register_pseudo_label_dataset(name, root, source, stage, metadata_from=None,
     return name
 
 
-def register_all_pseudo_label_datasets(root: str, thing_classes=("part",)) -> list:
+def register_all_pseudo_label_datasets(root: str, thing_classes=("part",), loader: str = "store") -> list:
     """Register every store under ``root`` as ``<source>_pseudo_<stage>``; returns the names.
 
     Scans ``root`` when called (never at import). A source that is itself a registered dataset
     lends its ``evaluator_type``. ``thing_classes`` names the label space the stores are trained
-    with (class-agnostic ``["part"]``, or P part classes when training on ranked stores).
+    with (class-agnostic ``["part"]``, or P part classes when training on ranked stores). ``loader``: see
+    :func:`register_pseudo_label_dataset`.
     """
     names = []
     if not os.path.isdir(root):
@@ -1159,7 +1194,7 @@ def register_all_pseudo_label_datasets(root: str, thing_classes=("part",)) -> li
             name = pseudo_label_dataset_name(source, stage)
             register_pseudo_label_dataset(
                 name, root, source, stage, metadata_from=source if source in registered else None,
-                thing_classes=thing_classes,
+                thing_classes=thing_classes, loader=loader,
             )
             names.append(name)
     return names

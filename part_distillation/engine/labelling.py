@@ -12,11 +12,13 @@
      (rank r of W takes images r, r+W, ...) and keeps, per object, its parts with their features (the
      ranking model: parts passing τr/τs with their query features). The (object class, feature) pairs are
      all-gathered and put in dataset order, then each object class is clustered into
-     ``MODEL.PART_RANKING.NUM_CLUSTERS`` prototypes with :func:`batched_kmeans` ("l2", best of
+     ``MODEL.PART_RANKING.NUM_CLUSTERS`` prototypes with
+     :func:`~part_distillation.clustering.prototypes.cluster_prototypes` ("l2", best of
      ``KMEANS_N_INIT`` k-means++ restarts). Classes are sharded over the ranks (one deterministic K-means per
      class), the results are all-gathered and rank 0 saves ``OUTPUT_DIR/prototypes.pth`` atomically:
      ``{"prototypes": [C, K, D], "num_clusters": [C], "num_features": [C]}`` (rows beyond a class's
-     ``num_clusters`` are zeros). ``resume`` reuses an existing prototypes file.
+     ``num_clusters`` are zeros; the format is owned by :mod:`part_distillation.clustering.prototypes`).
+     ``resume`` reuses an existing prototypes file.
   2. Labelling pass: the same model with the prototypes assigns every kept part its prototype id
      (``part_class``) and soft scores, written through the writer-evaluator like stage 1. When
      DATASETS.TEST[0] is itself a pseudo-label dataset (``<source>_pseudo_<stage>``), the result is the store
@@ -25,7 +27,6 @@
 Both record :func:`label_config` (the config groups that change the labels) as the store's identity, so a
 resumed run with other labels is refused.
 """
-import io
 import json
 import logging
 import os
@@ -40,14 +41,19 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 from tabulate import tabulate
 
+from ..clustering.prototypes import (
+    DEFAULT_FILENAME,
+    cluster_prototypes,
+    load_prototypes,
+    save_prototypes,
+)
 from ..data import build_labelling_loader
 from ..data.build import check_dataset_names
 from ..data.dataset_mappers import build_dataset_mapper
-from ..data.pseudo_labels import PseudoLabelReader, PseudoLabelWriter, atomic_write_bytes, decode_mask
+from ..data.pseudo_labels import PseudoLabelReader, PseudoLabelWriter, decode_mask
 from ..data.visualization import render_pseudo_labels
 from ..evaluation.proposal_ar import ProposalAREvaluator
 from ..evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
-from ..modeling.grouping.kmeans import batched_kmeans
 from ..utils.errors import ConfigError
 from .skip_aware import SkipAwareModel  # noqa: F401 (also exported from here)
 
@@ -142,7 +148,7 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
         dicts, indices, build_dataset_mapper(cfg, is_train=False),
         batch_size=batch, num_workers=cfg.DATALOADER.NUM_WORKERS,
     )  # fmt: skip
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
+    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]
@@ -206,32 +212,6 @@ def gather_features(keys, classes, feats):
     return classes[order], feats[order]
 
 
-def cluster_prototypes(classes, feats, num_classes: int, k: int, n_init: int, max_iter: int, seed: int,
-                       rank: int = 0, world_size: int = 1):  # fmt: skip
-    """Prototypes of the classes r, r+W, ... of this rank, all-gathered: ([C, K, D], num_clusters [C], counts [C])."""
-    dim = feats.shape[1]
-    mine = {}
-    for c in range(rank, num_classes, world_size):
-        x = feats[classes == c]
-        if len(x) == 0:
-            continue
-        result = batched_kmeans(x[None].float(), None, k, n_init=n_init, max_iter=max_iter, metric="l2", seed=seed)
-        mine[c] = (result.centers[0].float(), int(result.num_clusters[0]), len(x))
-    prototypes = torch.zeros(num_classes, k, dim)
-    num_clusters = torch.zeros(num_classes, dtype=torch.long)
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    for part in comm.all_gather(mine):
-        for c, (centers, n, count) in part.items():
-            prototypes[c], num_clusters[c], counts[c] = centers, n, count
-    return prototypes, num_clusters, counts
-
-
-def save_prototypes(path: str, prototypes, num_clusters, counts) -> None:
-    buffer = io.BytesIO()
-    torch.save({"prototypes": prototypes, "num_clusters": num_clusters, "num_features": counts}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def num_object_classes(cfg, dataset_name, classes) -> int:
     if cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES > 0:
         n = cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES
@@ -278,7 +258,8 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
     dicts = DatasetCatalog.get(dataset_name)
     mapper = build_dataset_mapper(cfg, is_train=False)
     ranking = cfg.MODEL.PART_RANKING
-    path = prototypes or os.path.join(cfg.OUTPUT_DIR, "prototypes.pth")
+    path = prototypes or os.path.join(cfg.OUTPUT_DIR, DEFAULT_FILENAME)
+    path_setting = "--prototypes" if prototypes else "OUTPUT_DIR"  # names the path in a load error
 
     # 1. cluster pass
     if resume and os.path.isfile(path):
@@ -292,12 +273,10 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
             ranking.KMEANS_SEED, rank, world,
         )  # fmt: skip
         if comm.is_main_process():
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             save_prototypes(path, prototypes, num_clusters, counts)
             logger.info("Saved prototypes %s for %d classes (%d features)", path, num_classes, len(classes))
         comm.synchronize()
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model.set_prototypes(saved["prototypes"], saved["num_clusters"])
+    model.set_prototypes(*load_prototypes(path, setting=path_setting))
 
     # 2. labelling pass
     # ranking a pseudo-label dataset (the stage-1 store's objects) writes a sibling stage of the same source:
@@ -309,7 +288,7 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
     )  # fmt: skip
     indices = writer.pending_indices(rank=rank, world_size=world)
     loader = build_labelling_loader(dicts, indices, mapper, 1, cfg.DATALOADER.NUM_WORKERS)
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
+    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]

@@ -99,6 +99,8 @@ def check_runtime(cfg):
 
 def setup_cfg(args):
     """Frozen config for a tool run, with detectron2's logging/output-dir set-up done."""
+    from .checks import check_stage_weights, resolve_stage_config
+
     cfg = check_runtime(load_cfg(args.config_file, args.opts))
     cfg.freeze()
     if cfg.DATASETS.PART_COCO:
@@ -111,7 +113,12 @@ def setup_cfg(args):
         # stage 4 trains on part classes 0..P-1 (stage-3 stores); earlier stages are class-agnostic
         num_parts = cfg.MODEL.PART_DISTILLATION.NUM_PART_CLASSES if cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES else 0
         classes = [f"part {i}" for i in range(num_parts)] if num_parts else ["part"]
-        register_all_pseudo_label_datasets(cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes)
+        register_all_pseudo_label_datasets(
+            cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes, loader=cfg.DATASETS.PSEUDO_LABEL_LOADER
+        )
+    resolve_stage_config(cfg)  # data-dependent values (classes of a store) before the config is frozen and dumped
+    check_stage_weights(cfg, eval_only=getattr(args, "eval_only", False), resume=getattr(args, "resume", False))
+    cfg.freeze()
     if logging.getLogger("detectron2").handlers:
         _setup_again(cfg)  # a second tool run in this process (the demo): don't stack log handlers
     else:
@@ -179,7 +186,14 @@ def launch_main(main, args):
     detectron2's ``launch``, each ending cleanly (:func:`run_worker`)."""
     from detectron2.engine import launch
 
-    run_cli(lambda: check_runtime(load_cfg(args.config_file, args.opts)))
+    from .checks import check_object_source, check_stage_weights
+
+    def check():
+        cfg = check_runtime(load_cfg(args.config_file, args.opts))
+        check_object_source(cfg)
+        check_stage_weights(cfg, eval_only=args.eval_only, resume=args.resume)
+
+    run_cli(check)
     return launch(
         functools.partial(run_worker, main), args.num_gpus, num_machines=args.num_machines,
         machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),

@@ -5,6 +5,7 @@ import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
@@ -86,6 +87,18 @@ class Trainer(DefaultTrainer):
             self._trainer = trainer_cls(base.model, base.data_loader, base.optimizer, accum)
         # unreadable checkpoint files: one line, not torch's traceback (same object: the checkpoint hook holds it)
         self.checkpointer.__class__ = CheckedCheckpointer
+
+    def resume_or_load(self, resume=True):
+        """DefaultTrainer's, then a resumed run's shard-window sampler (data/store_dataset.py) skips the images
+        the first ``start_iter`` iterations drew on this rank, instead of replaying the order from the start."""
+        super().resume_or_load(resume=resume)
+        sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
+        if sampler is not None and self.start_iter > 0:
+            per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size() * self.cfg.SOLVER.GRAD_ACCUM_STEPS
+            sampler.set_start(self.start_iter * per_rank)
+            logging.getLogger(__name__).info(
+                "Resuming the store's training order after %d images per rank", self.start_iter * per_rank
+            )
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -12,7 +12,7 @@ the evaluated split itself, and the mapped predictions are scored with the stand
   (``part_instances.features``, [P, D]; a model that merges same-class parts, e.g. PartDistillationModel,
   gives its per-query parts as ``part_query_instances``, which this mode reads instead, as PartDistillation
   (Cho et al. 2023) clusters per-query features); per object class all features of the split are clustered with
-  :func:`~part_distillation.modeling.grouping.kmeans.batched_kmeans` (K = ``TEST.PART_MIOU.NUM_CLUSTERS``
+  :func:`~part_distillation.clustering.prototypes.cluster_features_per_class` (K = ``TEST.PART_MIOU.NUM_CLUSTERS``
   = 8, 10 k-means++ restarts, seed 0, L2-normalised features as the reference's
   ``PROPOSAL_FEATURE_NORM``), and the cluster ids become the predicted ids.
 * ``mode="direct"``: the predicted ids already are GT part class ids (supervised models); no mapping.
@@ -81,8 +81,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from ..clustering.prototypes import cluster_features_per_class
 from ..data.dataset_mappers.part_eval import decode_segmentation, group_parts_by_object
-from ..modeling.grouping.kmeans import batched_kmeans
 from ..utils.errors import ConfigError
 from .build import register_evaluator
 
@@ -98,8 +98,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIOU_MODES = ("mapped", "clustered", "direct", "within_object")
-# batched_kmeans chunks: at most this many padded feature values (B * N * D) per call.
-_KMEANS_CHUNK_ELEMENTS = 2**26
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,42 +155,6 @@ def miou_from_confusion(confusion: np.ndarray):
         "iou": iou, "acc": acc, "prec": prec, "gt": gt, "pred": pred,
         "miou": mean(iou), "macc": mean(acc), "mprec": mean(prec),
     }  # fmt: skip
-
-
-def cluster_features_per_class(features_by_class, k: int, n_init: int = 10, seed: int = 0, normalize: bool = True):
-    """K-means of every class's feature set with :func:`batched_kmeans` (classes batched, by size).
-
-    Args:
-        features_by_class: dict class → [N_c, D] float tensor (or array).
-        k: clusters per class (classes with fewer distinct features get fewer, see ``batched_kmeans``).
-        normalize: L2-normalise the features first (the reference clusters unit-norm features).
-    Returns:
-        dict class → int64 numpy [N_c] cluster ids.
-    """
-    items = []
-    for c, feats in features_by_class.items():
-        feats = torch.as_tensor(np.asarray(feats) if not torch.is_tensor(feats) else feats).float()
-        if normalize and len(feats):
-            feats = F.normalize(feats, dim=-1)
-        items.append((c, feats))
-    items.sort(key=lambda item: -len(item[1]))
-    labels = {c: np.zeros(0, dtype=np.int64) for c, f in items if len(f) == 0}
-    items = [(c, f) for c, f in items if len(f)]
-    start = 0
-    while start < len(items):
-        n_max, dim = items[start][1].shape
-        per_chunk = max(1, _KMEANS_CHUNK_ELEMENTS // max(1, n_max * dim))
-        chunk = items[start : start + per_chunk]
-        x = torch.zeros(len(chunk), n_max, dim)
-        valid = torch.zeros(len(chunk), n_max, dtype=torch.bool)
-        for i, (_, feats) in enumerate(chunk):
-            x[i, : len(feats)] = feats
-            valid[i, : len(feats)] = True
-        result = batched_kmeans(x, valid, k, n_init=n_init, seed=seed)
-        for i, (c, feats) in enumerate(chunk):
-            labels[c] = result.labels[i, : len(feats)].numpy().astype(np.int64)
-        start += per_chunk
-    return labels
 
 
 # --------------------------------------------------------------------------------------------

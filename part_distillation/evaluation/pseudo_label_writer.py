@@ -4,7 +4,13 @@ Running a grouping (or ranking) model through detectron2's ``inference_on_datase
 "evaluator" labels a dataset, so labelling is distributed like evaluation: each rank writes its own
 shards (see :class:`~part_distillation.data.pseudo_labels.PseudoLabelWriter`), rank 0 merges the
 manifest. Inputs must carry ``dataset_index`` (the image's position in the dataset list).
+
+Object classes: a store written from an image-level-labelled dataset (ImageNet folders) gets
+``object_classes.json`` (:mod:`part_distillation.data.object_classes`): the synset of every object class id, so
+that later stages (and zero-shot evaluation) know which synset each class id (``category_id``) stands for. A
+store written from another store of the same source (stage 3 from stage 1) copies that store's list.
 """
+import os
 import logging
 import time
 from collections import Counter
@@ -13,6 +19,7 @@ import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from ..data.object_classes import read_store_classes, write_store_classes
 from ..data.pseudo_labels import (
     PseudoLabelWriter, make_object, make_part, merge_shard_counts, record_store_outcome, shard_index_range, shard_of,
     write_shard_counts,
@@ -73,8 +80,12 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
     or skipped more than ``max_skipped_fraction`` of its images, fails (:func:`check_labelling_outcome`).
     """
 
-    def __init__(self, writer: PseudoLabelWriter, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION):
+    def __init__(self, writer: PseudoLabelWriter, class_codes=None, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION):
+        """``class_codes``: the synset of each object class id to store with the labels; None = the source
+        dataset's when it has image-level labels, else a sibling store's ``object_classes.json``, else none.
+        ``max_skipped_fraction``: see :func:`check_labelling_outcome`."""
         self.writer = writer
+        self.class_codes = class_codes
         self.max_skipped_fraction = max_skipped_fraction
         self._start = time.perf_counter()
 
@@ -126,9 +137,12 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
         if not comm.is_main_process():
             return {}
         manifest = self.writer.finalize()
+        codes = self.class_codes if self.class_codes is not None else store_class_codes(self.writer)
+        if codes:
+            write_store_classes(self.writer.dir, codes)
         total = sum(counts, Counter())
         skipped = [s for part in skipped for s in part]
-        reasons = Counter(reason for _, reason in skipped)
+        reasons = Counter(reason_key(reason) for _, reason in skipped)
         summary = {
             "images": total["images"],
             "objects": total["objects"],
@@ -139,6 +153,7 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
             "skipped_files": [f for f, _ in skipped[:20]],
             "seconds": time.perf_counter() - self._start,
             "store": self.writer.dir,
+            "object_classes": len(codes) if codes else 0,
             "complete": not manifest["missing_shards"],
         }
         for name, reason in skipped[:20]:
@@ -162,6 +177,8 @@ def check_labelling_outcome(writer: PseudoLabelWriter, manifest: dict, summary: 
     failed = None
     if n and manifest["complete"] and (labelled == 0 or num_objects == 0):
         failed = f"no image of {n} was labelled with an object"
+    elif n and manifest["complete"] and manifest["num_parts"] == 0:
+        failed = f"no part was labelled in the {num_objects} objects of {labelled} images (check the part filters)"
     elif n and manifest["complete"] and counts["skipped"] > max_skipped_fraction * n:
         failed = f"{counts['skipped']} of {n} images were skipped (more than {max_skipped_fraction:g})"
     if failed:
@@ -180,3 +197,20 @@ def check_labelling_outcome(writer: PseudoLabelWriter, manifest: dict, summary: 
             f"labelling {writer.source} into {writer.dir} failed: {failed}. Check the data with "
             f"tools/validate_dataset.py --dataset {writer.source}, or raise DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION"
         )
+
+
+def store_class_codes(writer: PseudoLabelWriter):
+    """The class list a new store inherits: its source's image-level synsets, else a sibling store's list."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(writer.source)
+    if meta.get("image_level_labels", False) and meta.get("class_codes", None):
+        return list(meta.class_codes)
+    source_dir = os.path.dirname(writer.dir)
+    for stage in sorted(os.listdir(source_dir)):
+        if stage == writer.stage:
+            continue
+        data = read_store_classes(os.path.join(source_dir, stage))
+        if data:
+            return list(data["class_codes"])
+    return None

@@ -598,10 +598,12 @@ def test_imagenet_registration(d2root, repo_script):
         "file_name": str(train / "n01/sub/d.JPEG"),
         "image_id": "n01/sub/d",
         "class_code": "n01",
+        "class_id": 0,  # the image-level class: index of the synset in meta.class_codes
         "width": 8,
         "height": 4,
     }
-    assert dataset[-1]["file_name"] == str(train / "n02/b.JPEG")
+    assert meta.class_codes == meta.synsets and meta.image_level_labels
+    assert dataset[-1]["file_name"] == str(train / "n02/b.JPEG") and dataset[-1]["class_id"] == 1
     assert all(os.path.isfile(r["file_name"]) for r in dataset)
     assert dataset.synset_ids.tolist() == [0, 0, 1, 1]
     sub = dataset[2:]

@@ -6,10 +6,10 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Instances
 
+from part_distillation.clustering.prototypes import cluster_features_per_class
 from part_distillation.evaluation import build_evaluator
 from part_distillation.evaluation.part_miou import (
     PartMIoUEvaluator,
-    cluster_features_per_class,
     majority_vote_mapping,
     mapped_confusion,
     miou_from_confusion,

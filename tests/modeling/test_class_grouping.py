@@ -11,7 +11,8 @@ from detectron2.structures import Instances
 
 from part_distillation.data.pseudo_labels import PseudoLabelReader
 from part_distillation.engine import load_cfg
-from part_distillation.modeling.meta_arch.class_grouping import load_prototypes, sample_object_cells
+from part_distillation.clustering.prototypes import load_prototypes
+from part_distillation.modeling.meta_arch.class_grouping import sample_object_cells
 from part_distillation.utils.errors import ConfigError
 
 from conftest import REPO_ROOT

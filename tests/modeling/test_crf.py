@@ -1,4 +1,4 @@
-"""Dense CRF refinement (part_distillation.modeling.grouping.crf): torch backend vs pydensecrf.
+"""Dense CRF refinement (part_distillation.clustering.crf, .permutohedral): torch backend vs pydensecrf.
 
 Fixtures are generated: an elliptic object split into textured parts on a smooth background, and
 "stage-1a-like" input labels (the ground truth sampled on a coarse grid, so boundaries are blocky,
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from part_distillation.modeling.grouping import crf as crf_module
-from part_distillation.modeling.grouping.crf import (
+from part_distillation.clustering import crf as crf_module, permutohedral
+from part_distillation.clustering.crf import (
     DenseCRFRefiner,
     PermutohedralLattice,
     unary_from_labels,
@@ -108,7 +108,7 @@ def test_unary_formula_and_ignore():
 
 # ---- the lattice ------------------------------------------------------------------------------------
 def test_lattice_filters_like_a_gaussian_and_keeps_groups_apart():
-    grid = crf_module._pixel_grid(24, 24, "cpu")
+    grid = permutohedral.pixel_grid(24, 24, "cpu")
     lattice = PermutohedralLattice(grid / 3.0)
     delta = torch.zeros(24 * 24, 1)
     delta[12 * 24 + 12] = 1.0
@@ -184,14 +184,14 @@ def test_key_overflow_splits_the_batch(monkeypatch):
     samples = [make_fixture(48, num_parts=2, seed=s) for s in range(2)]
     images, labels = torch.stack([s[0] for s in samples]), torch.stack([s[2] for s in samples])
     expected = DenseCRFRefiner("torch").refine(images, labels, 3)
-    real_strides = crf_module._strides
+    real_strides = permutohedral._strides
 
     def strides_without_room_for_groups(radices):  # pretend two images' keys do not fit in int64
         if radices[1] > 1:
-            raise crf_module._KeyOverflow("test")
+            raise permutohedral.KeyOverflow("test")
         return real_strides(radices)
 
-    monkeypatch.setattr(crf_module, "_strides", strides_without_room_for_groups)
+    monkeypatch.setattr(permutohedral, "_strides", strides_without_room_for_groups)
     assert torch.equal(DenseCRFRefiner("torch").refine(images, labels, 3), expected)
 
 
@@ -200,7 +200,7 @@ def test_deterministic():
     refiner = DenseCRFRefiner("torch")
     a, qa = refiner.refine(image, noisy, 5, return_marginals=True)
     b, qb = refiner.refine(image, noisy, 5, return_marginals=True)
-    crf_module._spatial_cache.clear()  # a rebuilt position lattice gives the same result too
+    permutohedral._spatial_cache.clear()  # a rebuilt position lattice gives the same result too
     c, qc = refiner.refine(image, noisy, 5, return_marginals=True)
     assert torch.equal(a, b) and torch.equal(qa, qb) and torch.equal(a, c) and torch.equal(qa, qc)
 

@@ -1,4 +1,4 @@
-"""Tests of the batched torch K-means (parity with scikit-learn, edge cases, metrics, assignment)."""
+"""Tests of the batched torch K-means (clustering.kmeans, .kmeans_lloyd): sklearn parity, edge cases, metrics."""
 import math
 
 import numpy as np
@@ -9,8 +9,8 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
-from part_distillation.modeling.grouping import assign, batched_kmeans, pairwise_distance, soft_assign
-from part_distillation.modeling.grouping import kmeans as kmeans_module
+from part_distillation.clustering import assign, batched_kmeans, pairwise_distance, soft_assign
+from part_distillation.clustering import kmeans_lloyd
 
 
 @pytest.fixture(autouse=True)
@@ -164,15 +164,15 @@ def test_duplicates_are_never_seeded_twice():
 
 def test_empty_cluster_takes_the_farthest_point():
     points = torch.tensor([[[0.0], [1.0], [2.0], [10.0]]])
-    data = kmeans_module._prepare_chunk(
-        points, torch.ones(1, 4, dtype=torch.bool), torch.tensor([0]), "l2", kmeans_module._Workspace()
+    data = kmeans_lloyd.prepare_chunk(
+        points, torch.ones(1, 4, dtype=torch.bool), torch.tensor([0]), "l2", kmeans_lloyd.Workspace()
     )
     seeds = torch.tensor([[[[1.0], [50.0]]]]) - data.mean[:, None, None]  # cluster 1 gets no point
     seed_d2 = (seeds[:, :, :, None, 0] - data.x[:, None, None, :, 0]).pow(2)  # [b, r, k, n]
     slot_active = torch.ones(1, 1, 2, dtype=torch.bool)
-    state = kmeans_module._LloydState(data, seeds, seed_d2, slot_active)
+    state = kmeans_lloyd._LloydState(data, seeds, seed_d2, slot_active)
     assert (state.labels == 0).all() and state.counts[0, 0].tolist() == [4.0, 0.0]
-    kmeans_module._update_centers(state, data, slot_active, torch.zeros(1, 1, dtype=torch.bool), spherical=False)
+    kmeans_lloyd._update_centers(state, data, slot_active, torch.zeros(1, 1, dtype=torch.bool), spherical=False)
     # As scikit-learn: the farthest point (10) re-seeds the empty cluster and leaves cluster 0.
     torch.testing.assert_close(state.centers[0, 0, :, 0] + data.mean[0, 0], torch.tensor([1.0, 10.0]))
     assert state.labels[0, :, 0].tolist() == [0, 0, 0, 1]

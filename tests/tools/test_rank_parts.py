@@ -18,7 +18,8 @@ from detectron2.modeling import build_model
 
 from part_distillation.data.pseudo_labels import PseudoLabelReader, read_manifest
 from part_distillation.engine import load_cfg
-from part_distillation.modeling.meta_arch.ranking import prototype_soft_scores, rank_object_parts
+from part_distillation.clustering.prototypes import prototype_soft_scores
+from part_distillation.modeling.meta_arch.ranking import rank_object_parts
 
 from conftest import REPO_ROOT, tiny_quick_opts
 

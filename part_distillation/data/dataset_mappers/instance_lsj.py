@@ -76,8 +76,10 @@ class InstanceLSJDatasetMapper:
     """Dataset dict → ``{"image", "instances" (gt_classes, gt_masks as an N×H×W bool tensor)}``."""
 
     @configurable
-    def __init__(self, *, is_train: bool, augmentations: list, image_format: str):
+    def __init__(self, *, is_train: bool, augmentations: list, image_format: str, class_agnostic: bool = False):
+        """``class_agnostic``: every instance gets class 0 (``INPUT.CLASS_AGNOSTIC``; supervised part proposals)."""
         self.is_train = is_train
+        self.class_agnostic = class_agnostic
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         logger.info("%s (%s): %s", type(self).__name__, "train" if is_train else "test", augmentations)
@@ -88,6 +90,7 @@ class InstanceLSJDatasetMapper:
             "is_train": is_train,
             "augmentations": build_lsj_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "class_agnostic": cfg.INPUT.get("CLASS_AGNOSTIC", False),
         }
 
     def __call__(self, dataset_dict: dict):
@@ -131,6 +134,8 @@ class InstanceLSJDatasetMapper:
         instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         instances = utils.filter_empty_instances(instances)
         instances.gt_masks = instances.gt_masks.tensor
+        if self.class_agnostic:
+            instances.gt_classes = torch.zeros_like(instances.gt_classes)
         dataset_dict["instances"] = instances
         return dataset_dict
 

@@ -34,6 +34,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from ...structures.masks import decode_segmentation
+from ..object_classes import model_class_codes, synset_class_map
 from ...utils.errors import ConfigError
 from ..skips import note_skip
 from .instance_lsj import read_image_or_none
@@ -42,6 +43,40 @@ from .registry import DATASET_MAPPER_REGISTRY
 __all__ = ["PartEvalDatasetMapper", "decode_segmentation", "group_parts_by_object"]
 
 logger = logging.getLogger(__name__)
+
+
+def _model_codes(cfg):
+    """The model's class list when TEST.OBJECT_CLASS_MAP needs it ("predicted" only for class_code predictions)."""
+    mode = cfg.TEST.OBJECT_CLASS_MAP
+    if not mode:
+        return None
+    try:
+        return model_class_codes(cfg.TEST.MODEL_CLASS_CODES, cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else "")
+    except ConfigError:
+        if mode == "synset":
+            raise
+        return None  # "predicted" with category_id predictions needs no class list
+
+
+def load_object_predictions(path: str) -> dict:
+    """image_id → predicted objects of a COCO results JSON (``TEST.OBJECT_PREDICTIONS_JSON``)."""
+    import json
+
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"TEST.OBJECT_PREDICTIONS_JSON={path!r} does not exist.")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TEST.OBJECT_PREDICTIONS_JSON={path!r} is not valid JSON ({e}).")
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "image_id" in r and "segmentation" in r
+                                                for r in results):  # fmt: skip
+        raise ConfigError(f"{path}: expected a COCO results list of {{image_id, segmentation, score, class_code or "
+                          "category_id}}.")  # fmt: skip
+    by_image = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    return by_image
 
 
 def group_parts_by_object(record: dict):
@@ -84,7 +119,10 @@ class PartEvalDatasetMapper:
     """Part-dataset dict → ``{"image", "objects", "height", "width", ...}`` (see module doc)."""
 
     @configurable
-    def __init__(self, *, augmentations: list, image_format: str, part_to_object=None):
+    def __init__(
+        self, *, augmentations: list, image_format: str, part_to_object=None, object_class_map: str = "",
+        model_class_codes=None, object_class_names=None, object_predictions=None,
+    ):  # fmt: skip
         """
         Args:
             augmentations: deterministic resizes (e.g. ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``).
@@ -95,6 +133,18 @@ class PartEvalDatasetMapper:
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.part_to_object = list(part_to_object) if part_to_object else None
+        if object_class_map not in ("", "synset", "predicted"):
+            raise ConfigError(
+                f"TEST.OBJECT_CLASS_MAP={object_class_map!r}: use \"\" (the dataset's ids), \"synset\" or \"predicted\"."
+            )
+        if object_class_map == "predicted" and not object_predictions:
+            raise ConfigError("TEST.OBJECT_CLASS_MAP 'predicted' needs TEST.OBJECT_PREDICTIONS_JSON (a COCO results file).")
+        self._predictions_path = object_predictions
+        self._predictions = None
+        self.object_class_map = object_class_map
+        self.model_class_codes = list(model_class_codes or [])
+        self.object_class_names = list(object_class_names) if object_class_names else None
+        self._synset_ids = {}  # target synset/name → model class id (WordNet is read once, when first needed)
         logger.info("%s (test): %s", type(self).__name__, augmentations)
 
     @classmethod
@@ -109,7 +159,42 @@ class PartEvalDatasetMapper:
             "augmentations": [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
             "image_format": cfg.INPUT.FORMAT,
             "part_to_object": meta.get("part_to_object", None) if meta is not None else None,
-        }
+            "object_class_map": cfg.TEST.OBJECT_CLASS_MAP,
+            "model_class_codes": _model_codes(cfg),
+            "object_predictions": cfg.TEST.OBJECT_PREDICTIONS_JSON or None,
+            "object_class_names": meta.get("object_classes", None) if meta is not None else None,
+        }  # fmt: skip
+
+    def _model_class(self, record, dataset_class: int) -> int:
+        """The model's class id of an object (``object_class_map`` "synset"), -1 when it has none."""
+        if not self.model_class_codes:
+            raise ConfigError("a wnid object class needs the model's class list: set TEST.MODEL_CLASS_CODES to the "
+                              "object_classes.json of its training store.")  # fmt: skip
+        name = record.get("class_code")
+        if name is None and self.object_class_names and 0 <= dataset_class < len(self.object_class_names):
+            name = self.object_class_names[dataset_class]
+        if name is None:
+            return -1
+        if name not in self._synset_ids:
+            self._synset_ids[name] = synset_class_map(self.model_class_codes, [name])[0]
+        return self._synset_ids[name]
+
+    def _predicted_class(self, record, mask) -> int:
+        """Class of the predicted object with the best IoU (≥ 0.5) with ``mask`` (original resolution), else -1."""
+        if self._predictions is None:
+            self._predictions = load_object_predictions(self._predictions_path)
+        best, best_iou = None, 0.5
+        for pred in self._predictions.get(record["image_id"], []):
+            pm = decode_segmentation(pred["segmentation"], *mask.shape)
+            union = np.logical_or(pm, mask).sum()
+            iou = np.logical_and(pm, mask).sum() / union if union else 0.0
+            if iou >= best_iou:
+                best, best_iou = pred, iou
+        if best is None:
+            return -1
+        if "class_code" in best:
+            return self._model_class({"class_code": best["class_code"]}, -1)
+        return int(best.get("category_id", -1))
 
     def _object_class(self, obj, members) -> int:
         if obj is not None and "category_id" in obj:
@@ -142,7 +227,12 @@ class PartEvalDatasetMapper:
                 note_skip("mask_size_mismatch", record["file_name"], str(e))
                 return None
             masks[i] = transforms.apply_segmentation(mask.astype(np.uint8)).astype(bool)
-            classes.append(self._object_class(obj, members))
+            if self.object_class_map == "predicted":
+                classes.append(self._predicted_class(record, mask))
+            else:
+                classes.append(self._object_class(obj, members))
+        if self.object_class_map == "synset":
+            classes = [self._model_class(record, c) for c in classes]
         objects = Instances(tuple(new_hw))
         objects.gt_masks = torch.from_numpy(masks)
         objects.gt_classes = torch.tensor(classes, dtype=torch.int64)

@@ -81,6 +81,11 @@ class PixelGroupingDatasetMapper:
 
     def _objects_of(self, record, orig_hw):
         if self.object_source == "gt":
+            if "annotations" not in record and "class_id" in record:
+                raise ConfigError(
+                    f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE='gt' but {record['file_name']} has an image-level label "
+                    "only (no object annotations): use OBJECT_MASK_SOURCE model (a stage-0 checkpoint), detic or json."
+                )
             anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
             scores = [1.0] * len(anns)
         elif self.object_source == "store":  # a pseudo-label dataset: the objects an earlier stage stored
@@ -121,7 +126,7 @@ class PixelGroupingDatasetMapper:
         out = {k: record[k] for k in ("file_name", "image_id", "height", "width") if k in record}
         out.setdefault("height", h)
         out.setdefault("width", w)
-        for key in ("dataset_index", "class_code"):
+        for key in ("dataset_index", "class_code", "class_id"):
             if key in record:
                 out[key] = record[key]
         out["image"] = torch.as_tensor(np.ascontiguousarray(resize.apply_image(image).transpose(2, 0, 1)))

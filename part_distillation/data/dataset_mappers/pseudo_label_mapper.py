@@ -25,6 +25,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from ...structures.masks import decode_segmentation
 from ...utils.errors import ConfigError
 from .instance_lsj import build_lsj_augmentations, read_image_or_none
 from .registry import DATASET_MAPPER_REGISTRY
@@ -51,6 +52,7 @@ class PseudoLabelDatasetMapper:
         image_format: str,
         use_part_classes: bool = False,
         min_part_area_ratio: float = 0.05,
+        min_object_area_ratio: float = 0.0,
         max_retries: int = 10,
     ):
         """
@@ -59,6 +61,9 @@ class PseudoLabelDatasetMapper:
             min_part_area_ratio: keep a part only if its area after augmentation is more than this
                 fraction of its object's (seed 000: 0.05, the reference's ``PROPOSAL_LEARNING.MIN_AREA_RATIO``;
                 config key ``MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO``); <= 0 keeps all.
+            min_object_area_ratio: keep (in training) only the objects whose stored mask covers more than this
+                fraction of the image, with their parts (``MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO``; reference code,
+                stage-2 script: 0.05); <= 0 keeps all.
             max_retries: redraws of the random augmentation when no part survives (reference: 100).
         """
         self.is_train = is_train
@@ -66,6 +71,7 @@ class PseudoLabelDatasetMapper:
         self.image_format = image_format
         self.use_part_classes = use_part_classes
         self.min_part_area_ratio = min_part_area_ratio
+        self.min_object_area_ratio = min_object_area_ratio
         self.max_retries = max_retries
         logger.info("%s (%s): %s", type(self).__name__, "train" if is_train else "test", augmentations)
 
@@ -82,6 +88,8 @@ class PseudoLabelDatasetMapper:
             ret["use_part_classes"] = group.USE_PART_CLASSES
             if "MIN_PART_AREA_RATIO" in group:
                 ret["min_part_area_ratio"] = group.MIN_PART_AREA_RATIO
+            if "MIN_OBJECT_AREA_RATIO" in group:
+                ret["min_object_area_ratio"] = group.MIN_OBJECT_AREA_RATIO
         return ret
 
     def _read_image(self, dataset_dict):
@@ -110,6 +118,8 @@ class PseudoLabelDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)  # the loader reuses the dict across epochs
         parts = dataset_dict.pop("annotations", [])
         objects = dataset_dict.pop("objects", [])
+        if self.is_train and self.min_object_area_ratio > 0 and objects:
+            parts, objects = self._large_objects(parts, objects, (dataset_dict["height"], dataset_dict["width"]))
         if self.is_train and not parts:
             return None  # an image without pseudo-labels teaches nothing; the loader draws another
         image = self._read_image(dataset_dict)
@@ -138,6 +148,21 @@ class PseudoLabelDatasetMapper:
         dataset_dict["image"] = _to_tensor(aug_input.image)
         dataset_dict["instances"], dataset_dict["object_masks"] = targets
         return dataset_dict
+
+    def _large_objects(self, parts, objects, dataset_dict_hw):
+        """(parts, objects) of the objects covering more than ``min_object_area_ratio`` of the image."""
+        from pycocotools import mask as mask_util
+
+        def area(segmentation):
+            if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+                return float(mask_util.area(segmentation))  # the store's compressed RLE
+            h, w = dataset_dict_hw
+            return float(decode_segmentation(segmentation, h, w).sum())
+
+        image_area = max(dataset_dict_hw[0] * dataset_dict_hw[1], 1)
+        kept = [o for o in objects if area(o["segmentation"]) / image_area > self.min_object_area_ratio]
+        ids = {o["object_id"] for o in kept}
+        return [p for p in parts if p["object_id"] in ids], kept
 
     def _targets(self, parts, objects, transforms, image_shape):
         """(instances, object_masks) after ``transforms``, or None when no part survives."""

@@ -10,8 +10,11 @@ beforehand by ``datasets/prepare_image_list.py`` (listing 14M files at every loa
 
 Records: ``file_name``, ``image_id`` (the manifest path without extension, e.g.
 ``n01440764/n01440764_10026``: stable when images are added, unlike a line number),
-``class_code`` (the synset) and ``height``/``width`` when the manifest has them (``--with-size``).
-Metadata ``synsets`` (sorted synsets of the manifest) is set at load time.
+``class_code`` (the synset), ``class_id`` (its index in the sorted synsets: the one synset → class id mapping
+every object of the image takes, see :mod:`part_distillation.data.object_classes`) and ``height``/``width``
+when the manifest has them (``--with-size``). Metadata ``synsets`` = ``class_codes`` (sorted synsets of the
+manifest) is set at load time; ``image_level_labels`` (True) says that the records carry no object
+annotations, only the image's class.
 
 Memory: ``DatasetCatalog.get`` returns an :class:`ImageListDataset`, not a list. It keeps the
 manifest in a few flat numpy arrays (one byte buffer of paths, offsets, synset indices, sizes:
@@ -80,6 +83,8 @@ class ImageListDataset(torchdata.Dataset):
             "file_name": os.path.join(self.image_root, rel),
             "image_id": os.path.splitext(rel)[0],
             "class_code": self.synsets[self._synset_ids[row]],
+            # the image-level class: index of the synset in the sorted synsets (metadata ``class_codes``)
+            "class_id": int(self._synset_ids[row]),
         }
         if self._sizes is not None:
             record["width"], record["height"] = int(self._sizes[row, 0]), int(self._sizes[row, 1])
@@ -167,6 +172,7 @@ def _metadata(root):
         "manifest_file": manifest,
         "evaluator_type": "pseudo_label_writer",
         "dataset_root": root,
+        "image_level_labels": True,  # no object annotations: OBJECT_MASK_SOURCE "gt" cannot label it
     }
 
 
@@ -182,7 +188,7 @@ def _load(name, version, root):
             f"ImageNet-{version.upper()} manifest {manifest} lists no images; re-run datasets/prepare_image_list.py "
             f"(see {_README})"
         )
-    reset_metadata(name, dict(_metadata(root), synsets=dataset.synsets))
+    reset_metadata(name, dict(_metadata(root), synsets=dataset.synsets, class_codes=list(dataset.synsets)))
     return dataset
 
 

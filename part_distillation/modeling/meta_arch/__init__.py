@@ -8,3 +8,4 @@ from .discovery import PartDiscovery  # noqa: F401
 from .ranking import PartRankingModel  # noqa: F401
 from .distillation import PartDistillationModel  # noqa: F401
 from .class_grouping import ClassPixelGroupingModel  # noqa: F401
+from .supervised import SupervisedPartModel  # noqa: F401

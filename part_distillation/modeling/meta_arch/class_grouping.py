@@ -23,7 +23,6 @@ and the two-pass prototype protocol of ``tools/rank_parts.py``:
    mIoU-clustered). Objects whose class has no prototypes get no parts.
 """
 import logging
-import pickle
 
 import torch
 import torch.nn.functional as F
@@ -31,29 +30,17 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
 
+from ...clustering.prototypes import load_prototypes, prototype_soft_scores
 from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
 from .object_source import filter_objects
 from .part_mask2former import normalize_images
 from .pixel_grouping import PixelGroupingModel
-from .ranking import prototype_soft_scores
 
+# load_prototypes stays importable from here (it lives in clustering.prototypes).
 __all__ = ["ClassPixelGroupingModel", "load_prototypes", "sample_object_cells"]
 
 logger = logging.getLogger(__name__)
-
-
-def load_prototypes(path: str):
-    """(prototypes [C, K, D], num_clusters [C]) from a ``tools/rank_parts.py`` prototypes file."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"MODEL.ONE_STAGE.PROTOTYPES={path!r} does not exist; write it with tools/rank_parts.py.")
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ConfigError(f"MODEL.ONE_STAGE.PROTOTYPES={path!r} is not a prototypes file ({type(e).__name__}).")
-    if not isinstance(saved, dict) or not {"prototypes", "num_clusters"} <= set(saved):
-        raise ConfigError(f"{path} is not a prototypes file (needs 'prototypes' and 'num_clusters').")
-    return saved["prototypes"], saved["num_clusters"]
 
 
 def sample_object_cells(grid_mask: torch.Tensor, count: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 
-__all__ = ["filter_objects", "build_object_model", "ObjectModel"]
+__all__ = ["filter_objects", "assign_image_class", "build_object_model", "ObjectModel"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +31,37 @@ def filter_objects(objects: Instances, score_thresh: float, min_area_ratio: floa
     return objects[order]
 
 
+def assign_image_class(objects: Instances, class_id, same_vocabulary: bool = False) -> Instances:
+    """Objects of an image with an image-level class (an ImageNet folder): all take the image's class.
+
+    PartDistillation (Cho et al. 2023) labels ImageNet-21K with Detic whose vocabulary is the dataset's class
+    names and keeps the top mask of the image's own class. With ``same_vocabulary`` (the detector's class ids are
+    the dataset's, e.g. Detic with the dataset's names) the objects predicted as the image's class are kept when
+    there are any (else all, as the reference falls back to the top objects of any class); whatever the source,
+    every kept object's ``gt_classes`` becomes ``class_id``. ``class_id`` None or < 0 leaves ``objects`` as is.
+    """
+    if class_id is None or int(class_id) < 0:
+        return objects
+    if same_vocabulary and len(objects):
+        same = objects.gt_classes == int(class_id)
+        if bool(same.any()):
+            objects = objects[same]
+    objects.gt_classes = torch.full((len(objects),), int(class_id), dtype=torch.long, device=objects.gt_masks.device)
+    return objects
+
+
 class ObjectModel(nn.Module):
     """Wraps a detectron2 instance-segmentation model so it returns grouping-ready objects.
 
     The model sees the grouping mapper's (resized) image and is asked for masks at that size.
     """
 
-    def __init__(self, model: nn.Module, input_format: str, model_format: str):
+    def __init__(self, model: nn.Module, input_format: str, model_format: str, dataset_vocabulary: bool = False):
         super().__init__()
         self.model = model.eval()
         self.flip_channels = input_format != model_format  # RGB ↔ BGR
+        # True when the model's class ids are the labelled dataset's (Detic with the dataset's names)
+        self.dataset_vocabulary = dataset_vocabulary
 
     @torch.no_grad()
     def forward(self, batched_inputs):
@@ -100,7 +121,40 @@ def build_object_model(cfg):
     obj_cfg = _object_model_cfg(cfg, source)
     model = build_model(obj_cfg)
     if not obj_cfg.MODEL.WEIGHTS:
-        logger.warning("The object model has no MODEL.WEIGHTS: its masks come from a randomly initialised head.")
+        raise ConfigError(
+            "The object model has no weights (its masks would come from a random model): set "
+            "MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS, e.g. output/stage0_instance/model_final.pth."
+        )
     DetectionCheckpointer(model).load(obj_cfg.MODEL.WEIGHTS)
-    logger.info("Object masks from %s (%s)", obj_cfg.MODEL.META_ARCHITECTURE, obj_cfg.MODEL.WEIGHTS or "no weights")
-    return ObjectModel(model, cfg.INPUT.FORMAT, obj_cfg.INPUT.FORMAT)
+    logger.info("Object masks from %s (%s)", obj_cfg.MODEL.META_ARCHITECTURE, obj_cfg.MODEL.WEIGHTS)
+    vocabulary = source == "detic" and _set_detic_vocabulary(model, cfg)
+    return ObjectModel(model, cfg.INPUT.FORMAT, obj_cfg.INPUT.FORMAT, dataset_vocabulary=vocabulary)
+
+
+def _set_detic_vocabulary(model, cfg) -> bool:
+    """Detic's classifier ← CLIP embeddings of "a <name>" for the labelled dataset's classes (its synsets' WordNet
+    lemmas), so that its class ids are the dataset's (PartDistillation, Cho et al. 2023: Detic with the ImageNet-21K
+    class names as vocabulary). False when the dataset has no class list (the model's own vocabulary is kept)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if not cfg.DATASETS.TEST:
+        return False
+    name = cfg.DATASETS.TEST[0]
+    if not MetadataCatalog.get(name).get("image_level_labels", False):
+        return False
+    DatasetCatalog.get(name)  # sets metadata class_codes (the manifest's sorted synsets)
+    from ...data.object_classes import _wordnet, synset_of_wnid
+
+    wn = _wordnet()
+    names = []
+    for code in MetadataCatalog.get(name).class_codes:
+        synset = synset_of_wnid(code, wn)
+        names.append(synset.lemma_names()[0].replace("_", " ") if synset is not None else code)
+    try:
+        from detic.modeling.utils import reset_cls_test
+        from detic.predictor import get_clip_embeddings
+    except ImportError as e:
+        raise ConfigError(f"OBJECT_MASK_SOURCE 'detic' needs Detic's CLIP text encoder ({e}); `WITH_DETIC=1 make setup`.")
+    reset_cls_test(model, get_clip_embeddings(names), len(names))
+    logger.info("Detic vocabulary: the %d class names of %s", len(names), name)
+    return True

@@ -23,9 +23,9 @@ from torch import nn
 
 from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
-from ..grouping.crf import DenseCRFRefiner
-from ..grouping.kmeans import batched_kmeans
-from .object_source import build_object_model, filter_objects
+from ...clustering.crf import DenseCRFRefiner
+from ...clustering.kmeans import batched_kmeans
+from .object_source import assign_image_class, build_object_model, filter_objects
 from .part_mask2former import normalize_images
 
 __all__ = ["PixelGroupingModel", "group_pixels"]
@@ -240,7 +240,12 @@ class PixelGroupingModel(nn.Module):
             raise RuntimeError("PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py.")
         raw = [x["image"].to(self.device) for x in batched_inputs]
         images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
-        objects = [filter_objects(o.to(self.device), **self.object_filter) for o in self._objects(batched_inputs)]
+        same_vocabulary = getattr(self.object_model, "dataset_vocabulary", False)
+        objects = [
+            # an image-level label (ImageNet folders: record "class_id") is every object's class
+            filter_objects(assign_image_class(o.to(self.device), x.get("class_id"), same_vocabulary), **self.object_filter)
+            for o, x in zip(self._objects(batched_inputs), batched_inputs)
+        ]
         padded_hw = images.tensor.shape[-2:]
         masks, owner = [], []
         for i, obj in enumerate(objects):

@@ -33,6 +33,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
 from torch.nn import functional as F
 
+from ...clustering.prototypes import prototype_soft_scores  # noqa: F401 (also re-exported from here)
 from .postprocessing import assign_pixels, cat_instances, object_masks
 from .proposal import ProposalModel
 
@@ -66,17 +67,6 @@ def rank_object_parts(part_prob, logits, object_mask, min_area_ratio: float, min
     keep = (ratios > min_area_ratio) & (part_prob.float() > min_score) & masks.flatten(1).any(dim=1)
     index = torch.nonzero(keep).flatten()
     return index, masks[index], ratios[index]
-
-
-def prototype_soft_scores(features, prototypes, num_clusters: int, temperature: float = 1.0):
-    """softmax_k(−‖f − μ_k‖₂ / T) over the first ``num_clusters`` prototypes; [P, K] (zeros beyond)."""
-    k = prototypes.shape[0]
-    out = torch.zeros(features.shape[0], k, dtype=torch.float32, device=features.device)
-    if num_clusters <= 0 or features.shape[0] == 0:
-        return out
-    dist = torch.cdist(features.float(), prototypes[:num_clusters].float().to(features.device))
-    out[:, :num_clusters] = torch.softmax(-dist / float(temperature), dim=-1)
-    return out
 
 
 @META_ARCH_REGISTRY.register()

@@ -15,7 +15,7 @@ make dataset-pooled NMI/ARI meaningful the parts of each image are relabelled in
 * :class:`KMeansBaselineHead` (§1.5): features of ``FEATURE_LEVELS`` bilinearly resized to the padded
   image size / ``KMEANS.GRID_STRIDE`` (the reference's 64×64 for 256-px images is stride 4) and
   concatenated, each pixel vector L2-normalised (``KMEANS.NORMALIZE``), and the foreground cells clustered
-  with the project's :func:`~part_distillation.modeling.grouping.kmeans.batched_kmeans` (K =
+  with the project's :func:`~part_distillation.clustering.kmeans.batched_kmeans` (K =
   ``NUM_PARTS``, best of ``N_INIT`` = 5 k-means++ restarts, ``MAX_ITER`` = 100 Lloyd iterations). Every
   grid cell gets its nearest centre; the one-hot map is upsampled bilinearly to the image.
 * :class:`DFFHead` (§1.6, Collins et al. 2018): the ReLU'd (non-negative) features V ∈ R^{N×C} of the
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 
 from ...utils.errors import ConfigError
-from ..grouping.kmeans import batched_kmeans, pairwise_distance
+from ...clustering.kmeans import batched_kmeans, pairwise_distance
 from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead, masks_to_grid
 
 __all__ = ["KMeansBaselineHead", "DFFHead", "nmf", "canonical_part_order", "LABEL_ORDERS"]

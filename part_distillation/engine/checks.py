@@ -1,0 +1,185 @@
+"""Checks that a stage's config can produce the model it documents, before anything heavy runs.
+
+A stage whose checkpoints would leave a *frozen* module random (PartDistillation, Cho et al. 2023, freezes the
+backbone and the pixel-decoder encoder from stage 2 on; stage 1 groups frozen backbone features; stage 3 ranks
+with the frozen stage-2 model) stops with one ``error:`` line naming the key and the file to give it. Each stage's
+config names, by default, the conventional output of the stage before it (``output/stage0_instance/...``), so a
+missing file is reported with the command that writes it.
+
+:func:`resolve_stage_config` fills the values that come from the data (the number of object classes of a store
+whose objects carry ImageNet synsets), and refuses labelling an image-level-labelled dataset with ground-truth
+objects it does not have.
+"""
+import logging
+import os
+
+from detectron2.data import MetadataCatalog
+
+from ..utils.errors import ConfigError
+
+__all__ = ["check_stage_weights", "check_object_source", "resolve_stage_config", "PRODUCERS"]
+
+logger = logging.getLogger(__name__)
+
+# Conventional output folder of a stage → the command that writes it (for the error messages).
+PRODUCERS = {
+    "output/stage0_instance": "tools/train_net.py --config-file configs/stage0_instance.yaml",
+    "output/stage2_proposals": "tools/train_net.py --config-file configs/stage2_proposals.yaml",
+    "output/stage4_distillation": "tools/train_net.py --config-file configs/stage4_distillation.yaml",
+}
+# Models whose forward pass is labelling (never trained): every module they use must be loaded.
+_LABELLING = ("PixelGroupingModel", "PartRankingModel")
+_MASK2FORMER_FAMILY = ("Mask2Former", "ProposalModel", "PartRankingModel", "PartDistillationModel")
+
+
+def _is_local(path: str) -> bool:
+    return bool(path) and "://" not in path
+
+
+def _missing_file_message(key: str, path: str) -> str:
+    norm = os.path.normpath(path).replace(os.sep, "/")
+    for prefix, command in PRODUCERS.items():
+        if norm.startswith(prefix + "/"):
+            return f"{key}={path!r} does not exist: run that stage first ({command}) or set {key} to an existing file."
+    return f"{key}={path!r} does not exist: give an existing checkpoint file (see MODEL_ZOO.md)."
+
+
+def _backbone_self_initialised(cfg) -> bool:
+    """The backbone loads its own ImageNet weights when built (bundled EfficientNet-Lite0, a ViT WEIGHTS file), or has
+    none to load (raw RGB)."""
+    name = cfg.MODEL.BACKBONE.NAME
+    if name == "build_raw_rgb_backbone":  # no weights at all: the raw-RGB baseline
+        return True
+    if "efficientnet" in name:
+        return bool(cfg.MODEL.EFFICIENTNET.PRETRAINED)
+    if "vit" in name.lower():
+        return bool(cfg.MODEL.VIT.WEIGHTS)
+    return False
+
+
+def _sources(cfg):
+    """{module: [config keys that load it]} for the Mask2Former-family models (see each model's loader)."""
+    weights = ["MODEL.WEIGHTS"] if cfg.MODEL.WEIGHTS else []
+    arch = cfg.MODEL.META_ARCHITECTURE
+    backbone, encoder = list(weights), list(weights)
+    if arch == "ProposalModel" and cfg.MODEL.PROPOSAL.INIT_FROM:  # pixel decoder + transformer decoder
+        encoder.append("MODEL.PROPOSAL.INIT_FROM")
+    if arch == "PartDistillationModel" and cfg.MODEL.PART_DISTILLATION.INIT_FROM:  # backbone + sem_seg_head
+        backbone.append("MODEL.PART_DISTILLATION.INIT_FROM")
+        encoder.append("MODEL.PART_DISTILLATION.INIT_FROM")
+    if _backbone_self_initialised(cfg):
+        backbone.append("MODEL.BACKBONE (pretrained)")
+    return {"backbone": backbone, "encoder": encoder}
+
+
+def _give_hint(cfg, module: str) -> str:
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "ProposalModel":
+        return ("MODEL.WEIGHTS output/stage0_instance/model_final.pth (the stage-0 instance model, or the COCO "
+                "Mask2Former checkpoint)" + (" and MODEL.PROPOSAL.INIT_FROM the same file" if module == "encoder" else ""))
+    if arch == "PartDistillationModel":
+        return "MODEL.PART_DISTILLATION.INIT_FROM output/stage2_proposals/model_final.pth (the stage-2 model)"
+    return "MODEL.WEIGHTS (a checkpoint holding this module)"
+
+
+def check_stage_weights(cfg, eval_only: bool = False, resume: bool = False) -> None:
+    """Raise :class:`ConfigError` when a frozen or labelling module would stay random, or a named file is missing."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    files = [("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)] if not resuming else []
+    if arch == "ProposalModel":
+        files.append(("MODEL.PROPOSAL.INIT_FROM", cfg.MODEL.PROPOSAL.INIT_FROM))
+    if arch == "PartDistillationModel":
+        files.append(("MODEL.PART_DISTILLATION.INIT_FROM", cfg.MODEL.PART_DISTILLATION.INIT_FROM))
+    pg = cfg.MODEL.PIXEL_GROUPING
+    object_model = arch == "PixelGroupingModel" and pg.OBJECT_MASK_SOURCE in ("model", "detic")
+    if object_model:
+        files += [("MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG", pg.OBJECT_MODEL_CONFIG),
+                  ("MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS", pg.OBJECT_MODEL_WEIGHTS)]  # fmt: skip
+    for key, path in files:
+        if _is_local(path) and not os.path.isfile(path):
+            raise ConfigError(_missing_file_message(key, path))
+
+    if arch in ("PixelGroupingModel", "ClassPixelGroupingModel"):
+        if not cfg.MODEL.WEIGHTS and not _backbone_self_initialised(cfg):
+            raise ConfigError(
+                f"{arch} groups the features of a random backbone: set MODEL.WEIGHTS to a checkpoint with the backbone "
+                "(output/stage0_instance/model_final.pth or the COCO Mask2Former checkpoint)."
+            )
+        if object_model and not pg.OBJECT_MODEL_WEIGHTS:
+            if not pg.OBJECT_MODEL_CONFIG:
+                raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={pg.OBJECT_MASK_SOURCE!r} needs "
+                                  "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG and OBJECT_MODEL_WEIGHTS.")  # fmt: skip
+            # the object config's own MODEL.WEIGHTS is checked when the object model is built
+        return
+    if arch == "PartRankingModel":
+        if not cfg.MODEL.WEIGHTS:
+            raise ConfigError("stage 3 ranks with the stage-2 model: set MODEL.WEIGHTS to its checkpoint, e.g. "
+                              "output/stage2_proposals/model_final.pth.")  # fmt: skip
+        return
+    if eval_only or resuming or arch not in _MASK2FORMER_FAMILY:
+        return
+    sources = _sources(cfg)
+    for freeze_key in cfg.MODEL.MASK_FORMER.FREEZE_KEYS:
+        module = "backbone" if "backbone" in freeze_key else "encoder" if "encoder" in freeze_key else None
+        if module is not None and not sources[module]:
+            raise ConfigError(
+                f"MODEL.MASK_FORMER.FREEZE_KEYS freezes the {module} but no checkpoint initialises it, so it would be "
+                f"trained random-and-frozen: set {_give_hint(cfg, module)}, or drop {freeze_key!r} from FREEZE_KEYS."
+            )
+
+
+def _store_of(name: str):
+    meta = MetadataCatalog.get(name)
+    root, source, stage = (meta.get(k, None) for k in ("pseudo_label_root", "pseudo_label_source", "pseudo_label_stage"))
+    return os.path.join(root, source, stage) if root and source and stage else None
+
+
+def _store_num_classes(name: str):
+    from ..data.object_classes import read_store_classes
+
+    directory = _store_of(name)
+    data = read_store_classes(directory) if directory else None
+    return len(data["class_codes"]) if data else None
+
+
+def check_object_source(cfg) -> None:
+    """``OBJECT_MASK_SOURCE gt`` on a dataset with image-level labels only (an ImageNet folder) is an error."""
+    if cfg.MODEL.META_ARCHITECTURE in ("PixelGroupingModel", "ClassPixelGroupingModel") and (
+        cfg.MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE == "gt"
+    ):
+        for name in cfg.DATASETS.TEST:
+            if MetadataCatalog.get(name).get("image_level_labels", False):
+                raise ConfigError(
+                    f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE='gt' but {name} has image-level labels only (no object "
+                    "masks): set OBJECT_MASK_SOURCE model with OBJECT_MODEL_CONFIG/OBJECT_MODEL_WEIGHTS (stage 0), or "
+                    "detic, or json."
+                )
+
+
+def resolve_stage_config(cfg) -> None:
+    """Fill data-dependent values of ``cfg`` (not frozen) and refuse impossible stage/dataset pairs.
+
+    * ``MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES 0``: one part classifier per object class of the training store
+      (its ``object_classes.json``); ``MODEL.PART_RANKING.NUM_OBJECT_CLASSES 0`` likewise for the ranked store.
+    * ``MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE gt`` on an image-level-labelled dataset (no object annotations).
+
+    Pseudo-label stores must be registered (``setup_cfg`` registers them before calling this).
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    check_object_source(cfg)
+    group = cfg.MODEL.PART_DISTILLATION
+    if arch == "PartDistillationModel" and group.NUM_OBJECT_CLASSES == 0:
+        n = _store_num_classes(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None
+        if not n:
+            raise ConfigError(
+                "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES is 0 (= the object classes of the training store) but "
+                f"DATASETS.TRAIN={tuple(cfg.DATASETS.TRAIN)} names no pseudo-label store with object_classes.json; "
+                "set NUM_OBJECT_CLASSES to the number of object classes."
+            )
+        group.NUM_OBJECT_CLASSES = n
+        logger.info("MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES = %d (the classes of %s)", n, cfg.DATASETS.TRAIN[0])
+    if arch == "PartRankingModel" and cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES == 0 and cfg.DATASETS.TEST:
+        n = _store_num_classes(cfg.DATASETS.TEST[0])
+        if n:
+            cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES = n
