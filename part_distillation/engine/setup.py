@@ -102,7 +102,6 @@ def setup_cfg(args):
     from .checks import check_stage_weights, resolve_stage_config
 
     cfg = check_runtime(load_cfg(args.config_file, args.opts))
-    cfg.freeze()
     if cfg.DATASETS.PART_COCO:
         from ..data.datasets.part_coco import register_part_coco_specs
 
