@@ -37,6 +37,7 @@ def add_part_distillation_config(cfg: CN) -> CN:
     _add_vit_backbone_config(cfg)
     _add_part_ranking_config(cfg)
     _add_part_distillation_model_config(cfg)
+    _add_bad_input_config(cfg)
     _add_visualization_config(cfg)
     _add_paper_path_config(cfg)
     _add_discovery_protocol_config(cfg)
@@ -60,6 +61,8 @@ def load_cfg(config_file: str, opts=()) -> CN:
 
     from .utils.errors import ConfigError
 
+    import yaml
+
     cfg = get_cfg()
     add_part_distillation_config(cfg)
     if config_file:
@@ -69,6 +72,14 @@ def load_cfg(config_file: str, opts=()) -> CN:
             cfg.merge_from_file(config_file)
         except KeyError as e:
             raise ConfigError(f"{config_file}: {e.args[0]}. Fix the key's spelling; valid keys are in {KEY_FILES}.")
+        except yaml.YAMLError as e:  # malformed YAML (this file or a _BASE_)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"{config_file} is not valid YAML{where} ({problem}); fix the file's syntax.") from None
+        except (ValueError, AssertionError, TypeError, AttributeError, OSError) as e:  # type mismatch, bad _BASE_
+            message = str(e.args[0] if e.args else e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{config_file}: {message}. Valid keys and types are in {KEY_FILES}.") from None
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
@@ -684,6 +695,14 @@ def _add_part_distillation_model_config(cfg: CN) -> None:
     cfg.MODEL.PART_DISTILLATION.MERGE_SAME_CLASS = True
 
 
+def _add_bad_input_config(cfg: CN) -> None:
+    # Bad inputs (see tests/bad_inputs/README.md). A labelling run (stage 1/3) fails, and its store is marked
+    # unusable, when more than this fraction of its images is skipped (unreadable, mask size mismatch, ...);
+    # a run that labels no image with an object always fails. 1.0 = never fail on skips.
+    cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION = 0.5
+    # Your own COCO-style part datasets, registered when a tool starts: "name,json_file,image_root" or
+    # "name,json_file,image_root,objects_name" (part view, plus an object view; see datasets/README.md).
+    cfg.DATASETS.PART_COCO = []
 def _add_visualization_config(cfg: CN) -> None:
     # Pictures of predictions during training (engine/hooks.py PredictionImagesHook; issue #18).
     cfg.VIS = CN()

@@ -8,7 +8,10 @@
 Loads the dataset through detectron2's DatasetCatalog (as training does), runs the checks of
 ``part_distillation.data.validation`` on every record (missing/corrupt/truncated images, CMYK and
 16-bit images, EXIF rotation, size mismatches, masks outside the image, empty masks, unknown
-category ids, dangling part→object references, duplicate image ids) and prints a summary table.
+category ids, dangling part→object references, duplicate image ids, alpha channels, extreme aspect
+ratios, masks of fewer than K pixels, annotations the loader dropped) and prints a summary table. A
+loader that refuses the annotation file (truncated JSON, duplicate annotation ids, unknown category ids,
+annotations without segmentation) is reported in one line with exit status 2.
 
 Exit status: 0 when there are no errors (warnings allowed), 1 when there is at least one error,
 2 when the dataset cannot be loaded (unknown name, files not found).
@@ -31,6 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-image-checks", action="store_true", help="check annotations only (no image I/O)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-examples", type=int, default=3, help="examples per check in the table")
+    parser.add_argument("--num-parts", type=int, default=4, metavar="K", help="warn about masks of fewer than K pixels")
+    parser.add_argument("--part-coco", action="append", default=[], metavar="NAME,JSON,IMAGE_ROOT[,OBJECTS_NAME]",
+                        help="register your own COCO part dataset first (as config DATASETS.PART_COCO)")
     return parser.parse_args(argv)
 
 
@@ -70,8 +76,14 @@ def main(argv=None):
 
     import part_distillation  # noqa: F401  (registers the datasets)
     from part_distillation.data.validation import ERROR, format_summary_table, validate_dataset_dicts
+    from part_distillation.data.datasets.part_coco import register_part_coco_specs
     from part_distillation.utils.errors import UserError
 
+    try:
+        register_part_coco_specs(args.part_coco, "--part-coco")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.dataset not in DatasetCatalog.list():
         close = difflib.get_close_matches(args.dataset, DatasetCatalog.list(), n=5, cutoff=0.5)
         hint = (
@@ -89,7 +101,7 @@ def main(argv=None):
     metadata = MetadataCatalog.get(args.dataset)
     findings = validate_dataset_dicts(
         records, metadata, num_workers=args.num_workers, check_images=not args.no_image_checks,
-        progress=not args.no_progress,
+        progress=not args.no_progress, min_mask_pixels=args.num_parts,
     )  # fmt: skip
     print(f"dataset {args.dataset}")
     print(format_summary_table(findings, num_records=len(records), max_examples=args.max_examples))

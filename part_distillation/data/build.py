@@ -88,11 +88,39 @@ def _train_dataset_dicts(cfg):
     )
 
 
+class _GiveUpAfterSkips:
+    """A training mapper that fails when ``limit`` samples in a row map to None: detectron2's MapDataset
+    retries a skipped sample with random others forever, so a dataset whose images are all unusable (a
+    wrong image folder, say) would hang training instead of failing."""
+
+    def __init__(self, mapper, limit: int = 200):
+        self.mapper, self.limit, self.in_a_row = mapper, limit, 0
+
+    def __call__(self, dataset_dict):
+        out = self.mapper(dataset_dict)
+        if out is not None:
+            self.in_a_row = 0
+            return out
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            from ..utils.errors import UserError
+            from .skips import skip_counts
+
+            raise UserError(
+                f"{self.in_a_row} training samples in a row were skipped (last: {dataset_dict.get('file_name')}; "
+                f"skips by reason so far: {skip_counts()}): the training data is unusable; check it with "
+                "tools/validate_dataset.py"
+            )
+        return None
+
+
 def build_detection_train_loader(cfg):
     check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     percentage = _check_percentage(cfg.DATASETS.get("TRAIN_LABEL_PERCENTAGE", 100.0), "DATASETS.TRAIN_LABEL_PERCENTAGE")
-    mapper = build_dataset_mapper(cfg, is_train=True)
     dicts = _train_dataset_dicts(cfg)  # a list, or a PseudoLabelStoreDataset (decoded on access)
+    # detectron2's MapDataset gives up on an index once it failed, and errors when none is left
+    limit = min(200, max(1, len(dicts))) if isinstance(dicts, list) else 200
+    mapper = _GiveUpAfterSkips(build_dataset_mapper(cfg, is_train=True), limit=limit)
     if percentage < 100.0:
         seed = cfg.DATASETS.get("TRAIN_LABEL_SEED", 1234)
         kept = label_percentage_subset(dicts, percentage, seed)
@@ -114,8 +142,16 @@ def build_detection_train_loader(cfg):
 
 
 def build_detection_test_loader(cfg, dataset_name: str):
+    """detectron2's test loader, except that an image the mapper cannot use yields ``{"skipped": ...}``
+    instead of a random other image (see ``engine/skip_aware.py`` for how evaluation counts it)."""
+    from detectron2.data.samplers import InferenceSampler
+
     check_dataset_names([dataset_name], "DATASETS.TEST")
-    return d2_test_loader(cfg, dataset_name, mapper=build_dataset_mapper(cfg, is_train=False))
+    dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    dataset = _IndexedMapDataset(dicts, range(len(dicts)), build_dataset_mapper(cfg, is_train=False))
+    return d2_test_loader(
+        dataset, mapper=None, sampler=InferenceSampler(len(dataset)), num_workers=cfg.DATALOADER.NUM_WORKERS
+    )
 
 
 class _IndexedMapDataset(torch.utils.data.Dataset):

@@ -84,6 +84,10 @@ __all__ = [
     "shard_index_range",
     "shards_for_rank",
     "read_manifest",
+    "EVAL_ONLY_KEYS",
+    "write_shard_counts",
+    "merge_shard_counts",
+    "record_store_outcome",
     "PseudoLabelWriter",
     "PseudoLabelReader",
     "record_to_dataset_dict",
@@ -636,7 +640,7 @@ class PseudoLabelWriter:
         self.shard_size = int(shard_size)
         self.num_images = None if num_images is None else int(num_images)
         self.resume = resume
-        config = _config_value(config)
+        config = _without_eval_only_keys(_config_value(config))
         self.meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -853,11 +857,79 @@ class PseudoLabelWriter:
         return manifest
 
 
+# Config keys that do not change the labels (evaluation/reporting only): kept out of a store's identity,
+# so changing them never refuses --resume.
+EVAL_ONLY_KEYS = ("MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET",)
+
+
+def _without_eval_only_keys(config):
+    """``config`` (a nested dict keyed by config groups, e.g. ``{"MODEL": {...}}``) without :data:`EVAL_ONLY_KEYS`."""
+    if not isinstance(config, dict):
+        return config
+    config = copy.deepcopy(config)
+    for key in EVAL_ONLY_KEYS:
+        parts = key.split(".")
+        for split in range(len(parts) - 1, 0, -1):  # groups may be flattened ("DATASETS.TEST": [...])
+            node = config.get(".".join(parts[:split]))
+            for k in parts[split:-1]:
+                node = node.get(k) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(parts[-1], None)
+    return config
+
+
+def counts_path(shard_dir: str, k: int) -> str:
+    """Per-shard skip/drop counts written by labelling (see :func:`merge_shard_counts`)."""
+    return os.path.join(shard_dir, _shard_stem(k) + ".counts.json")
+
+
+def write_shard_counts(shard_dir: str, k: int, counts: dict) -> None:
+    _atomic_write_json(counts_path(shard_dir, k), counts, compact=True)
+
+
+def merge_shard_counts(directory: str, shards) -> dict:
+    """Skip/drop counts of ``shards`` summed by reason, plus the shards that have no counts file
+    (labelled by a version that did not count, or killed between the shard and its counts)."""
+    merged = {"skipped_by_reason": collections.Counter(), "dropped_by_reason": collections.Counter(), "first_skipped": []}
+    uncounted = []
+    for k in shards:
+        path = counts_path(os.path.join(directory, "shards"), k)
+        if not os.path.isfile(path):
+            uncounted.append(k)
+            continue
+        c = _read_json(path)
+        merged["skipped_by_reason"].update(c.get("skipped_by_reason", {}))
+        merged["dropped_by_reason"].update(c.get("dropped_by_reason", {}))
+        merged["first_skipped"] += c.get("first_skipped", [])[: max(0, 5 - len(merged["first_skipped"]))]
+    out = {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in merged.items()}
+    out["skipped"] = sum(out["skipped_by_reason"].values())
+    out["shards_without_counts"] = uncounted
+    return out
+
+
+def record_store_outcome(directory: str, counts: dict, failed=None) -> dict:
+    """Add the run's ``counts`` (and, when labelling failed, ``failed``: the reason; ``complete`` becomes
+    false so that no later stage trains on it) to the store's ``manifest.json``, atomically."""
+    path = os.path.join(directory, "manifest.json")
+    manifest = _read_json(path)
+    manifest["counts"] = counts
+    if failed:
+        manifest["failed"] = failed
+        manifest["complete"] = False
+    else:
+        manifest.pop("failed", None)
+    _atomic_write_json(path, manifest)
+    return manifest
+
+
 # ------------------------------------------------------------------------------------------
 # Reader
 # ------------------------------------------------------------------------------------------
 def require_complete(manifest: dict, directory: str) -> None:
-    """Raise a one-line UserError when a store's manifest says shards are missing."""
+    """Raise a one-line UserError when a store's manifest says shards are missing, or that its labelling
+    failed (nothing labelled, too many images skipped: ``failed``, see evaluation/pseudo_label_writer.py)."""
+    if manifest.get("failed"):
+        raise UserError(f"pseudo-label store {directory} is not usable: {manifest['failed']}")
     if manifest["complete"]:
         return
     missing = manifest["missing_shards"]

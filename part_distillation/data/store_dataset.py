@@ -41,7 +41,7 @@ import torch.utils.data as torchdata
 from detectron2.utils import comm
 from detectron2.utils.serialize import PicklableWrapper
 
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, UserError
 from .pseudo_labels import (
     CorruptShardError,
     read_manifest,
@@ -171,6 +171,10 @@ class PseudoLabelStoreDataset(torchdata.Dataset):
         return text, offsets
 
 
+class NoTrainableImageError(UserError, RuntimeError):
+    """Every image of a store failed to map: the CLI prints it in one line."""
+
+
 class StoreMapDataset(torchdata.Dataset):
     """``mapper(dataset[i])``; when the mapper returns None (no usable label, unreadable image), another image of
     the same shard is tried (already decoded), then any image. Only failed indices are remembered."""
@@ -196,7 +200,9 @@ class StoreMapDataset(torchdata.Dataset):
             if attempt == 3:
                 logger.warning("Could not map %d images in a row; drawing others (last index %d)", attempt, current)
             if len(self._failed) >= len(self._dataset):
-                raise RuntimeError(f"no image of {self._dataset.dir} can be mapped for training")
+                raise NoTrainableImageError(
+                    f"no image of {self._dataset.dir} can be mapped for training (see the skip warnings)"
+                )
             span = self._dataset.shard_range(current) if attempt <= self._SAME_SHARD_TRIES else range(len(self))
             current = span[self._rng.randrange(len(span))]
         return None  # pragma: no cover

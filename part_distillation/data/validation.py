@@ -32,6 +32,7 @@ __all__ = [
     "check_annotations",
     "check_record",
     "check_duplicate_image_ids",
+    "check_load_drops",
     "validate_dataset_dicts",
     "summarize_findings",
     "format_summary_table",
@@ -56,7 +57,15 @@ CHECKS = {
     "unknown_category": "category_id missing or not an index of the metadata class list",
     "dangling_object_ref": "a part's object_index/object_id points to no object of the record",
     "duplicate_image_id": "image_id used by more than one record",
+    "alpha_channel": "image has an alpha channel (RGBA, LA, PA, transparent palette): the loader drops it",
+    "extreme_aspect_ratio": "image is more than MAX_ASPECT_RATIO times wider than high (or the reverse)",
+    "tiny_mask": "mask has fewer pixels than the K parts pixel grouping splits an object into",
+    "dropped_at_load": "the loader dropped annotations (e.g. pointing to a missing image id): see the count",
 }
+
+# Stage 1 resizes the longer side to INPUT.IMAGE_SIZE; beyond this ratio the short side shrinks to a few
+# pixels (the grouping mapper refuses such images, see dataset_mappers/pixel_grouping.py).
+MAX_ASPECT_RATIO = 20.0
 
 # EXIF orientations (tag 0x0112) that transpose the image: decoded width/height are swapped.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -127,6 +136,7 @@ def check_image_file(path, expected_hw=None):
     try:
         with Image.open(path) as im:  # header only
             fmt, mode, (width, height) = im.format, im.mode, im.size
+            has_transparency = "transparency" in im.info
             try:
                 orientation = int(im.getexif().get(0x0112, 1) or 1)
             except Exception:  # a damaged EXIF block: PIL's reader ignores it too when loading
@@ -162,7 +172,7 @@ def check_image_file(path, expected_hw=None):
             Finding(
                 WARNING, "high_bit_depth", path,
                 f"{fmt} mode {mode}" + (f" ({bit_depth}-bit)" if bit_depth else "")
-                + "; loaded with PIL Image.convert('RGB'), which clips values above 255 to 255 (no rescaling)",
+                + "; the loader rescales it to 8 bits (part_distillation.data.image_io)",
             )
         )  # fmt: skip
     elif bit_depth == 16:
@@ -173,11 +183,21 @@ def check_image_file(path, expected_hw=None):
             )
         )  # fmt: skip
 
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and has_transparency):
+        findings.append(Finding(WARNING, "alpha_channel", path, f"mode {mode}: the loader drops the alpha channel"))
     # detectron2's read_image applies the EXIF orientation before returning the array.
     raw_hw = (height, width)
     loaded_hw = (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else raw_hw
     if min(loaded_hw) < 2:
         findings.append(Finding(ERROR, "degenerate_image", path, f"image is {loaded_hw[0]}x{loaded_hw[1]} (HxW)"))
+    elif max(loaded_hw) / min(loaded_hw) > MAX_ASPECT_RATIO:
+        findings.append(
+            Finding(
+                ERROR, "extreme_aspect_ratio", path,
+                f"image is {loaded_hw[0]}x{loaded_hw[1]} (HxW), aspect ratio above {MAX_ASPECT_RATIO:g}: stage 1 "
+                "skips it; crop or pad it",
+            )
+        )  # fmt: skip
     if expected_hw is not None and None not in tuple(expected_hw):
         expected_hw = (int(expected_hw[0]), int(expected_hw[1]))
         if loaded_hw != expected_hw:
@@ -220,7 +240,20 @@ def _polygon_area(poly):
     return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2.0
 
 
-def _check_segmentation(segm, hw, where, file):
+def _check_segmentation(segm, hw, where, file, min_pixels=0):
+    findings = _check_segmentation_shape(segm, hw, where, file)
+    if min_pixels and not any(f.check in ("invalid_mask", "empty_mask") for f in findings):
+        from ..structures.masks import rle_area
+
+        area = rle_area(segm) if isinstance(segm, dict) else sum(_polygon_area([float(v) for v in p]) for p in segm)
+        if 0 < area < min_pixels:
+            findings.append(
+                Finding(WARNING, "tiny_mask", file, f"{where}: {area:g} pixel(s), fewer than K={min_pixels} parts")
+            )
+    return findings
+
+
+def _check_segmentation_shape(segm, hw, where, file):
     findings = []
     if isinstance(segm, dict):
         size = segm.get("size")
@@ -281,8 +314,9 @@ def _object_and_part_lists(record):
     return None
 
 
-def check_annotations(record, metadata=None):
-    """Annotation checks of one record (no image I/O); see the module docstring."""
+def check_annotations(record, metadata=None, min_mask_pixels=0):
+    """Annotation checks of one record (no image I/O); see the module docstring. ``min_mask_pixels``:
+    warn about masks with fewer pixels (K, the parts pixel grouping makes per object; 0: no check)."""
     file = record.get("file_name", "")
     hw = None
     if record.get("height") is not None and record.get("width") is not None:
@@ -308,7 +342,9 @@ def check_annotations(record, metadata=None):
                         )
                     )
             if anno.get("segmentation") is not None:
-                findings += _check_segmentation(anno["segmentation"], hw, where, file)
+                findings += _check_segmentation(anno["segmentation"], hw, where, file, min_mask_pixels)
+            elif key == "part_annotations" or (key == "annotations" and _meta_get(metadata, "is_part_dataset")):
+                findings.append(Finding(ERROR, "invalid_mask", file, f"{where}: no segmentation"))
 
     linked = _object_and_part_lists(record)
     if linked is not None:
@@ -347,12 +383,22 @@ def check_annotations(record, metadata=None):
     return findings
 
 
-def check_record(record, metadata=None, check_images=True):
+def check_record(record, metadata=None, check_images=True, min_mask_pixels=0):
     """All per-record checks: the image file (optional) and the annotations."""
     findings = []
     if check_images:
         findings += check_image_file(record.get("file_name", ""), (record.get("height"), record.get("width")))
-    return findings + check_annotations(record, metadata)
+    return findings + check_annotations(record, metadata, min_mask_pixels)
+
+
+def check_load_drops(metadata):
+    """A warning per reason for which the dataset's loader dropped annotations (metadata ``load_drops``)."""
+    drops = _meta_get(metadata, "load_drops") or {}
+    file = _meta_get(metadata, "json_file") or ""
+    return [
+        Finding(WARNING, "dropped_at_load", file, f"{n} annotation(s) dropped by the loader: {reason}")
+        for reason, n in sorted(drops.items()) if n
+    ]
 
 
 def check_duplicate_image_ids(records):
@@ -377,7 +423,7 @@ def check_duplicate_image_ids(records):
     return findings
 
 
-def validate_dataset_dicts(records, metadata=None, num_workers=1, check_images=True, progress=False):
+def validate_dataset_dicts(records, metadata=None, num_workers=1, check_images=True, progress=False, min_mask_pixels=0):
     """Run every check on ``records``; findings come back in record order.
 
     Args:
@@ -387,7 +433,7 @@ def validate_dataset_dicts(records, metadata=None, num_workers=1, check_images=T
     records = list(records)
 
     def run(record):
-        return check_record(record, metadata, check_images)
+        return check_record(record, metadata, check_images, min_mask_pixels)
 
     bar = None
     if progress:
@@ -409,7 +455,7 @@ def validate_dataset_dicts(records, metadata=None, num_workers=1, check_images=T
     if bar is not None:
         bar.close()
     findings = [f for per_record in results for f in per_record]
-    return findings + check_duplicate_image_ids(records)
+    return check_load_drops(metadata) + findings + check_duplicate_image_ids(records)
 
 
 # --------------------------------------------------------------------------------------------

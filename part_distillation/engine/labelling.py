@@ -40,7 +40,6 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils import comm
 from tabulate import tabulate
-from torch import nn
 
 from ..clustering.prototypes import (
     DEFAULT_FILENAME,
@@ -56,6 +55,7 @@ from ..data.visualization import render_pseudo_labels
 from ..evaluation.proposal_ar import ProposalAREvaluator
 from ..evaluation.pseudo_label_writer import PseudoLabelWriterEvaluator
 from ..utils.errors import ConfigError
+from .skip_aware import SkipAwareModel  # noqa: F401 (also exported from here)
 
 __all__ = [
     "LABEL_KEYS",
@@ -79,19 +79,6 @@ LABEL_KEYS = ("MODEL", "INPUT", "DATASETS.TEST")
 # Models with the prototype protocol: a cluster pass (outputs carry features per object), set_prototypes(),
 # then a labelling pass whose parts carry pred_classes (prototype ids) and soft_scores.
 PROTOTYPE_MODELS = ("PartRankingModel", "ClassPixelGroupingModel")
-
-
-class SkipAwareModel(nn.Module):
-    """Runs the model on the readable inputs of a batch; skipped inputs get an empty output."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batched_inputs):
-        keep = [x for x in batched_inputs if not x.get("skipped")]
-        outputs = iter(self.model(keep) if keep else [])
-        return [{} if x.get("skipped") else next(outputs) for x in batched_inputs]
 
 
 def label_config(cfg) -> dict:
@@ -161,7 +148,7 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
         dicts, indices, build_dataset_mapper(cfg, is_train=False),
         batch_size=batch, num_workers=cfg.DATALOADER.NUM_WORKERS,
     )  # fmt: skip
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer))
+    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]
@@ -301,7 +288,7 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
     )  # fmt: skip
     indices = writer.pending_indices(rank=rank, world_size=world)
     loader = build_labelling_loader(dicts, indices, mapper, 1, cfg.DATALOADER.NUM_WORKERS)
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer))
+    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]

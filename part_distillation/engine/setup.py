@@ -12,7 +12,10 @@ from detectron2.engine import default_setup
 from ..config import load_cfg
 from ..utils.errors import ConfigError, UserError
 
-__all__ = ["default_argument_parser", "load_cfg", "check_runtime", "setup_cfg", "run_cli", "run_worker"]
+__all__ = [
+    "default_argument_parser", "load_cfg", "check_runtime", "check_checkpoints", "check_checkpoint_file", "setup_cfg",
+    "run_cli", "run_worker",
+]
 
 
 def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
@@ -34,9 +37,58 @@ def _check_registered(cfg):
             raise ConfigError(f"{key}={name!r} is not registered; use one of: {known}.")
 
 
+# Config keys naming a checkpoint file to load; checked before any model is built.
+_CHECKPOINT_KEYS = ("MODEL.WEIGHTS", "MODEL.PROPOSAL.INIT_FROM", "MODEL.PART_DISTILLATION.INIT_FROM")
+_REMOTE_PREFIXES = ("detectron2://", "http://", "https://", "catalog://", "s3://", "gs://", "manifold://")
+
+
+def _cfg_value(cfg, key):
+    node = cfg
+    for k in key.split("."):
+        node = node.get(k) if hasattr(node, "get") else None
+    return node
+
+
+def check_checkpoint_file(path: str, key: str) -> None:
+    """One-line :class:`ConfigError` if checkpoint ``path`` (given by config ``key``) is missing or is not a
+    checkpoint: a PyTorch file is a zip archive (``torch.save``) or a pickle (legacy ``torch.save``,
+    detectron2's model-zoo ``.pkl``), so the first bytes and the zip directory tell a truncated or
+    unrelated file apart without unpickling anything."""
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{key}={path!r} does not exist; train the stage that writes it (its OUTPUT_DIR/model_final.pth), "
+            f"fix the path, or set {key} \"\"."
+        )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        ok = zipfile.is_zipfile(path)
+    else:
+        ok = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # pickle protocol 2..5
+    if not ok:
+        what = "empty" if not head else ("a truncated zip archive" if head.startswith(b"PK") else "not a PyTorch/pickle file")
+        raise ConfigError(
+            f"{key}={path!r} is not a readable checkpoint ({what}); re-download it or point {key} at a "
+            "model_final.pth written by tools/train_net.py (or a model-zoo .pkl)."
+        )
+
+
+def check_checkpoints(cfg) -> None:
+    """:func:`check_checkpoint_file` for every local path in :data:`_CHECKPOINT_KEYS` (URLs are left to the
+    checkpointer)."""
+    for key in _CHECKPOINT_KEYS:
+        path = _cfg_value(cfg, key)
+        if isinstance(path, str) and path and not path.startswith(_REMOTE_PREFIXES):
+            check_checkpoint_file(path, key)
+
+
 def check_runtime(cfg):
-    """Adapt/validate ``cfg`` for the machine it runs on (no GPU → clear error; AMP off on CPU)."""
+    """Adapt/validate ``cfg`` for the machine it runs on (no GPU → clear error; AMP off on CPU) and check
+    the checkpoint files it names."""
     _check_registered(cfg)
+    check_checkpoints(cfg)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("MODEL.DEVICE is 'cuda' but no GPU is visible; add `MODEL.DEVICE cpu` to the command.")
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
@@ -50,6 +102,10 @@ def setup_cfg(args):
     from .checks import check_stage_weights, resolve_stage_config
 
     cfg = check_runtime(load_cfg(args.config_file, args.opts))
+    if cfg.DATASETS.PART_COCO:
+        from ..data.datasets.part_coco import register_part_coco_specs
+
+        register_part_coco_specs(cfg.DATASETS.PART_COCO)
     if cfg.DATASETS.PSEUDO_LABEL_ROOT:
         from ..data.pseudo_labels import register_all_pseudo_label_datasets
 
@@ -93,7 +149,10 @@ def run_cli(fn, *args):
     try:
         return fn(*args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

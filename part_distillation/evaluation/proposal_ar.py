@@ -7,7 +7,13 @@ takes the still-unmatched GT part with the highest mask IoU ≥ t. Recall@k coun
 one of the image's top-k predictions; AR@k is recall averaged over the 10 thresholds, ×100, pooled
 over all GT parts of the dataset, and reported per object class too.
 
-Differences from the reference implementation (spec §8.1), on purpose: the reference matches greedily
+Bookkeeping (one rule for stage-1 pseudo-labels and stage-2 proposals): an image that could not be read
+is left out (its GT parts too; stage 1 stores no record for it, stage-2 evaluation skips it through
+``engine/skip_aware.py``) and reported as ``num_images_skipped``; a GT part whose mask is empty, lies
+outside the image or has another size than its image can be recalled by no prediction, so it is left out
+of the denominator and reported as ``num_gt_parts_unusable``.
+
+Differences from the reference implementation, on purpose: the reference matches greedily
 by IoU once (detectron2's box-proposal recall) and skips images without predictions; COCOeval's protocol
 counts such GT parts as missed, which is what a recall should do.
 """
@@ -90,6 +96,7 @@ class ProposalAREvaluator(DatasetEvaluator):
 
     def reset(self):
         self._per_image = []  # (ranks [T, G], gt object class [G]) per image
+        self._unusable_gt = 0  # GT parts left out (module doc)
 
     def _gt(self, image_id):
         if self._gt_by_image is None:
@@ -107,7 +114,14 @@ class ProposalAREvaluator(DatasetEvaluator):
             groups.setdefault(key, []).append(segmentation_to_rle(ann["segmentation"], h, w))
         rles, obj_classes = [], []
         for key, parts in groups.items():
-            rles.append(parts[0] if len(parts) == 1 else mask_util.merge(parts))
+            if any(list(p["size"]) != [h, w] for p in parts):
+                self._unusable_gt += 1
+                continue
+            rle = parts[0] if len(parts) == 1 else mask_util.merge(parts)
+            if int(mask_util.area(rle)) == 0:
+                self._unusable_gt += 1
+                continue
+            rles.append(rle)
             category = key[-1] if self.merge_same_class_parts else record["annotations"][key[0]]["category_id"]
             obj_classes.append(self._part_to_object[category] if self._part_to_object else -1)
         return rles, np.asarray(obj_classes, dtype=np.int64)
@@ -127,10 +141,11 @@ class ProposalAREvaluator(DatasetEvaluator):
             self._per_image.append((ranks, gt_obj))
 
     def evaluate(self):
-        per_image = self._per_image
+        per_image, unusable = self._per_image, self._unusable_gt
         if self.distributed:
             comm.synchronize()
             per_image = list(itertools.chain(*comm.gather(per_image, dst=0)))
+            unusable = sum(comm.gather(unusable, dst=0))
             if not comm.is_main_process():
                 return {}
         if not per_image:
@@ -150,6 +165,7 @@ class ProposalAREvaluator(DatasetEvaluator):
                     results[f"AR@{k}-{name}"] = self._ar(ranks[:, sel], k)
         results["num_gt_parts"] = int(ranks.shape[1])
         results["num_images"] = len(per_image)
+        results["num_gt_parts_unusable"] = int(unusable)
         self._log_table(results)
         return {"part_proposals": results}
 

@@ -20,9 +20,22 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.object_classes import read_store_classes, write_store_classes
-from ..data.pseudo_labels import PseudoLabelWriter, make_object, make_part
+from ..data.pseudo_labels import (
+    PseudoLabelWriter, make_object, make_part, merge_shard_counts, record_store_outcome, shard_index_range, shard_of,
+    write_shard_counts,
+)  # fmt: skip
+from ..data.skips import reason_key
+from ..utils.errors import UserError
 
-__all__ = ["PseudoLabelWriterEvaluator", "outputs_to_record"]
+__all__ = ["PseudoLabelWriterEvaluator", "LabellingFailedError", "outputs_to_record", "check_labelling_outcome"]
+
+# Fail a labelling run when more than this fraction of its images were skipped (and always when it labelled
+# nothing); DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION sets it.
+DEFAULT_MAX_SKIPPED_FRACTION = 0.5
+
+
+class LabellingFailedError(UserError):
+    """A labelling run produced a store no later stage should use (nothing labelled, or too much skipped)."""
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +75,54 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
 
     Images the loader could not read arrive as inputs with ``skipped`` (a reason) and are stored as
     "no label", counted by reason and named in the log, so one bad JPEG never stops a 14M-image run.
+    Objects the mapper reports as ``dropped`` (by reason) are counted too; counts are written per shard
+    (``shards/shard-K.counts.json``) and merged into the manifest's ``counts``. A store that labelled nothing,
+    or skipped more than ``max_skipped_fraction`` of its images, fails (:func:`check_labelling_outcome`).
     """
 
-    def __init__(self, writer: PseudoLabelWriter, class_codes=None):
+    def __init__(self, writer: PseudoLabelWriter, class_codes=None, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION):
         """``class_codes``: the synset of each object class id to store with the labels; None = the source
-        dataset's when it has image-level labels, else a sibling store's ``object_classes.json``, else none."""
+        dataset's when it has image-level labels, else a sibling store's ``object_classes.json``, else none.
+        ``max_skipped_fraction``: see :func:`check_labelling_outcome`."""
         self.writer = writer
         self.class_codes = class_codes
+        self.max_skipped_fraction = max_skipped_fraction
         self._start = time.perf_counter()
 
     def reset(self):
         self.counts = Counter()
         self.skipped = []  # (file_name, reason)
+        self.shard_counts = {}  # shard -> {"skipped_by_reason", "dropped_by_reason", "first_skipped"}
         self._start = time.perf_counter()
+
+    def _shard(self, index):
+        k = shard_of(int(index), self.writer.shard_size)
+        return k, self.shard_counts.setdefault(
+            k, {"skipped_by_reason": Counter(), "dropped_by_reason": Counter(), "first_skipped": [], "seen": 0}
+        )
+
+    def _add(self, k, counts, index, record):
+        """Add to the writer; the shard's counts file is written just *before* the add that completes the
+        shard, so a kept (complete) shard always has its counts, also after a kill and ``--resume``."""
+        counts["seen"] += 1
+        if counts["seen"] == len(shard_index_range(k, self.writer.shard_size, self.writer.num_images)):
+            write_shard_counts(self.writer.shard_dir, k, {key: dict(v) if isinstance(v, Counter) else v
+                                                          for key, v in counts.items() if key != "seen"})  # fmt: skip
+        self.writer.add(index, record)
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
+            k, shard = self._shard(inp["dataset_index"])
+            shard["dropped_by_reason"].update(inp.get("dropped", {}))
             if inp.get("skipped"):
-                self.writer.add(inp["dataset_index"], None)
                 self.skipped.append((inp.get("file_name", "?"), inp["skipped"]))
+                shard["skipped_by_reason"][reason_key(inp["skipped"])] += 1
+                if len(shard["first_skipped"]) < 5:
+                    shard["first_skipped"].append([inp.get("file_name", "?"), inp["skipped"]])
+                self._add(k, shard, inp["dataset_index"], None)
                 continue
             record = outputs_to_record(inp, out)
-            self.writer.add(inp["dataset_index"], record)
+            self._add(k, shard, inp["dataset_index"], record)
             self.counts["images"] += 1
             self.counts["objects"] += len(record["objects"])
             self.counts["parts"] += sum(len(o["parts"]) for o in record["objects"])
@@ -103,7 +142,7 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
             write_store_classes(self.writer.dir, codes)
         total = sum(counts, Counter())
         skipped = [s for part in skipped for s in part]
-        reasons = Counter(reason for _, reason in skipped)
+        reasons = Counter(reason_key(reason) for _, reason in skipped)
         summary = {
             "images": total["images"],
             "objects": total["objects"],
@@ -119,7 +158,45 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
         }
         for name, reason in skipped[:20]:
             logger.warning("Skipped %s: %s", name, reason)
+        check_labelling_outcome(self.writer, manifest, summary, self.max_skipped_fraction)
         return {"pseudo_labels": summary}
+
+
+def check_labelling_outcome(writer: PseudoLabelWriter, manifest: dict, summary: dict, max_skipped_fraction: float):
+    """Record the store's skip/drop counts (all its shards, resumed ones too) in its manifest, and fail
+    (:class:`LabellingFailedError`, manifest ``complete: false`` + ``failed``) when the store labelled no
+    image with an object, or skipped more than ``max_skipped_fraction`` of its images."""
+    from detectron2.data import MetadataCatalog
+
+    counts = merge_shard_counts(writer.dir, [s["shard"] for s in manifest["shards"]])
+    load_drops = MetadataCatalog.get(writer.source).get("load_drops", None) if writer.source in MetadataCatalog else None
+    counts["dropped_at_load"] = dict(load_drops or {})
+    n = manifest["num_images_expected"] or 0
+    labelled = manifest["num_images"]
+    num_objects = manifest["num_objects"]
+    failed = None
+    if n and manifest["complete"] and (labelled == 0 or num_objects == 0):
+        failed = f"no image of {n} was labelled with an object"
+    elif n and manifest["complete"] and manifest["num_parts"] == 0:
+        failed = f"no part was labelled in the {num_objects} objects of {labelled} images (check the part filters)"
+    elif n and manifest["complete"] and counts["skipped"] > max_skipped_fraction * n:
+        failed = f"{counts['skipped']} of {n} images were skipped (more than {max_skipped_fraction:g})"
+    if failed:
+        reasons = ", ".join(f"{r}: {c}" for r, c in sorted(counts["skipped_by_reason"].items(), key=lambda x: -x[1]))
+        dropped = ", ".join(f"{r}: {c}" for r, c in sorted(counts["dropped_by_reason"].items(), key=lambda x: -x[1]))
+        first = "; ".join(f"{f}: {r}" for f, r in counts["first_skipped"][:3])
+        failed += (
+            (f"; skipped by reason: {reasons}" if reasons else "") + (f"; objects dropped: {dropped}" if dropped else "")
+            + (f"; first: {first}" if first else "")
+        )  # fmt: skip
+    record_store_outcome(writer.dir, counts, failed)
+    summary["store_counts"] = counts
+    if failed:
+        summary["complete"] = False
+        raise LabellingFailedError(
+            f"labelling {writer.source} into {writer.dir} failed: {failed}. Check the data with "
+            f"tools/validate_dataset.py --dataset {writer.source}, or raise DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION"
+        )
 
 
 def store_class_codes(writer: PseudoLabelWriter):

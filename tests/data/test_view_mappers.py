@@ -264,7 +264,7 @@ def test_bad_files_return_none_with_warning(scene, tmp_path, mapper_fn):
     record, _, _ = scene
     (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
     handler = _Records()
-    loggers = [logging.getLogger(n) for n in ("part_distillation.data.dataset_mappers.instance_lsj", pvm.__name__)]
+    loggers = [logging.getLogger(n) for n in ("part_distillation.data.skips", pvm.__name__)]
     for lg in loggers:
         lg.addHandler(handler)
     try:

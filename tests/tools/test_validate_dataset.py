@@ -153,7 +153,7 @@ def test_every_planted_fault_is_reported(images):
         assert got.get(check) == want, (check, got.get(check))
     assert set(got) == set(expected)  # no spurious checks (e.g. nothing on the clean objects)
     details = {f.check: f.detail for f in findings}
-    assert "clips values above 255" in details["high_bit_depth"]
+    assert "rescales it to 8 bits" in details["high_bit_depth"]
     assert "convert('RGB')" in details["cmyk_image"]
     assert "EXIF orientation 6" in details["exif_rotation"]
     assert sum(f.check == "unknown_category" for f in findings) == 3

@@ -10,16 +10,19 @@ import copy
 import logging
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from ...structures.masks import segmentation_to_rle
-from ..validation import ERROR, check_image_file
+from ..image_io import read_image
+from ..skips import note_skip, reason_key
+from ..validation import ERROR, MAX_ASPECT_RATIO, check_image_file
 from .registry import DATASET_MAPPER_REGISTRY
 
-__all__ = ["InstanceLSJDatasetMapper", "read_image_checked", "read_image_or_none"]
+__all__ = ["InstanceLSJDatasetMapper", "read_image_checked", "read_image_or_none", "mask_size_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +31,21 @@ def read_image_checked(dataset_dict: dict, image_format: str):
     """``(image, None)``, or ``(None, reason)`` when the file is missing, corrupt or degenerate.
 
     The validator's checks name *why* a read failed (truncated, 0 bytes, EXIF size mismatch, ...);
-    they only run on failure, so good images cost nothing extra.
+    they only run on failure, so good images cost nothing extra. Every PIL mode is decoded to 8 bits
+    (16-bit images are rescaled, not clipped; see ``part_distillation.data.image_io``).
     """
+    from PIL import Image
+
     file_name = dataset_dict["file_name"]
     try:
-        image = utils.read_image(file_name, format=image_format)
+        image = read_image(file_name, format=image_format)
         utils.check_image_size(dataset_dict, image)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for broken files
         expected_hw = (dataset_dict.get("height"), dataset_dict.get("width"))
         reasons = [f"{f.check}: {f.detail}" for f in check_image_file(file_name, expected_hw) if f.severity == ERROR]
-        return None, "; ".join(reasons) or str(e)
+        return None, "; ".join(reasons) or f"unreadable_image: {type(e).__name__}: {e}"
     if min(image.shape[:2]) < 2:
-        return None, "degenerate image {}x{}".format(*image.shape[:2])
+        return None, "degenerate_image: {}x{} (HxW)".format(*image.shape[:2])
     return image, None
 
 
@@ -51,8 +57,18 @@ def read_image_or_none(dataset_dict: dict, image_format: str):
     """
     image, reason = read_image_checked(dataset_dict, image_format)
     if image is None:
-        logger.warning("Skipping unreadable image %s: %s", dataset_dict["file_name"], reason)
+        note_skip(reason_key(reason), dataset_dict["file_name"], reason.split(":", 1)[-1].strip())
     return image
+
+
+def mask_size_mismatch(annotations, height: int, width: int):
+    """A reason (str) if an annotation's RLE size is not ``(height, width)`` (the masks then belong to
+    another image or resolution: no crop or broadcast can place them), else None."""
+    for i, obj in enumerate(annotations):
+        segm = obj.get("segmentation")
+        if isinstance(segm, dict) and "size" in segm and [int(v) for v in segm["size"]] != [height, width]:
+            return f"annotation {i}: RLE size {list(segm['size'])} on a {height}x{width} image"
+    return None
 
 
 @DATASET_MAPPER_REGISTRY.register()
@@ -83,6 +99,14 @@ class InstanceLSJDatasetMapper:
         if image is None:
             return None
         height, width = image.shape[:2]
+        if self.is_train:
+            mismatch = mask_size_mismatch(dataset_dict.get("annotations", []), height, width)
+            if mismatch:
+                note_skip("mask_size_mismatch", dataset_dict["file_name"], mismatch)
+                return None
+            if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:  # same rule as stage 1
+                note_skip("extreme_aspect_ratio", dataset_dict["file_name"], f"{height}x{width} (HxW)")
+                return None
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -92,12 +116,20 @@ class InstanceLSJDatasetMapper:
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
+        rasterized = [_rasterized(obj, height, width) for obj in dataset_dict.pop("annotations", []) if not obj.get("iscrowd", 0)]
+        empty = [obj for obj in rasterized if "segmentation" in obj and not mask_util.area(obj["segmentation"])]
+        for _ in empty:  # empty or entirely outside the image before any augmentation: a data problem, counted
+            note_skip("empty_object_mask", dataset_dict["file_name"], "annotation dropped", what="Dropping an object of")
         annos = [
-            utils.transform_instance_annotations(_rasterized(obj, height, width), transforms, image_shape)
-            for obj in dataset_dict.pop("annotations", [])
-            if obj.get("iscrowd", 0) == 0
+            utils.transform_instance_annotations(obj, transforms, image_shape)
+            for obj in rasterized
+            if not any(obj is e for e in empty)
         ]
         instances = utils.annotations_to_instances(annos, image_shape, mask_format="bitmask")
+        if not instances.has("gt_masks"):  # no annotation left: an image of background only
+            from detectron2.structures import BitMasks
+
+            instances.gt_masks = BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool))
         # Boxes are recomputed from the cropped masks so empty (cropped-away) instances are dropped.
         instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         instances = utils.filter_empty_instances(instances)

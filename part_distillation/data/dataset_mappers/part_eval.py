@@ -36,6 +36,7 @@ from detectron2.structures import Instances
 from ...structures.masks import decode_segmentation
 from ..object_classes import model_class_codes, synset_class_map
 from ...utils.errors import ConfigError
+from ..skips import note_skip
 from .instance_lsj import read_image_or_none
 from .registry import DATASET_MAPPER_REGISTRY
 
@@ -220,7 +221,11 @@ class PartEvalDatasetMapper:
         masks = np.zeros((len(groups),) + tuple(new_hw), dtype=bool)
         classes = []
         for i, (_, obj, members) in enumerate(groups):
-            mask = _object_mask(obj, members, orig_h, orig_w)
+            try:
+                mask = _object_mask(obj, members, orig_h, orig_w)
+            except ValueError as e:  # an RLE of another size: the GT cannot be placed on this image
+                note_skip("mask_size_mismatch", record["file_name"], str(e))
+                return None
             masks[i] = transforms.apply_segmentation(mask.astype(np.uint8)).astype(bool)
             if self.object_class_map == "predicted":
                 classes.append(self._predicted_class(record, mask))

@@ -17,6 +17,8 @@ from detectron2.structures import Instances
 
 from ...structures.masks import decode_segmentation
 from ...utils.errors import ConfigError
+from ..skips import note_skip, reason_key
+from ..validation import MAX_ASPECT_RATIO
 from .instance_lsj import read_image_checked
 from .registry import DATASET_MAPPER_REGISTRY
 
@@ -54,8 +56,11 @@ class PixelGroupingDatasetMapper:
     """
 
     @configurable
-    def __init__(self, *, image_size: int, image_format: str, object_source: str, object_results=None):
+    def __init__(self, *, image_size: int, image_format: str, object_source: str, object_results=None, object_filter=None):
+        """``object_filter``: ``{score_thresh, min_area_ratio, topk}`` of the grouping model, only to *count*
+        the objects it will drop, by reason (the model does the dropping)."""
         self.image_size = image_size
+        self.object_filter = object_filter
         self.image_format = image_format
         self.object_source = object_source
         self._object_results_path = object_results
@@ -69,6 +74,9 @@ class PixelGroupingDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "object_source": pg.OBJECT_MASK_SOURCE,
             "object_results": pg.OBJECT_MASKS_JSON or None,
+            "object_filter": {
+                "score_thresh": pg.OBJECT_SCORE_THRESH, "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO, "topk": pg.OBJECT_TOPK,
+            },
         }
 
     def _objects_of(self, record, orig_hw):
@@ -93,7 +101,7 @@ class PixelGroupingDatasetMapper:
         h, w = orig_hw
         masks = np.zeros((len(anns), h, w), dtype=bool)
         for i, a in enumerate(anns):
-            masks[i] = decode_segmentation(a["segmentation"], h, w)
+            masks[i] = decode_segmentation(a["segmentation"], h, w)  # ValueError: RLE of another size
         classes = [int(a.get("category_id", -1)) for a in anns]
         return masks, np.asarray(classes, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
@@ -102,9 +110,16 @@ class PixelGroupingDatasetMapper:
         image, reason = read_image_checked(record, self.image_format)
         if image is None:
             # labelling must account for every image, so a bad one becomes a counted, named skip
-            logger.warning("Skipping %s: %s", record["file_name"], reason)
-            return {"skipped": reason, **{k: record[k] for k in ("file_name", "image_id", "dataset_index") if k in record}}
+            return self._skipped(record, reason_key(reason), reason.split(":", 1)[-1].strip())
         h, w = image.shape[:2]
+        if max(h, w) / min(h, w) > MAX_ASPECT_RATIO:  # the resized short side would be a few pixels
+            return self._skipped(record, "extreme_aspect_ratio", f"{h}x{w} (HxW) exceeds {MAX_ASPECT_RATIO:g}:1")
+        try:
+            objects = self._objects_of(record, (h, w))
+        except ValueError as e:
+            if isinstance(e, ConfigError):  # e.g. an unusable OBJECT_MASKS_JSON: a config problem, not this image's
+                raise
+            return self._skipped(record, "mask_size_mismatch", str(e))
         scale = self.image_size / max(h, w)
         new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
         resize = T.ResizeTransform(h, w, new_h, new_w)
@@ -115,7 +130,6 @@ class PixelGroupingDatasetMapper:
             if key in record:
                 out[key] = record[key]
         out["image"] = torch.as_tensor(np.ascontiguousarray(resize.apply_image(image).transpose(2, 0, 1)))
-        objects = self._objects_of(record, (h, w))
         if objects is not None:
             masks, classes, scores = objects
             resized = np.stack([resize.apply_segmentation(m.astype(np.uint8)) for m in masks]) if len(masks) else (
@@ -126,4 +140,29 @@ class PixelGroupingDatasetMapper:
             inst.gt_classes = torch.from_numpy(classes)
             inst.scores = torch.from_numpy(scores)
             out["objects"] = inst
+            out["dropped"] = self._drop_counts(inst, masks)
         return out
+
+    @staticmethod
+    def _skipped(record, reason, detail):
+        note_skip(reason, record["file_name"], detail)
+        keep = ("file_name", "image_id", "dataset_index")
+        return {"skipped": f"{reason}: {detail}", **{k: record[k] for k in keep if k in record}}
+
+    def _drop_counts(self, inst, original_masks) -> dict:
+        """Objects the grouping model's filter will drop, by reason (same rule as
+        ``modeling.meta_arch.object_source.filter_objects``, on the same resized masks)."""
+        if self.object_filter is None or len(inst) == 0:
+            return {}
+        f = self.object_filter
+        h, w = inst.image_size
+        area = inst.gt_masks.flatten(1).sum(1).float() / float(h * w)
+        empty = torch.from_numpy(~original_masks.reshape(len(original_masks), -1).any(1))
+        low_score = ~empty & (inst.scores < f["score_thresh"])
+        small = ~empty & ~low_score & ((area < f["min_area_ratio"]) | (area == 0))
+        kept = int((~(empty | low_score | small)).sum())
+        counts = {
+            "empty_object_mask": int(empty.sum()), "object_below_score": int(low_score.sum()),
+            "object_below_min_area": int(small.sum()), "object_beyond_topk": max(0, kept - max(f["topk"], 0)),
+        }  # fmt: skip
+        return {k: v for k, v in counts.items() if v}

@@ -34,12 +34,12 @@ import os
 
 import numpy as np
 from detectron2.data import MetadataCatalog
-from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_util
 
 from ...structures.masks import segmentation_to_rle
 from ...utils.errors import UserError
+from .part_coco import load_checked_coco_json
 from .common import dataset_root, not_found, readme_hint, register_views, require, reset_metadata, view_name
 
 __all__ = [
@@ -146,7 +146,7 @@ def _load_parts(split, root, image_root):
     # load_coco_json sets thing_classes / the id map from the JSON; start from metadata without them
     # so that a different JSON gives the clear error below, not detectron2's metadata assertion.
     reset_metadata(name, {k: v for k, v in meta.items() if not k.startswith("thing_")})
-    records = load_coco_json(json_file, image_dir, name, extra_annotation_keys=["id"])
+    records = load_checked_coco_json(json_file, image_dir, name, extra_annotation_keys=["id"])
     found = MetadataCatalog.get(name).thing_classes
     if found != PART_IMAGENET_PART_CLASSES:
         reset_metadata(name, meta)
