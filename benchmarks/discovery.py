@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from part_distillation.data.pseudo_labels import atomic_write_bytes  # noqa: E402
-from part_distillation.evaluation.discovery_benchmark import (  # noqa: E402
+from part_distillation.engine.discovery_benchmark import (  # noqa: E402
     CPU_SCHEDULES,
     METHODS,
     format_summary,
@@ -91,7 +91,7 @@ def _stage4_run(weights, workdir, opts):
     from detectron2.checkpoint import DetectionCheckpointer
 
     from part_distillation.engine import Trainer
-    from part_distillation.evaluation.discovery_benchmark import evaluate_discovery_model, method_cfg
+    from part_distillation.engine.discovery_benchmark import evaluate_discovery_model, method_cfg
 
     cfg = method_cfg(
         os.path.join(REPO, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml"),
@@ -110,7 +110,7 @@ def _grad_norms(args, sched):
     from detectron2.utils.env import seed_all_rng
 
     from part_distillation.engine import Trainer
-    from part_distillation.evaluation.discovery_benchmark import loss_gradient_norms, method_cfg
+    from part_distillation.engine.discovery_benchmark import loss_gradient_norms, method_cfg
 
     out = {}
     seed = args.seeds[0]
@@ -140,7 +140,7 @@ def _eval_weights(args, sched):
     from detectron2.checkpoint import DetectionCheckpointer
 
     from part_distillation.engine import Trainer
-    from part_distillation.evaluation.discovery_benchmark import evaluate_discovery_model, method_cfg
+    from part_distillation.engine.discovery_benchmark import evaluate_discovery_model, method_cfg
 
     name = args.methods[0]
     cfg = method_cfg(os.path.join(REPO, "configs", METHODS[name][0]), os.path.join(args.workdir, f"{name}_scored"),

@@ -22,7 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 from part_distillation.data.pseudo_labels import atomic_write_bytes
 from part_distillation.engine import Trainer, check_runtime, load_cfg, run_cli
-from part_distillation.evaluation.discovery_benchmark import METHODS as DISCOVERY_METHODS
+from part_distillation.engine.discovery_benchmark import METHODS as DISCOVERY_METHODS
 from part_distillation.utils.compat import quiet_upstream_warnings
 
 quiet_upstream_warnings()

@@ -8,7 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from part_distillation.data.datasets.toyparts_landmarks import part_centre_keypoints
 from part_distillation.data.dataset_mappers.part_eval import decode_segmentation
-from part_distillation.evaluation.discovery_benchmark import format_summary, read_loss_curve, summarize_runs
+from part_distillation.engine.discovery_benchmark import format_summary, read_loss_curve, summarize_runs
 
 
 def test_toyparts_landmarks_are_part_centroids(datasets_root):
@@ -61,7 +61,7 @@ def test_one_run_trains_scores_and_keeps_its_curves(datasets_root, tmp_path):
 
     from conftest import REPO_ROOT
 
-    from part_distillation.evaluation.discovery_benchmark import METHODS, METRICS, run_discovery_method
+    from part_distillation.engine.discovery_benchmark import METHODS, METRICS, run_discovery_method
 
     config, trained = METHODS["choudhury21"]
     opts = ["INPUT.PAIRED_VIEW.IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2"]
@@ -86,7 +86,7 @@ def test_partdistillation_checkpoint_scored_by_the_same_evaluators(datasets_root
     from conftest import REPO_ROOT, tiny_quick_opts
 
     from part_distillation.engine import load_cfg
-    from part_distillation.evaluation.discovery_benchmark import METRICS
+    from part_distillation.engine.discovery_benchmark import METRICS
 
     path = os.path.join(REPO_ROOT, "benchmarks", "discovery.py")
     spec = importlib.util.spec_from_file_location("bench_discovery", path)

@@ -25,8 +25,8 @@ import torch
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.utils.env import seed_all_rng
 
-from .keypoint_nme import FIT_DATA, KeypointNMEEvaluator
-from .nmi_ari import PartNMIARIEvaluator
+from ..evaluation.keypoint_nme import FIT_DATA, KeypointNMEEvaluator
+from ..evaluation.nmi_ari import PartNMIARIEvaluator
 
 __all__ = [
     "METHODS",
@@ -61,7 +61,7 @@ EVAL_DATASET = "toyparts_landmarks_val"
 
 def method_cfg(config_path: str, output_dir: str, seed: int, max_iter: int = 0, opts=()):
     """The frozen config of one method run (``max_iter`` 0 keeps the config's schedule)."""
-    from ..engine import check_runtime, load_cfg
+    from . import check_runtime, load_cfg
 
     extra = ["OUTPUT_DIR", output_dir, "SEED", str(seed), "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0"]
     if max_iter:
@@ -102,7 +102,7 @@ def read_loss_curve(output_dir: str):
 
 def evaluate_discovery_model(cfg, model, fit_dataset: str = FIT_DATASET, eval_dataset: str = EVAL_DATASET):
     """NMI, ARI, FG-NMI, FG-ARI (×100) and NME (%) of ``model``'s part maps on ``eval_dataset``."""
-    from ..engine import Trainer
+    from .trainer import Trainer
 
     model.eval()
     FIT_DATA.pop(fit_dataset, None)
@@ -131,7 +131,7 @@ def run_discovery_method(
     iterations of this schedule (scored after training)."""
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from ..engine import Trainer
+    from .trainer import Trainer
 
     if trained and eval_every:
         opts = list(opts) + ["SOLVER.CHECKPOINT_PERIOD", str(int(eval_every))]
@@ -210,7 +210,7 @@ def loss_gradient_norms(cfg, model, num_batches: int = 2):
     """Per loss term: its value and the L2 norm of its gradient w.r.t. the trainable parameters, averaged over
     ``num_batches`` training batches (the diagnostic for "which term drives training": with gradient clipping
     to a total norm the terms compete by their gradients, not by their values)."""
-    from ..engine import Trainer
+    from .trainer import Trainer
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
