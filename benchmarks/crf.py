@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Dense CRF: our torch backend vs the reference's pydensecrf, same inputs, same run.
 
-Setting (spec §2.6, anchors §4.2): one 640×640 RGB image, 5 labels (background + 4 parts),
-10 mean-field iterations, seed-000 parameters (θγ=3, w2=3; θα=20, θβ=13, w1=10; p_gt=0.7).
+Setting (PartDistillation supp. §2): one 640×640 RGB image, 5 labels (background + 4 parts),
+10 mean-field iterations, its parameters (θγ=3, w2=3; θα=20, θβ=13, w1=10; p_gt=0.7).
 
 The image is synthetic but shaped like the real input: a smooth, noisy background and an elliptic
 object split into 4 textured parts (own colour, stripes, pixel noise). The input labels mimic

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Batched torch K-means vs the reference's per-instance scikit-learn loop (pixel grouping, stage 1).
 
-Workload (anchors §4.1, spec §2.3): 64 object instances with N in [1200, 1600] stride-8 feature
+Workload (stage 1 of PartDistillation, supp. §2): 64 object instances with N in [1200, 1600] stride-8 feature
 pixels each (padded to 1600, so padding is exercised), C = 1536 (res3+res4-like), K = 4,
 n_init = 10. Features are drawn from a per-instance Gaussian mixture with more components than K
 (parts are not exactly 4 blobs) plus a shared positive offset (backbone features are far from 0),

@@ -7,7 +7,7 @@ scores as a model would produce, written as stage-3-like labels (parts with a pa
 Variants, all holding the same object and part masks:
 
 * ``store``: part_distillation.data.pseudo_labels (gzip JSON-lines shards + sidecars + manifest);
-* ``reference (RLE in torch.save)``: what the reference does (spec §1.3): one ``torch.save`` per image of
+* ``reference (RLE in torch.save)``: what the reference does (reference code): one ``torch.save`` per image of
   a dict with masks as COCO RLE dicts ``[{"segmentation": rle}]``, labels/boxes/scores as tensors/arrays
   (the keys of its stage-3 file, plus stage-0's object masks/boxes/scores);
 * ``dense torch.save``: the same dict with masks as dense bool tensors (N×H×W, 1 byte per pixel) — the

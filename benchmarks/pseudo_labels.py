@@ -2,7 +2,7 @@
 """Stage-1 labelling throughput: our batched pipeline vs a reference-style one, in the same run.
 
 Ours: ``tools/make_pseudo_labels.py`` (batched torch K-means over all objects of a batch, torch dense
-CRF per object crop, sharded RLE store). Reference-style (spec §2.3/§2.6): the same backbone features,
+CRF per object crop, sharded RLE store). Reference-style (reference code): the same backbone features,
 then per object scikit-learn ``KMeans(4, n_init=10, random_state=0)`` on CPU, per image pydensecrf on
 the whole image, and one ``torch.save`` per image. Both label the same toyparts images.
 

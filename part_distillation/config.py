@@ -1,7 +1,9 @@
 """Config keys of part_distillation, on top of detectron2's and Mask2Former's.
 
-Every key says where its default comes from: "seed 000" is the PartDistillation supplementary
-(``shared/seeds/000_*``), "M2F" is Mask2Former's COCO instance-segmentation recipe.
+Every key says where its default comes from: "PartDistillation supp." is the supplementary
+material of PartDistillation (Cho et al., CVPR 2023); "reference code" is the official implementation
+(facebookresearch/PartDistillation; for the discovery heads subhc/unsup-parts, Jiahao-UTS/UnsupervisedPart
+and Jiahao-UTS/MPAE); "M2F" is Mask2Former's COCO instance-segmentation recipe.
 """
 from detectron2.config import CfgNode as CN
 
@@ -118,13 +120,13 @@ def _add_input_config(cfg: CN) -> None:
     # Mapper used for evaluation; "" = the training mapper built with is_train=False.
     cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
     # Large-Scale Jittering (M2F): the image is resized by a factor in [MIN_SCALE, MAX_SCALE] of
-    # IMAGE_SIZE, then cropped/padded to IMAGE_SIZE² (seed 000: longer side 640 for parts).
+    # IMAGE_SIZE, then cropped/padded to IMAGE_SIZE² (PartDistillation supp. §2: longer side 640).
     cfg.INPUT.IMAGE_SIZE = 640
     # Smallest LSJ scale factor (M2F: 0.1).
     cfg.INPUT.MIN_SCALE = 0.1
     # Largest LSJ scale factor (M2F: 2.0).
     cfg.INPUT.MAX_SCALE = 2.0
-    # Random horizontal flip probability (seed 000: "random crop/flip"; 0 disables it).
+    # Random horizontal flip probability (PartDistillation supp. §2: random flipping; 0 disables it).
     cfg.INPUT.RANDOM_FLIP_PROB = 0.5
 
 
@@ -152,12 +154,12 @@ def _add_mask_former_overrides(cfg: CN) -> None:
     # Mask-loss point sampling (Mask2Former, Sec. 3.2.3 of its paper): "importance" = over-sample
     # OVERSAMPLE_RATIO×TRAIN_NUM_POINTS points and keep IMPORTANCE_SAMPLE_RATIO of them by
     # uncertainty (M2F default); "uniform" = TRAIN_NUM_POINTS uniformly random points
-    # (seed 000's change for part proposals: 12544 random points).
+    # (PartDistillation supp. §2, for part proposals: 12544 random points).
     cfg.MODEL.MASK_FORMER.POINT_SAMPLING = "importance"
-    # Module-name substrings whose parameters are frozen (seed 000 stage 2/4: ["backbone", "encoder"]).
+    # Module-name substrings whose parameters are frozen (reference code, stage 2/4: ["backbone", "encoder"]).
     cfg.MODEL.MASK_FORMER.FREEZE_KEYS = []
     # Micro-batches accumulated per optimizer step, to reach the paper's batch on fewer GPUs: effective batch
-    # = SOLVER.IMS_PER_BATCH × this (seed 000 trains proposals with batch 128 on 8+ GPUs).
+    # = SOLVER.IMS_PER_BATCH × this (PartDistillation supp. §2: proposals with batch 128, 4 per GPU).
     cfg.SOLVER.GRAD_ACCUM_STEPS = 1
 
 
@@ -167,11 +169,11 @@ def _add_view_mapper_config(cfg: CN) -> None:
     cfg.INPUT.PAIRED_VIEW = CN()
     # Side of both square views (Choudhury 2021: 256; PartFormer: 256; MPAE: 448 CUB / 224 others).
     cfg.INPUT.PAIRED_VIEW.IMAGE_SIZE = 256
-    # View-2 zoom factor ~ U[1-SCALE, 1+SCALE] (PartFormer, seed 003: "scale (±5%)").
+    # View-2 zoom factor ~ U[1-SCALE, 1+SCALE] (PartFormer paper §4.3: scale ±5%).
     cfg.INPUT.PAIRED_VIEW.SCALE = 0.05
-    # View-2 rotation ~ U[-ROTATION, ROTATION] degrees about the centre (seed 003: "rotate (±15°)").
+    # View-2 rotation ~ U[-ROTATION, ROTATION] degrees about the centre (PartFormer paper §4.3: rotate ±15°).
     cfg.INPUT.PAIRED_VIEW.ROTATION = 15.0
-    # View-2 shift ~ U[-TRANSLATION, TRANSLATION] pixels per axis (seed 003: "translate (±5px)").
+    # View-2 shift ~ U[-TRANSLATION, TRANSLATION] pixels per axis (PartFormer paper §4.3: translate ±5px).
     cfg.INPUT.PAIRED_VIEW.TRANSLATION = 5.0
     # Horizontal flip of view 1 at training, shared by both views (p = 0.5).
     cfg.INPUT.PAIRED_VIEW.FLIP_PROB = 0.5
@@ -257,25 +259,25 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_GROUPING.IMS_PER_BATCH = 4
     # A dataset with GT parts for the same images (same image_id); "" = no AR@k evaluation of the labels.
     cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET = ""
-    # Dense CRF refinement of the segments (seed 000 "Method details").
+    # Dense CRF refinement of the segments (PartDistillation supp. §2 "Method Details").
     cfg.MODEL.PIXEL_GROUPING.CRF = CN()
     # Run the CRF after K-means.
     cfg.MODEL.PIXEL_GROUPING.CRF.ENABLED = True
     # "torch" (batched, on the model's device) or "pydensecrf" (the reference's CPU library).
     cfg.MODEL.PIXEL_GROUPING.CRF.BACKEND = "torch"
-    # θγ, the spatial (Gaussian) kernel's standard deviation in pixels (seed 000: 3).
+    # θγ, the spatial (Gaussian) kernel's standard deviation in pixels (PartDistillation supp. §2: 3).
     cfg.MODEL.PIXEL_GROUPING.CRF.SPATIAL_SIGMA = 3.0
-    # w2, the spatial kernel's weight (seed 000: 3).
+    # w2, the spatial kernel's weight (PartDistillation supp. §2: 3).
     cfg.MODEL.PIXEL_GROUPING.CRF.SPATIAL_WEIGHT = 3.0
-    # θα, the bilateral kernel's spatial standard deviation in pixels (seed 000: 20).
+    # θα, the bilateral kernel's spatial standard deviation in pixels (PartDistillation supp. §2: 20).
     cfg.MODEL.PIXEL_GROUPING.CRF.BILATERAL_SIGMA_XY = 20.0
-    # θβ, the bilateral kernel's colour standard deviation (seed 000: 13).
+    # θβ, the bilateral kernel's colour standard deviation (PartDistillation supp. §2: 13).
     cfg.MODEL.PIXEL_GROUPING.CRF.BILATERAL_SIGMA_RGB = 13.0
-    # w1, the bilateral kernel's weight (seed 000: 10).
+    # w1, the bilateral kernel's weight (PartDistillation supp. §2: 10).
     cfg.MODEL.PIXEL_GROUPING.CRF.BILATERAL_WEIGHT = 10.0
-    # p_gt, the probability the unary gives each pixel's K-means label (seed 000: 0.7).
+    # p_gt, the probability the unary gives each pixel's K-means label (PartDistillation supp. §2: 0.7).
     cfg.MODEL.PIXEL_GROUPING.CRF.GT_PROB = 0.7
-    # Mean-field iterations (seed 000: 10).
+    # Mean-field iterations (PartDistillation supp. §2: 10).
     cfg.MODEL.PIXEL_GROUPING.CRF.NUM_ITERS = 10
     # Clip refined parts to the object mask (the reference does not, so parts may leak into background).
     cfg.MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT = True
@@ -286,8 +288,8 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
 
 
 def _add_one_stage_config(cfg: CN) -> None:
-    # Class-level pixel grouping (ClassPixelGroupingModel): the one-stage baseline's labels (seed 000 supplement,
-    # spec §7.2). Clustering uses MODEL.PART_RANKING's NUM_CLUSTERS (K = 8), KMEANS_* and TEMPERATURE keys.
+    # Class-level pixel grouping (ClassPixelGroupingModel): the one-stage baseline's labels (PartDistillation supp. §3,
+    # no reference code). Clustering uses MODEL.PART_RANKING's NUM_CLUSTERS (K = 8), KMEANS_* and TEMPERATURE keys.
     cfg.MODEL.ONE_STAGE = CN()
     # Feature-grid cells per object, evenly spaced, that enter the per-class K-means (the supplement leaves the
     # sub-sampling unspecified).
@@ -310,7 +312,7 @@ def _add_pseudo_label_config(cfg: CN) -> None:
     cfg.DATASETS.PSEUDO_LABEL_ROOT = "pseudo_labels"
     # Few-shot subset p (percent, float in (0, 100]; 100 = all): the train loader shuffles the training
     # dataset dicts with np.random.RandomState(TRAIN_LABEL_SEED) and keeps the first max(1, floor(N·p/100))
-    # (spec §7.4, reference FEWSHOT_LEARNING.LABEL_PERCENTAGE; seed 000 few-shot: 1%).
+    # (reference code: FEWSHOT_LEARNING.LABEL_PERCENTAGE).
     cfg.DATASETS.TRAIN_LABEL_PERCENTAGE = 100.0
     # NumPy seed of that shuffle (reference: np.random.seed(1234)).
     cfg.DATASETS.TRAIN_LABEL_SEED = 1234
@@ -331,14 +333,14 @@ def _add_store_loader_config(cfg: CN) -> None:
 
 
 def _add_proposal_config(cfg: CN) -> None:
-    # Stage 2 (ProposalModel): class-agnostic part proposals trained on pseudo-labels (seed 000).
+    # Stage 2 (ProposalModel): class-agnostic part proposals trained on pseudo-labels (PartDistillation supp. §2).
     cfg.MODEL.PROPOSAL = CN()
     # Stage-0 instance checkpoint whose sem_seg_head.pixel_decoder.* and .predictor.* tensors initialise the
-    # model where shapes match (seed 000: "decoder layers are also initialized from the COCO instance
+    # model where shapes match (PartDistillation supp. §2: "decoder layers are also initialized from the COCO instance
     # segmentation model"; the Nc+1 class head never matches); "" = no such initialisation.
     cfg.MODEL.PROPOSAL.INIT_FROM = ""
     # Object-conditioned inference: pixel x of an object goes to argmax_j s_j·sigmoid(m_j(x)), making the
-    # parts of an object disjoint (seed 000 "Class-specific part ranking"; reference _unique_assignment): True.
+    # parts of an object disjoint (PartDistillation supp. §2; reference _unique_assignment): True.
     cfg.MODEL.PROPOSAL.PER_PIXEL_ASSIGNMENT = True
     # Multiply mask logits by the union of the input's object masks, M_o (reference
     # APPLY_MASKING_WITH_OBJECT_MASK: True); only applies when the input carries "objects".
@@ -351,15 +353,15 @@ def _add_proposal_config(cfg: CN) -> None:
 def _add_part_metrics_config(cfg: CN) -> None:
     # Part-metric evaluators (part_distillation/evaluation/{part_miou,nmi_ari,keypoint_nme}.py).
     cfg.TEST.PART_MIOU = CN()
-    # Mode of evaluator_type "part_miou": "clustered" (seed 000: "In the main paper, we report mIOU-clustered"),
-    # "mapped" (the predictions' own ids, majority-vote mapped; seed 000 Tab. 3), "direct" (ids = GT parts) or
+    # Mode of evaluator_type "part_miou": "clustered" (PartDistillation supp. Tab. 3, used in the main paper),
+    # "mapped" (the predictions' own ids, majority-vote mapped; supp. Tab. 3), "direct" (ids = GT parts) or
     # "within_object" (ids = part index within the object class, the supervised/few-shot baselines).
     cfg.TEST.PART_MIOU.MODE = "clustered"
-    # K of the per-object-class K-means over part features in mIoU-clustered (spec §5.1: NUM_CLUSTERS 8).
+    # K of the per-object-class K-means over part features in mIoU-clustered (reference code: NUM_CLUSTERS 8).
     cfg.TEST.PART_MIOU.NUM_CLUSTERS = 8
-    # K-means++ restarts (spec §0: sklearn KMeans n_init=10, "repeat 10 times" in seed 000).
+    # K-means++ restarts (reference code: sklearn KMeans n_init=10, PartDistillation supp. §2: repeated 10 times).
     cfg.TEST.PART_MIOU.N_INIT = 10
-    # L2-normalise part features before clustering (spec §5.2: PROPOSAL_FEATURE_NORM True).
+    # L2-normalise part features before clustering (reference code: PROPOSAL_FEATURE_NORM True).
     cfg.TEST.PART_MIOU.NORMALIZE_FEATURES = True
     # How part_instances.object_index finds its GT object: "index" (GT object order, PartEvalDatasetMapper's
     # "objects") or "iou" (through outputs["instances"], matched to GT objects at IoU >= 0.5).
@@ -369,11 +371,11 @@ def _add_part_metrics_config(cfg: CN) -> None:
     cfg.TEST.PART_MIOU.DROP_OBJECT_LIKE_IOU = 0.0
     cfg.TEST.PART_NMI_ARI = CN()
     # Side of the square grid (nearest resize of GT and prediction) for mask-based NMI/ARI; 0 = GT resolution
-    # (reconstruction spec §1.3: B and C evaluate PartImageNet at 128x128).
+    # (PartFormer and MPAE code evaluate PartImageNet at 128x128).
     cfg.TEST.PART_NMI_ARI.EVAL_SIZE = 0
     cfg.TEST.LANDMARK_NME = CN()
-    # Dataset whose predictions fit the centroid -> landmark regressor (reconstruction spec §1.4: "fitted on the
-    # MAFL-train set", CUB train split); it must be evaluated before (earlier in DATASETS.TEST) or in an earlier
+    # Dataset whose predictions fit the centroid -> landmark regressor (PartFormer code:
+    # MAFL-train; Choudhury et al.: CUB train split); it must be evaluated before (earlier in DATASETS.TEST) or in an earlier
     # run with the same OUTPUT_DIR. "" = none.
     cfg.TEST.LANDMARK_NME.FIT_DATASET = ""
     # Fit the regressor on the evaluated split itself (not the papers' protocol; for quick checks only).
@@ -388,39 +390,40 @@ def _add_part_metrics_config(cfg: CN) -> None:
 
 
 def _add_part_discovery_config(cfg: CN) -> None:
-    # PartDiscovery meta-architecture + a PART_HEAD_REGISTRY head (shared/notes/reconstruction_spec.md, "spec").
+    # PartDiscovery meta-architecture + a PART_HEAD_REGISTRY head (Choudhury et al. 2021 = A,
+    # PartFormer = B, MPAE = C; "code" = their reference code).
     cfg.MODEL.PART_DISCOVERY = CN()
-    # Head class in PART_HEAD_REGISTRY: "KMeansBaselineHead" (spec §1.5), "DFFHead" (spec §1.6), learned heads.
+    # Head class in PART_HEAD_REGISTRY: "KMeansBaselineHead", "DFFHead" (Choudhury et al. 2021 appendix), learned heads.
     cfg.MODEL.PART_DISCOVERY.HEAD = "KMeansBaselineHead"
-    # K, foreground parts; outputs have K+1 labels, 0 = background (spec §0; A 4, B 4, C 16 / 50 on PartImageNet).
+    # K, foreground parts; outputs have K+1 labels, 0 = background (papers: A 4, B 4, C 16 / 50 on PartImageNet).
     cfg.MODEL.PART_DISCOVERY.NUM_PARTS = 4
-    # Backbone frozen (no grad, eval mode, spec §7): B/C freeze DINO/DINOv2, A trains its DeepLab; baselines: True.
+    # Backbone frozen (no grad, eval mode): B/C freeze DINO/DINOv2, A trains its DeepLab; baselines: True.
     cfg.MODEL.PART_DISCOVERY.FREEZE_BACKBONE = True
-    # Backbone levels the head reads, resized to the first one's grid and concatenated (spec §1.5 K-means:
-    # VGG19 relu5_2 + relu5_4; §1.6 DFF: relu5_4; the EfficientNet-Lite0 stand-ins: res3 + res4).
+    # Backbone levels the head reads, resized to the first one's grid and concatenated (Choudhury et al. 2021
+    # appendix §2, K-means: VGG19 relu5_2 + relu5_4; DFF: relu5_4; the EfficientNet-Lite0 stand-ins: res3 + res4).
     cfg.MODEL.PART_DISCOVERY.FEATURE_LEVELS = ["res3", "res4"]
-    # Return part_probs [K+1, H, W] with part_seg (keypoint "FG" metrics need them; spec §1.2).
+    # Return part_probs [K+1, H, W] with part_seg (keypoint "FG" metrics need them).
     cfg.MODEL.PART_DISCOVERY.RETURN_PROBS = True
     # Per-image baselines relabel parts canonically so pooled NMI/ARI mean something (the reference clusters the
-    # whole dataset at once, spec §1.5/§1.6): "vertical" (mean row, top first), "area" (largest first), "none".
+    # whole dataset at once): "vertical" (mean row, top first), "area" (largest first), "none".
     cfg.MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER = "vertical"
     cfg.MODEL.PART_DISCOVERY.PERCEPTUAL = CN()
     # φ, torchvision VGG19 ImageNet state dict (vgg19-dcbb9e9d.pth), never downloaded; "" = the bundled
     # EfficientNet-Lite0 stand-in (a warning says numbers will differ from the papers').
     cfg.MODEL.PART_DISCOVERY.PERCEPTUAL.VGG19_WEIGHTS = ""
-    # Taps of φ (spec §3.1, Choudhury et al.: relu3_2, relu5_4; B/C's L_rec: relu1_1 … relu5_1).
+    # Taps of φ (Choudhury et al. 2021 appendix §2: relu3_2, relu5_4; B/C's L_rec: relu1_1 … relu5_1).
     cfg.MODEL.PART_DISCOVERY.PERCEPTUAL.LAYERS = ["relu3_2", "relu5_4"]
-    # w_l per tap (spec §3.1: 0.33, 1.0; B: 1/32, 1/16, 1/8, 1/4, 1; C: 5× B's).
+    # w_l per tap (Choudhury et al. 2021 appendix §2: 0.33, 1.0; B: 1/32, 1/16, 1/8, 1/4, 1; C: 5× B's).
     cfg.MODEL.PART_DISCOVERY.PERCEPTUAL.LAYER_WEIGHTS = [0.33, 1.0]
     cfg.MODEL.PART_DISCOVERY.KMEANS = CN()
-    # Features resized to the padded image size / this before clustering (spec §1.5: 64×64 for 256 px = 4);
+    # Features resized to the padded image size / this before clustering (Choudhury et al. 2021: 64×64 for 256 px = 4);
     # 0 = the first level's own grid.
     cfg.MODEL.PART_DISCOVERY.KMEANS.GRID_STRIDE = 4
-    # L2-normalise every pixel's feature vector (spec §1.5: unit norm).
+    # L2-normalise every pixel's feature vector (Choudhury et al. 2021 appendix §2: unit norm).
     cfg.MODEL.PART_DISCOVERY.KMEANS.NORMALIZE = True
-    # k-means++ restarts, lowest inertia wins (spec §1.5: best of 5).
+    # k-means++ restarts, lowest inertia wins (Choudhury et al. 2021 appendix §2: best of 5).
     cfg.MODEL.PART_DISCOVERY.KMEANS.N_INIT = 5
-    # Lloyd iterations (spec §1.5: 100).
+    # Lloyd iterations (Choudhury et al. 2021 appendix §2: 100).
     cfg.MODEL.PART_DISCOVERY.KMEANS.MAX_ITER = 100
     # Convergence tolerance on the centre shift, relative to the data variance (sklearn default 1e-4).
     cfg.MODEL.PART_DISCOVERY.KMEANS.TOL = 1e-4
@@ -428,131 +431,131 @@ def _add_part_discovery_config(cfg: CN) -> None:
     cfg.MODEL.PART_DISCOVERY.KMEANS.SEED = 0
     cfg.MODEL.PART_DISCOVERY.DFF = CN()
     # Features resized to the padded image size / this before the NMF; 0 = the first level's own grid
-    # (spec §1.6: relu5_4 at its native stride 16).
+    # (Choudhury et al. 2021 appendix §2: relu5_4, at its native stride 16).
     cfg.MODEL.PART_DISCOVERY.DFF.GRID_STRIDE = 0
-    # NMF multiplicative-update iterations, at most (spec §1.6: 200).
+    # NMF multiplicative-update iterations, at most (DFF reference code, edocollins/DFF: 200).
     cfg.MODEL.PART_DISCOVERY.DFF.MAX_ITER = 200
-    # Stop when the Frobenius error fell by less than TOL × its initial value since the last check (spec §1.6: 1e-4).
+    # Stop when the Frobenius error fell by less than TOL × its initial value since the last check (DFF code: 1e-4).
     cfg.MODEL.PART_DISCOVERY.DFF.TOL = 1e-4
-    # Iterations between convergence checks (spec §1.6: 10).
+    # Iterations between convergence checks (DFF code: 10).
     cfg.MODEL.PART_DISCOVERY.DFF.CHECK_EVERY = 10
-    # Seed of the |N(0,1)|·sqrt(mean/K) initialisation (spec §1.6).
+    # Seed of the |N(0,1)|·sqrt(mean/K) initialisation (DFF code).
     cfg.MODEL.PART_DISCOVERY.DFF.SEED = 0
     # Without an fg mask: cells whose summed loading is below this fraction of the image's largest are
-    # background; 0 = off, every pixel is a part (spec §1.6 takes the background from the fg mask instead).
+    # background; 0 = off, every pixel is a part (Choudhury et al. 2021 take the background from the fg mask instead).
     cfg.MODEL.PART_DISCOVERY.DFF.BG_THRESHOLD = 0.0
 
 
 def _add_choudhury21_config(cfg: CN) -> None:
-    # Choudhury et al. 2021 head (part_heads/choudhury21.py; spec §3).
+    # Choudhury et al. 2021 head (part_heads/choudhury21.py; reference code: subhc/unsup-parts).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21 = CN()
-    # λe, weight of the equivariance loss L_e (seed 004 eq. 5; spec §3.4.5 code lambda_eqv 5.7e3, PASCAL-Part 5.7e4).
+    # λe, weight of the equivariance loss L_e (Choudhury et al. 2021 Eq. 5; appendix §2: 5.7e3, PASCAL-Part 5.7e4).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_EQV = 5.7e3
-    # λf, weight of the feature-consistency loss L_f (seed 004 eq. 2; spec §3.4.5 code lambda_sc 5).
+    # λf, weight of the feature-consistency loss L_f (Choudhury et al. 2021 Eq. 2; appendix §2: 5).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_FEAT = 5.0
-    # λv, weight of the visual-consistency loss L_v (seed 004 eq. 4; spec §3.4.5 code lambda_rgb 30).
+    # λv, weight of the visual-consistency loss L_v (Choudhury et al. 2021 Eq. 4; appendix §2: 30).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_VISUAL = 30.0
-    # λc, weight of the contrastive loss L_c (seed 004 eq. 3; spec §3.4.5 code lambda_contrastive 2.3e3).
+    # λc, weight of the contrastive loss L_c (Choudhury et al. 2021 Eq. 3; appendix §2: 2.3e3).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_CONTRASTIVE = 2.3e3
-    # τ, temperature of L_c's cosine logits (seed 004 eq. 3; spec §3.4.3 code temperature 0.19).
+    # τ, temperature of L_c's cosine logits (Choudhury et al. 2021 Eq. 3; reference code: 0.19).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TEMPERATURE = 0.19
     # L_c negatives z_j^i (j ≠ k): "all_images" (code, the anchor's own image included) or "other_images"
-    # (seed 004 eq. 3, i ≠ n) (spec §3.4.3).
+    # (Choudhury et al. 2021 Eq. 3, i ≠ n) (reference code).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.NEGATIVES = "all_images"
-    # L_e divergence: "forward" KL(T(f(I)) ‖ f(T(I))) with a detached target (code) or "symmetric" (seed 004 eq. 5).
+    # L_e divergence: "forward" KL(T(f(I)) ‖ f(T(I))) with a detached target (code) or "symmetric" (the paper's Eq. 5).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.KL_MODE = "forward"
-    # L_v on CIE-Lab colours (code use_lab: true; spec §3.2) instead of RGB in [0, 1].
+    # L_v on CIE-Lab colours (reference code: use_lab true) instead of RGB in [0, 1].
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.USE_LAB = True
-    # "2-branch" classifier input: the second half of the channels (spec §3.1, DeepLab-v2 layer4 1024:2048); False = all.
+    # "2-branch" classifier input: the second half of the channels (reference code: layer4 1024:2048); False = all.
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TWO_BRANCH = True
-    # Dilations of the summed parallel 3×3 ASPP convolutions (spec §3.1: 6, 12, 18, 24).
+    # Dilations of the summed parallel 3×3 ASPP convolutions (reference code: 6, 12, 18, 24).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.ASPP_DILATIONS = [6, 12, 18, 24]
-    # Std of the N(0, σ²) ASPP weight initialisation (spec §3.1: 0.01).
+    # Std of the N(0, σ²) ASPP weight initialisation (reference code: 0.01).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.INIT_STD = 0.01
-    # Equivariance warp T: rotation ~ U(±ROTATION) degrees (spec §3.3: 60).
+    # Equivariance warp T: rotation ~ U(±ROTATION) degrees (reference code: 60).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.ROTATION = 60.0
-    # T's zoom factor range [low, high] (spec §3.3: random_scale_low/high 0.7, 2.0).
+    # T's zoom factor range [low, high] (reference code: random_scale_low/high 0.7, 2.0).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.ZOOM = [0.7, 2.0]
-    # T's shift ~ U(±TRANSLATION) per axis in normalised [-1, 1] coordinates (spec §3.3: 0.1).
+    # T's shift ~ U(±TRANSLATION) per axis in normalised [-1, 1] coordinates (reference code: 0.1).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TRANSLATION = 0.1
-    # σ of the U(±σ) TPS control-point jitter (spec §3.3: 0.01); 0 = the pure similarity transform.
+    # σ of the U(±σ) TPS control-point jitter (reference code: 0.01); 0 = the pure similarity transform.
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TPS_SIGMA = 0.01
-    # TPS control grid side (spec §3.3: 5×5 on [-1, 1]²).
+    # TPS control grid side (reference code: 5×5 on [-1, 1]²).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.TPS_GRID = 5
-    # Colour jitter of the two L_e views: brightness factor ~ U[1 ± 0.3] (spec §3.2 code ColorJitter 0.3).
+    # Colour jitter of the two L_e views: brightness factor ~ U[1 ± 0.3] (reference code: ColorJitter 0.3).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.BRIGHTNESS = 0.3
-    # Contrast factor ~ U[1 ± 0.3] (spec §3.2 code 0.3).
+    # Contrast factor ~ U[1 ± 0.3] (reference code: 0.3).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.CONTRAST = 0.3
-    # Saturation factor ~ U[1 ± 0.2] (spec §3.2 code 0.2; the seed-002 appendix says 0.3).
+    # Saturation factor ~ U[1 ± 0.2] (reference code: 0.2; Choudhury et al. 2021 appendix says 0.3).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.SATURATION = 0.2
-    # Hue shift ~ U(±0.2) of the colour circle (spec §3.2 code 0.2; the seed-002 appendix says 0.3).
+    # Hue shift ~ U(±0.2) of the colour circle (reference code: 0.2; Choudhury et al. 2021 appendix says 0.3).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.HUE = 0.2
-    # Probability of applying the colour jitter to a view (spec §3.2 code RandomApply p = 0.8).
+    # Probability of applying the colour jitter to a view (reference code: RandomApply p = 0.8).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.JITTER_PROB = 0.8
-    # Probability of turning a view grey afterwards (spec §3.2 code RandomGrayscale p = 0.2).
+    # Probability of turning a view grey afterwards (reference code: RandomGrayscale p = 0.2).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.GRAYSCALE_PROB = 0.2
-    # Seed of the head's generator for jitter, warps and L_c positives (+ process rank; spec §3.5 seed 1234 is global).
+    # Seed of the head's generator for jitter, warps and L_c positives (+ process rank; reference code: 1234, global).
     cfg.MODEL.PART_DISCOVERY.CHOUDHURY21.SEED = 0
 
 
 def _add_partformer_config(cfg: CN) -> None:
-    # PartFormer / dual representation alignment head (part_heads/partformer.py; spec §4).
+    # PartFormer / dual representation alignment head (part_heads/partformer.py; code: Jiahao-UTS/UnsupervisedPart).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER = CN()
-    # 1×1 compression head F → C, output sizes (spec §4.1 CUB/CelebA code: 384→256→128→64, C = 64; PIN: [64]).
+    # 1×1 compression head F → C, output sizes (PartFormer code, CUB/CelebA: 384→256→128→64, C = 64; PIN: [64]).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_DIMS = [256, 128, 64]
     # Order inside the compression head: "conv_relu_bn" (CUB code) or "conv_bn_relu" (CelebA code).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_ORDER = "conv_relu_bn"
-    # Kernel of the compression convs: 1 (code, spec §4.1) or 3 (seed 003 §4.3 "3 × 3 CNN layer").
+    # Kernel of the compression convs: 1 (PartFormer code) or 3 (PartFormer paper §4.3 "3 × 3 CNN layer").
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_KERNEL = 1
-    # PartFormer ViT hidden size d (seed 003 §4.3: 256).
+    # PartFormer ViT hidden size d (PartFormer paper §4.3: 256).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.WIDTH = 256
-    # PartFormer layers (seed 003: 6).
+    # PartFormer layers (PartFormer paper: 6).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.DEPTH = 6
-    # PartFormer attention heads (seed 003: 8).
+    # PartFormer attention heads (PartFormer paper: 8).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.HEADS = 8
-    # PartFormer MLP size (seed 003: 1024; QuickGELU in the code).
+    # PartFormer MLP size (PartFormer paper: 1024; QuickGELU in the code).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.MLP_DIM = 1024
-    # PartFormer patch size (seed 003: 16×16).
+    # PartFormer patch size (PartFormer paper: 16×16).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.PATCH_SIZE = 16
-    # PartFormer input = the image resized (nearest) by this factor (spec §4.1 code: ×0.5, 256² → 128²).
+    # PartFormer input = the image resized (nearest) by this factor (PartFormer code: ×0.5, 256² → 128²).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.INPUT_SCALE = 0.5
     # Patch position embedding: "sincos" (fixed 2-D, CUB/CelebA code) or "learned" (PartImageNet code).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.POS_EMBED = "sincos"
     # Patch grid side of the "learned" embedding (128² / 16 = 8); other grids interpolate it.
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.POS_GRID = 8
-    # τ of eq. 2, V = softmax_k(τ·<G_k, F_ij>) over the K+1 tokens (seed 003: 0.8; PIN code: ln(1/0.07), learned).
+    # τ of eq. 2, V = softmax_k(τ·<G_k, F_ij>) over the K+1 tokens (the paper: 0.8; PIN code: ln(1/0.07), learned).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.TAU = 0.8
     # <G_k, F_ij>: "dot" (raw inner product, eq. 2, CUB/CelebA code) or "cosine" (PartImageNet code).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.SIMILARITY = "dot"
     # Make τ a learnable scalar, used as-is (PartImageNet code: True; CUB/CelebA: False).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.LEARN_SCALE = False
-    # ×2 upsamplings in the decoder: output = 2^this × the feature grid (spec §4.1: 2, 32² → 128²).
+    # ×2 upsamplings in the decoder: output = 2^this × the feature grid (PartFormer code: 2, 32² → 128²).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_UPSAMPLES = 2
     # Decoder upsampling: "bilinear" (CUB/CelebA code) or "nearest" (PartImageNet code).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_UPSAMPLE = "bilinear"
-    # Decoder block: "conv_ln_relu" (code) or "conv_relu_ln" (seed 003 §3.1 text).
+    # Decoder block: "conv_ln_relu" (code) or "conv_relu_ln" (PartFormer paper §3.1 text).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_ORDER = "conv_ln_relu"
-    # Kernel of the decoder's last conv to RGB: 1 (code) or 3 (seed 003 §3.1 text).
+    # Kernel of the decoder's last conv to RGB: 1 (code) or 3 (PartFormer paper §3.1 text).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.DECODER_FINAL_KERNEL = 1
-    # Exchange part representations between the paired views (two-stream, seed 003 Fig. 2); False = one-stream (Table 7).
+    # Exchange part representations between the paired views (two-stream, the paper's Fig. 2); False = one-stream (Table 7).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.EXCHANGE = True
-    # α of L_area, eq. 6, z in grid cells (code: CUB 0.5, CelebA 2.0, PartImageNet 1.5; seed 003 Table 9: 0.5).
+    # α of L_area, eq. 6, z in grid cells (code: CUB 0.5, CelebA 2.0, PartImageNet 1.5; PartFormer paper Table 9: 0.5).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.ALPHA = 0.5
     # L_area over all K+1 maps (eq. 6, PartImageNet code) instead of the K foreground maps (CUB/CelebA code).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.AREA_ON_BACKGROUND = False
-    # ArcFace scale s of L_sc, eq. 8 (seed 003: 20).
+    # ArcFace scale s of L_sc, eq. 8 (PartFormer paper: 20).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.ARCFACE_SCALE = 20.0
-    # ArcFace angular margin m of L_sc, eq. 8 (seed 003: 0.5).
+    # ArcFace angular margin m of L_sc, eq. 8 (PartFormer paper: 0.5).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.ARCFACE_MARGIN = 0.5
-    # Weight of L_rec, eq. 9 (seed 003: 1).
+    # Weight of L_rec, eq. 9 (PartFormer paper: 1).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.REC_WEIGHT = 1.0
-    # λ_con, eq. 9 (seed 003: 0.3 with a pretrained encoder, 0.5 without).
+    # λ_con, eq. 9 (PartFormer paper: 0.3 with a pretrained encoder, 0.5 without).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.CON_WEIGHT = 0.3
-    # λ_area, eq. 9 (seed 003: 0.5).
+    # λ_area, eq. 9 (PartFormer paper: 0.5).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.AREA_WEIGHT = 0.5
-    # λ_sc, eq. 9 (seed 003: 0.01).
+    # λ_sc, eq. 9 (PartFormer paper: 0.01).
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.SC_WEIGHT = 0.01
-    # Test-time bilinear upsampling of F before matching with G (spec §4.5 code: ×4; Table 11 "with interpolation").
+    # Test-time bilinear upsampling of F before matching with G (PartFormer code: ×4; Table 11 "with interpolation").
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.INFER_UPSAMPLE = 4
     # Class-specific part tokens: K per class + one shared background (PartImageNet code: 110 classes); 0 = shared.
     cfg.MODEL.PART_DISCOVERY.PARTFORMER.NUM_CLASSES = 0
@@ -561,66 +564,66 @@ def _add_partformer_config(cfg: CN) -> None:
 
 
 def _add_mpae_config(cfg: CN) -> None:
-    # MPAE head (part_heads/mpae.py; spec §5).
+    # MPAE head (part_heads/mpae.py; reference code: Jiahao-UTS/MPAE).
     cfg.MODEL.PART_DISCOVERY.MPAE = CN()
-    # C, width of F (1×1 conv of the backbone features) and of the descriptors G (seed 001: C = 256).
+    # C, width of F (1×1 conv of the backbone features) and of the descriptors G (MPAE supp. A.2: C = 256).
     cfg.MODEL.PART_DISCOVERY.MPAE.FEATURE_DIM = 256
-    # Patch side of the descriptor ViT on the input image (spec §5.1: 14).
+    # Patch side of the descriptor ViT on the input image (MPAE code: 14).
     cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_PATCH_SIZE = 14
-    # Descriptor ViT width (spec §5.1: 256).
+    # Descriptor ViT width (MPAE code: 256).
     cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_WIDTH = 256
-    # Descriptor ViT pre-LN blocks (spec §5.1: 6).
+    # Descriptor ViT pre-LN blocks (MPAE code: 6).
     cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_DEPTH = 6
-    # Descriptor ViT attention heads (spec §5.1: 8).
+    # Descriptor ViT attention heads (MPAE code: 8).
     cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_HEADS = 8
-    # Descriptor ViT MLP width, QuickGELU (spec §5.1: 1024).
+    # Descriptor ViT MLP width, QuickGELU (MPAE code: 1024).
     cfg.MODEL.PART_DISCOVERY.MPAE.DESCRIPTOR_MLP_DIM = 1024
-    # MAE patch side on the input; its grid must match F's (spec §5.1: 14 = DINOv2's; else R is resized to it).
+    # MAE patch side on the input; its grid must match F's (MPAE code: 14 = DINOv2's; else R is resized to it).
     cfg.MODEL.PART_DISCOVERY.MPAE.MAE_PATCH_SIZE = 14
-    # MAE encoder width (spec §5.1: 256).
+    # MAE encoder width (MPAE code: 256).
     cfg.MODEL.PART_DISCOVERY.MPAE.MAE_DIM = 256
-    # MPAE encoder layers (seed 001 B.2: 2).
+    # MPAE encoder layers (MPAE supp. B.2: 2).
     cfg.MODEL.PART_DISCOVERY.MPAE.ENCODER_LAYERS = 2
-    # MPAE encoder heads (spec §5.1: 4).
+    # MPAE encoder heads (MPAE code: 4).
     cfg.MODEL.PART_DISCOVERY.MPAE.ENCODER_HEADS = 4
-    # MPAE decoder layers, width C, C/64 heads (seed 001 B.3: 2).
+    # MPAE decoder layers, width C, C/64 heads (MPAE supp. B.3: 2).
     cfg.MODEL.PART_DISCOVERY.MPAE.DECODER_LAYERS = 2
-    # Side of the restored patch per grid cell (spec §5.1 rec_patch: 8, i.e. 128² restorations at 224 px).
+    # Side of the restored patch per grid cell (MPAE code rec_patch: 8, i.e. 128² restorations at 224 px).
     cfg.MODEL.PART_DISCOVERY.MPAE.REC_PATCH_SIZE = 8
-    # Fraction of input patches masked (spec §5.1 MODEL.RATIO: 0.9); masked cells are restored from R.
+    # Fraction of input patches masked (MPAE code MODEL.RATIO: 0.9); masked cells are restored from R.
     cfg.MODEL.PART_DISCOVERY.MPAE.MASK_RATIO = 0.9
-    # Weight of mean|Î − I| inside L_r (spec §5.3: 0.1).
+    # Weight of mean|Î − I| inside L_r (MPAE code: 0.1).
     cfg.MODEL.PART_DISCOVERY.MPAE.REC_PIXEL_WEIGHT = 0.1
-    # VGG "structural difference penalty" in L_r (seed 001 B.1: on); taps/weights from PART_DISCOVERY.PERCEPTUAL
-    # (spec §5.3: relu1_1 … relu5_1 × 5/32, 5/16, 5/8, 5/4, 5).
+    # VGG "structural difference penalty" in L_r (MPAE supp. B.1: on); taps/weights from PART_DISCOVERY.PERCEPTUAL
+    # (MPAE code: relu1_1 … relu5_1 × 5/32, 5/16, 5/8, 5/4, 5).
     cfg.MODEL.PART_DISCOVERY.MPAE.STRUCTURAL_PENALTY = True
-    # λ_r, weight of L_r (spec §5.3: 1).
+    # λ_r, weight of L_r (MPAE code: 1).
     cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_R = 1.0
-    # λ_d, weight of L_tv + L_ent (seed 001: 0.5; the L_tv + L_ent reading is the spec's [ASSUMPTION]).
+    # λ_d, weight of L_tv + L_ent (MPAE supp. A.2: 0.5; that it weighs L_tv + L_ent is our assumption).
     cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_D = 0.5
-    # λ_p, weight of the presence loss L_p (seed 001: 1.0).
+    # λ_p, weight of the presence loss L_p (MPAE supp. A.2: 1.0).
     cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_P = 1.0
-    # λ_s, weight of the ArcFace semantic loss L_s (seed 001: 0.25).
+    # λ_s, weight of the ArcFace semantic loss L_s (MPAE supp. A.2: 0.25).
     cfg.MODEL.PART_DISCOVERY.MPAE.LAMBDA_S = 0.25
-    # s, ArcFace scale (seed 001: 20).
+    # s, ArcFace scale (MPAE supp. A.2: 20).
     cfg.MODEL.PART_DISCOVERY.MPAE.ARC_SCALE = 20.0
-    # m, ArcFace angular margin in radians (seed 001: 0.5).
+    # m, ArcFace angular margin in radians (MPAE supp. A.2: 0.5).
     cfg.MODEL.PART_DISCOVERY.MPAE.ARC_MARGIN = 0.5
-    # Mini-group size g of the foreground presence loss (seed 001: 8 single-category, 64 PartImageNet).
+    # Mini-group size g of the foreground presence loss (MPAE supp. A.2: 8 single-category, 64 PartImageNet).
     cfg.MODEL.PART_DISCOVERY.MPAE.GROUP_SIZE = 8
-    # Average-pool window before the presence maxima (spec §5.3: 3×3, stride 1, no padding).
+    # Average-pool window before the presence maxima (MPAE code: 3×3, stride 1, no padding).
     cfg.MODEL.PART_DISCOVERY.MPAE.PRESENCE_POOL = 3
-    # F upsampled bilinearly by this before ⟨G, F⟩ at test time (spec §5.5: CUB 4, others 8, i.e. 128² maps).
+    # F upsampled bilinearly by this before ⟨G, F⟩ at test time (MPAE code: CUB 4, others 8, i.e. 128² maps).
     cfg.MODEL.PART_DISCOVERY.MPAE.INFERENCE_UPSAMPLE = 8
     # Training view: "view1" (resize + flip) or "view2" (+ the mapper's random similarity, standing in for the
-    # reference's RandomAffine ±15°, ±5%, scale 0.95–1.05; spec §5.2).
+    # reference's RandomAffine ±15°, ±5%, scale 0.95–1.05; MPAE code).
     cfg.MODEL.PART_DISCOVERY.MPAE.TRAIN_VIEW = "view1"
 
 
 def _add_vit_backbone_config(cfg: CN) -> None:
     # Plain ViT backbone loading DINO / DINOv2 checkpoints (backbone/vit.py; MODEL.BACKBONE.NAME "build_dino_vit_backbone").
     cfg.MODEL.VIT = CN()
-    # Defaults: DINOv2 ViT-B/14 with 4 registers (MPAE, spec §5.1). DINO ViT-S/8 (PartFormer, spec §4.1): PATCH_SIZE 8,
+    # Defaults: DINOv2 ViT-B/14 with 4 registers (MPAE code). DINO ViT-S/8 (PartFormer code): PATCH_SIZE 8,
     # EMBED_DIM 384, DEPTH 12, NUM_HEADS 6, NUM_REGISTERS 0, LAYER_SCALE False, PRETRAIN_IMAGE_SIZE 224, INTERPOLATE_OFFSET
     # 0.1, INTERPOLATE_ANTIALIAS False. p, the patch side (DINOv2 14; DINO ViT-S/8 8, ViT-S/16 16).
     cfg.MODEL.VIT.PATCH_SIZE = 14
@@ -651,42 +654,42 @@ def _add_vit_backbone_config(cfg: CN) -> None:
 
 
 def _add_part_ranking_config(cfg: CN) -> None:
-    # Stage 3 (PartRankingModel, tools/rank_parts.py): class-specific part ranking (seed 000; spec §5).
+    # Stage 3 (PartRankingModel, tools/rank_parts.py): class-specific part ranking (PartDistillation supp. §2).
     cfg.MODEL.PART_RANKING = CN()
-    # τr: keep a part iff |M̃_j| / |M_o| > this (seed 000 Eq. 2-3: 0.05; reference MIN_AREA_RATIO_1 0.05).
+    # τr: keep a part iff |M̃_j| / |M_o| > this (PartDistillation supp. Eq. 2-3: 0.05; reference MIN_AREA_RATIO_1 0.05).
     cfg.MODEL.PART_RANKING.MIN_AREA_RATIO = 0.05
-    # τs: keep a part iff s_j = P(part | q_j) > this (seed 000 Eq. 3: 0.3; reference MIN_SCORE_1 0.3).
+    # τs: keep a part iff s_j = P(part | q_j) > this (PartDistillation supp. Eq. 3: 0.3; reference MIN_SCORE_1 0.3).
     cfg.MODEL.PART_RANKING.MIN_SCORE = 0.3
-    # N_c^p: prototypes (K-means clusters) per object class (seed 000 Eq. 4: 8; reference NUM_CLUSTERS 8).
+    # N_c^p: prototypes (K-means clusters) per object class (PartDistillation supp. Eq. 4: 8; reference NUM_CLUSTERS 8).
     cfg.MODEL.PART_RANKING.NUM_CLUSTERS = 8
     # Object classes C of the prototype tensor [C, K, D]; 0 = len(object_classes) of DATASETS.TEST[0]'s
     # metadata, or the largest class seen + 1.
     cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES = 0
     # L2-normalise the query features f_j (reference PROPOSAL_FEATURE_NORM: True).
     cfg.MODEL.PART_RANKING.FEATURE_NORM = True
-    # T of the soft scores softmax_k(-||f_j - mu_k||_2 / T) (seed 000 Eq. 4: T = 1).
+    # T of the soft scores softmax_k(-||f_j - mu_k||_2 / T) (PartDistillation supp. Eq. 4: T = 1).
     cfg.MODEL.PART_RANKING.TEMPERATURE = 1.0
-    # K-means++ restarts per class (spec §0: scikit-learn n_init=10).
+    # K-means++ restarts per class (reference code: scikit-learn n_init=10).
     cfg.MODEL.PART_RANKING.KMEANS_N_INIT = 10
-    # Lloyd iterations per restart (spec §0: scikit-learn max_iter=300).
+    # Lloyd iterations per restart (reference code: scikit-learn max_iter=300).
     cfg.MODEL.PART_RANKING.KMEANS_MAX_ITER = 300
-    # Seed of the K-means++ draws (spec §0: random_state=0).
+    # Seed of the K-means++ draws (reference code: random_state=0).
     cfg.MODEL.PART_RANKING.KMEANS_SEED = 0
 
 
 def _add_part_distillation_model_config(cfg: CN) -> None:
-    # Stage 4 (PartDistillationModel): self-training with one part classifier per object class (seed 000 Eq. 6).
+    # Stage 4 (PartDistillationModel): self-training, a part classifier per object class (PartDistillation supp. Eq. 6).
     cfg.MODEL.PART_DISTILLATION = CN()
-    # N_c^o, object classes with their own part classifier (seed 000: 21000 for ImageNet-21K; reference
+    # N_c^o, object classes with their own part classifier (PartDistillation supp. §2: 21000 for ImageNet-21K; reference
     # default 1000, its script 22000); stored as an N_c^o × (N_c^p·D) embedding table, never a dense layer.
     cfg.MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES = 1000
-    # N_c^p, part classes per object class (seed 000: 8).
+    # N_c^p, part classes per object class (PartDistillation supp. §2: 8).
     cfg.MODEL.PART_DISTILLATION.NUM_PART_CLASSES = 8
     # Checkpoint (e.g. the stage-2 proposal model) whose backbone.* / sem_seg_head.* tensors of matching shape
-    # initialise the model (seed 000: the ranking model "is used as an initial model for self-training");
+    # initialise the model (PartDistillation supp. §2: the ranking model is "an initial model for self-training");
     # "" = none.
     cfg.MODEL.PART_DISTILLATION.INIT_FROM = ""
-    # Weight of the within-object part-class CE on matched queries (λ_cls of seed 000: 2.0).
+    # Weight of the within-object part-class CE on matched queries (PartDistillation supp. §2: λ_cls = 2).
     cfg.MODEL.PART_DISTILLATION.PART_CLASS_WEIGHT = 2.0
     # Inference: pixel x of an object goes to argmax_j score_j·sigmoid(m_j(x)) (reference USE_PER_PIXEL_LABEL: True).
     cfg.MODEL.PART_DISTILLATION.PER_PIXEL_ASSIGNMENT = True

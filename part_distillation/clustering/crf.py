@@ -1,4 +1,4 @@
-"""Dense-CRF refinement of part segments inside an object (stage 1b, spec §2.6).
+"""Dense-CRF refinement of part segments inside an object (stage 1b; PartDistillation supp. §2).
 
 The reference snaps the K-means part segments of each object to image edges with a fully connected
 CRF (Krähenbühl & Koltun, NeurIPS 2011) run through pydensecrf on the CPU, one process per image:
@@ -163,7 +163,7 @@ def _import_pydensecrf():
 
 
 class DenseCRFRefiner:
-    """Refine part label maps of objects with a dense CRF (spec §2.6); seed-000 parameters by default.
+    """Refine part label maps of objects with a dense CRF (PartDistillation supp. §2); its parameters by default.
 
     Args:
         backend: ``"torch"`` (batched, any device) or ``"pydensecrf"`` (reference, CPU, per image).

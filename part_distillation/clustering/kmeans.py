@@ -1,6 +1,6 @@
 """Batched K-means in PyTorch: many small clustering problems solved as one padded tensor problem.
 
-PartDistillation clusters features in several places (spec §2.3, §5; anchors §4.1):
+PartDistillation clusters features in several places (PartDistillation supp. §2-§4):
 
 * stage 1 pixel grouping: one K=4 K-means per object instance on its stride-8 res3+res4 features;
 * stage 3 part ranking and the mIoU-clustered evaluator: one K=8 K-means per object class over
@@ -375,7 +375,7 @@ def batched_kmeans(
             over clusters is at most ``tol`` times the mean per-feature variance of its data.
         metric: what is minimised.
             "l2": inertia = sum of squared Euclidean distances (scikit-learn's KMeans).
-            "dot": the reference's ``DISTANCE_METRIC="dot"`` (spec §2.3): its K-means is always
+            "dot": the reference's ``DISTANCE_METRIC="dot"`` (reference code): its K-means is always
             Euclidean, the metric only changes how points are labelled afterwards. So the
             centers and inertia are those of "l2"; the returned labels are
             argmax_k x.c_k (which can differ from the Euclidean partition, as in the reference).

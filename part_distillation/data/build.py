@@ -1,6 +1,6 @@
 """Train/test loaders whose mapper comes from DATASET_MAPPER_REGISTRY (not a string switch).
 
-Few-shot training (spec §7.4): with ``DATASETS.TRAIN_LABEL_PERCENTAGE`` p < 100 the train loader keeps a
+Few-shot training (reference code): with ``DATASETS.TRAIN_LABEL_PERCENTAGE`` p < 100 the train loader keeps a
 deterministic p% of the training images (:func:`label_percentage_subset`): the dataset dicts detectron2 would
 train on (all of ``DATASETS.TRAIN``, after its empty-annotation filter) are shuffled with
 ``np.random.RandomState(DATASETS.TRAIN_LABEL_SEED)`` (1234, the reference's ``np.random.seed(1234)`` +

@@ -27,7 +27,7 @@ Layout under ``<root>/<source>/<stage>/``::
 
 Why this format: RLE counts are already compressed, so JSON + gzip is compact (see
 benchmarks/pseudo_label_store.py), readable by anything (``zcat | head``), deterministic, and loading
-it executes no code (unlike the reference's one ``torch.save`` pickle per image, spec §1.3).
+it executes no code (unlike the reference's one ``torch.save`` pickle per image, reference code).
 
 Sharding: shard ``k`` holds the records of dataset indices ``[k*shard_size, (k+1)*shard_size)``, so
 writer processes (distributed ranks) that own disjoint shards (rank ``r`` takes ``r, r+W, ...``;

@@ -1,6 +1,6 @@
 """Gradient accumulation: one detectron2 iteration = GRAD_ACCUM_STEPS micro-batches, one optimizer step.
 
-It reaches the paper's batch (seed 000: 128 for proposals, 256 for distillation) on fewer GPUs:
+It reaches the paper's batch (PartDistillation supp. §2: 128; the reference script: 256 for distillation) on fewer GPUs:
 effective batch = SOLVER.IMS_PER_BATCH × SOLVER.GRAD_ACCUM_STEPS, with the same learning rate.
 DDP synchronises gradients only on the last micro-batch.
 """

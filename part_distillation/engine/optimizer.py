@@ -21,7 +21,7 @@ _NORM_TYPES = (
 def freeze_modules(model: torch.nn.Module, keys) -> int:
     """Set ``requires_grad=False`` on parameters of modules whose name contains any of ``keys``.
 
-    Returns the number of frozen parameter tensors (seed 000 freezes "backbone" and "encoder").
+    Returns the number of frozen parameter tensors (the reference code freezes "backbone" and "encoder").
     """
     frozen = 0
     for module_name, module in model.named_modules():

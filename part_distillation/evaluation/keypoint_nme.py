@@ -1,7 +1,7 @@
 """Landmark regression error (NME) from discovered part centroids (CUB, CelebA/MAFL).
 
-Protocol (reconstruction_spec.md §1.4; seed 002 "fit a linear regression model (using the training set) to
-map predicted keypoints to ground truth keypoints ... we use the mask centers as keypoints"; seed 003 Eq. (10)):
+Protocol (Choudhury et al. 2021 appendix "fit a linear regression model (using the training set) to
+map predicted keypoints to ground truth keypoints ... we use the mask centers as keypoints"; PartFormer paper Eq. (10)):
 
 1. **Centroids.** Per image, the centroid of every foreground part k = 1..K in coordinates normalised by the
    prediction's width/height (pixel centres at (j + 0.5)/W): the soft centroid of ``part_probs[k]`` when the
@@ -17,10 +17,10 @@ map predicted keypoints to ground truth keypoints ... we use the mask centers as
 3. **Error.** ``NME = Σ_{visible} ‖(ŷ − y) / d‖ / #visible`` pooled over the evaluated split's visible landmarks
    (A's Σ err·vis / Σ vis; B's mean over images and points when all are visible), ×100 (%), with the
    normaliser ``d``:
-   * "inter_ocular" (CelebA/MAFL/AFLW, spec §1.4 B, seed 003): the GT distance between landmarks 0 and 1
+   * "inter_ocular" (CelebA/MAFL/AFLW, PartFormer paper and code): the GT distance between landmarks 0 and 1
      (left eye, right eye; found by name in the ``keypoint_names`` metadata), in image pixels;
-   * "bbox" (CUB, seed 003: "the annotated bounding box as d_norm"): the error's x by the GT box width and
-     its y by the box height (the SCOPS-style per-axis normalisation the spec mentions; how B reduces the box
+   * "bbox" (CUB, PartFormer paper: "the annotated bounding box as d_norm"): the error's x by the GT box width and
+     its y by the box height (the SCOPS-style per-axis normalisation of A's code; how B reduces the box
      to d is not released), the box mapped into the prediction frame;
    * "image": the error's x by the image width and y by its height. With the CMR crop (square GT box + 5 %,
      ``KeypointDatasetMapper`` defaults) this is A's unit, "% of the padded, squared bbox side".

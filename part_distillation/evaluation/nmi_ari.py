@@ -1,6 +1,6 @@
 """NMI / ARI of discovered parts against GT part labels: mask-based and keypoint-based (×100).
 
-Definitions (reconstruction_spec.md §1.1; seed 004 §4.1 "NMI and ARI ... on the full image, but also on
+Definitions (Choudhury et al. 2021 §4.1 "NMI and ARI ... on the full image, but also on
 foreground pixels only (FG-NMI, FG-ARI)"): NMI is scikit-learn's ``normalized_mutual_info_score`` with
 the arithmetic-mean normaliser, ARI its ``adjusted_rand_score``; labels are **pooled over the whole
 split** (one contingency table per dataset, not a per-image average).
@@ -11,13 +11,13 @@ contingency table (GT label × predicted label counts), which determines both sc
 * NMI = MI / ((H(gt) + H(pred)) / 2), MI from ``sklearn.metrics.mutual_info_score(None, None,
   contingency=table)``, entropies from the table's marginals; scikit-learn's limit cases are kept (1 when
   both labelings have one label, 0 when MI = 0);
-* ARI from the 2×2 pair-confusion matrix computed from the table with Python integers (the spec's
+* ARI from the 2×2 pair-confusion matrix computed from the table with Python integers (the reference code's
   "overflow-safe ARI"; no rescaling needed): ``2(tp·tn − fn·fp) / ((tp+fn)(fn+tn) + (tp+fp)(fp+tn))``,
   1 when fn = fp = 0 — scikit-learn's formula.
 
 The tests check both against direct scikit-learn calls on the flattened label arrays.
 
-Predictions (the project's canonical layout, spec §"model outputs"): ``outputs[i]["part_seg"]`` long
+Predictions (the project's canonical layout): ``outputs[i]["part_seg"]`` long
 [H, W], 0 = background, 1..K = parts; optionally ``outputs[i]["part_probs"]`` [K+1, H, W]. Without
 ``part_seg``, ``outputs[i]["part_instances"]`` is painted into one: masks in their order, **later masks
 overwrite earlier ones**, pixel label = ``pred_classes + 1`` (no argmax over scores), so PartDistillation
@@ -42,7 +42,7 @@ first, and the box's pixels outside the image are ignored: NMI/ARI and FG-NMI/AR
 (Choudhury et al. 2021 appendix, PASCAL-Part: "we also crop the image to the target objects' bounding boxes
 for NMI/ARI calculation (but evaluate *with* background pixels in this case)").
 
-Keypoint-based GT (evaluator type ``part_keypoints``; CUB, CelebA/MAFL; spec §1.2): each visible
+Keypoint-based GT (evaluator type ``part_keypoints``; CUB, CelebA/MAFL; the reference evaluation code): each visible
 landmark (visibility > 0.5) is one sample with GT label = its landmark index; its predicted label is the
 part map at the landmark, nearest-neighbour sampled as ``grid_sample(mode="nearest", align_corners=False)``
 at ``(x/W, y/H)`` does: the pixel whose span [j, j+1) contains ``x·W_pred/W`` (``floor``). That is

@@ -1,6 +1,6 @@
 """Class-specific part mIoU of unsupervised part predictions: mIoU-mapped and mIoU-clustered.
 
-Protocol (seed 000, "Evaluation metrics" and "Zero-shot evaluation"; spec §5.4, §8.2, §8.3): the
+Protocol (PartDistillation supp. §4, "Evaluation metrics" and "Zero-shot evaluation"; reference code): the
 evaluation unit is one *object instance*; its predicted parts carry ids that are not part classes
 (cluster ids), so the ids are first mapped to GT part classes by majority vote, per object class, on
 the evaluated split itself, and the mapped predictions are scored with the standard IoU.
@@ -37,11 +37,11 @@ order gives the same map as painting by instance) and far smaller than masks or 
 ``evaluate`` (after gathering from all processes):
 
 1. Confusion per object class o, rows = predicted ids p, columns = GT part 0..G−1 and background G.
-2. Majority vote (spec §8.2): ``map_o[p] = argmax_{g < G} C_o[p, g]``, **background column excluded**, so
+2. Majority vote (reference code): ``map_o[p] = argmax_{g < G} C_o[p, g]``, **background column excluded**, so
    a cluster mostly on background still maps to its most-overlapping part; ties and all-zero rows go to
    the lowest id (part 0), as in the reference.
 3. Mapped confusion M_o ((G+1)², prediction × GT). With ``tp_c`` = M_o[c, c], ``gt_c`` = column sum,
-   ``pred_c`` = row sum (both including background; spec §8.3):
+   ``pred_c`` = row sum (both including background; reference code):
    ``IoU_c = tp_c / (gt_c + pred_c − tp_c)`` for classes with ``gt_c > 0``;
    ``mIoU_o = Σ_{c: gt_c>0} IoU_c / #{c < G : gt_c + pred_c > 0}`` — a part predicted but absent from the
    GT of that object class counts as 0 in the denominator; background is never averaged.
@@ -52,9 +52,9 @@ order gives the same map as painting by instance) and far smaller than masks or 
 Deliberate differences from the reference: per-entry results are keyed by the dataset's
 ``part_classes`` (prefixed with the object name when a part class is shared by several object classes),
 not by ``thing_classes`` — the reference's keys made ``A-mIoU`` cover only the first
-len(thing_classes) part ids on Pascal-Part / Cityscapes-Part and collapsed duplicate names (spec §8.3
-[BUG], §10.2.9). Object classes with at most K features get ``min(K, #distinct features)`` clusters
-(each feature its own cluster) instead of the reference's random-normal centroids (spec §5.1).
+len(thing_classes) part ids on Pascal-Part / Cityscapes-Part and collapsed duplicate names (a bug
+in the reference code). Object classes with at most K features get ``min(K, #distinct features)`` clusters
+(each feature its own cluster) instead of the reference's random-normal centroids (reference code).
 
 Inputs: GT parts come from the dataset's records (``DatasetCatalog``, loaded lazily): the part
 annotations grouped by ``object_id`` (``*_parts_*`` views; ``object_annotations`` give the object class,
@@ -129,7 +129,7 @@ def mapped_confusion(confusion: np.ndarray, background_row: np.ndarray, mapping:
 
 
 def miou_from_confusion(confusion: np.ndarray):
-    """Per-part IoU / accuracy / precision and the per-object means of a (G+1)² confusion (spec §8.3).
+    """Per-part IoU / accuracy / precision and the per-object means of a (G+1)² confusion (reference code).
 
     Returns:
         dict with ``iou``, ``acc``, ``prec`` ([G] float, NaN where ``gt_c == 0``), ``gt``, ``pred`` ([G]),
@@ -224,8 +224,8 @@ class PartMIoUEvaluator(DatasetEvaluator):
         """
         Args:
             mode: "mapped", "clustered", "direct" or "within_object" (see module docstring).
-            num_clusters, n_init, seed, normalize_features: K-means of the clustered mode (seed 000 /
-                spec §5.1: K = 8, 10 restarts, ``random_state=0``, unit-norm features).
+            num_clusters, n_init, seed, normalize_features: K-means of the clustered mode (PartDistillation supp. §4 /
+                reference code: K = 8, 10 restarts, ``random_state=0``, unit-norm features).
             object_matching: "index" (``object_index`` = GT object index) or "iou" (through
                 ``outputs[i]["instances"].pred_masks``).
             output_dir: when set, the per-object-class id → part mapping is written there as JSON.
@@ -565,5 +565,5 @@ def build_part_miou_evaluator(cfg, dataset_name, output_folder):
 
 @register_evaluator("part_miou_mapped")
 def build_part_miou_mapped_evaluator(cfg, dataset_name, output_folder):
-    """mIoU-mapped: the predictions' own ids, majority-vote mapped (seed 000 Tab. 3)."""
+    """mIoU-mapped: the predictions' own ids, majority-vote mapped (PartDistillation supp. Tab. 3)."""
     return _miou_evaluator_from_cfg(cfg, dataset_name, output_folder, "mapped")

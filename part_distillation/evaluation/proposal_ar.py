@@ -1,6 +1,6 @@
 """Class-agnostic average recall (AR@k) of part masks against ground-truth parts.
 
-Used for stage 1 (pixel-grouping pseudo-labels, seed 000 Tab. 1/4) and stage 2 (part proposals).
+Used for stage 1 (pixel-grouping pseudo-labels, PartDistillation supp. Tab. 1/4) and stage 2 (part proposals).
 Matching follows pycocotools' COCOeval exactly (so numbers can be cross-checked against it): for each
 IoU threshold t in 0.50:0.05:0.95, predictions are visited in descending score order and each one
 takes the still-unmatched GT part with the highest mask IoU ≥ t. Recall@k counts GT parts matched by
@@ -73,7 +73,7 @@ class ProposalAREvaluator(DatasetEvaluator):
 
     GT parts come from the dataset's annotations (part category ids; ``part_to_object`` metadata maps
     them to object classes for per-class AR). With ``merge_same_class_parts`` all GT parts of the same
-    class within one object (same ``object_id``) are merged into one mask, as the seed evaluates.
+    class within one object (same ``object_id``) are merged into one mask, as the reference code evaluates.
     """
 
     def __init__(

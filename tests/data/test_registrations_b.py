@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 H, W = 20, 30
 
-# The 50 merged part classes, as listed in the spec (§8.4).
+# The 50 merged part classes, as the reference code registers them.
 SPEC_PASCAL_PARTS = (
     "body stern wing tail engine wheel seat handlebar chainwheel headlight head eye beak torso neck leg foot "
     "cap front side back roof mirror license_plate door window ear nose paw muzzle horn hoof eyebrow mouth hair "

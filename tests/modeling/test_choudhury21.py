@@ -60,7 +60,7 @@ def test_rgb_to_lab_known_values():
 
 
 def _literal_consistency(probs, feats, mask, eps=1e-5):
-    """The spec's literal per-image form (K×C×N intermediate), for comparison."""
+    """The literal per-image form (K×C×N intermediate), for comparison."""
     m = mask.flatten(1).float()[:, None, None]  # [B, 1, 1, N]
     big_m = probs.flatten(2)[:, :, None] * m  # [B, K, 1, N]
     phi = feats.flatten(2)[:, None] * m  # [B, 1, C, N]

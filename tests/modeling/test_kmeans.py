@@ -179,7 +179,7 @@ def test_empty_cluster_takes_the_farthest_point():
 
 
 def test_dot_metric_fits_euclidean_then_labels_by_dot_product():
-    # Reference (spec §2.3): Euclidean K-means, then every point goes to argmax x.c. Centers
+    # Reference code: Euclidean K-means, then every point goes to argmax x.c. Centers
     # (1, 0) and (10, 0): the point (1, 0) has x.c = 1 and 10, so "dot" labels it with (10, 0).
     x = torch.tensor([[[1.0, 0.0]] * 5 + [[10.0, 0.0]] * 5])
     l2 = batched_kmeans(x, None, 2, metric="l2")

@@ -1,4 +1,4 @@
-"""MPAE head (spec §5): its losses on hand-computed cases, the head's wiring, training and evaluation (CPU, seconds)."""
+"""MPAE head: its losses on hand-computed cases, the head's wiring, training and evaluation (CPU, seconds)."""
 
 import json
 import math

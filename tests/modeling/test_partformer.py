@@ -1,4 +1,4 @@
-"""PartFormer head (Xia et al., TPAMI 2024; spec §4): hand-checked losses, the head, training and evaluation (CPU)."""
+"""PartFormer head (Xia et al., TPAMI 2024): hand-checked losses, the head, training and evaluation (CPU)."""
 
 import itertools
 import math

@@ -8,7 +8,7 @@ values, which the papers' evaluations also use as continuous coordinates (they s
 A point is visible when ``visible > 0.5`` (CUB's rule; COCO's v = 1 and 2 both count). Optional ``bbox``
 (XYWH) and ``fg_mask_file`` / ``sem_seg_file_name`` as in :class:`PairedViewDatasetMapper`.
 
-Protocol presets (reconstruction spec §1.2, §1.4, §2):
+Protocol presets (the methods' evaluation code and papers):
 
 * Choudhury, CMR-style crop (training, keypoint regression): ``crop_to_bbox=True, bbox_margin=0.05,
   bbox_square=True, image_size=256, resize_mode="square"`` (+ ``bbox_jitter=0.05`` when training).

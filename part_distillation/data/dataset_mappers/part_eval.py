@@ -1,6 +1,6 @@
 """Evaluation mapper for part datasets: the resized image plus one mask per *object* of the image.
 
-Part proposals are evaluated conditioned on the objects (spec §1.4/§4.4; the reference multiplies mask
+Part proposals are evaluated conditioned on the objects (reference code: it multiplies mask
 logits by the union of the GT object masks): the model needs the objects, the evaluator reads the GT
 parts itself (from ``DatasetCatalog``), so the mapper outputs no part annotations.
 

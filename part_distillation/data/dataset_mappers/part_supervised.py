@@ -15,7 +15,7 @@ survives, same outputs). Targets::
 
 Differences from the pseudo-label mapper: parts are never dropped for being small (GT parts; the reference's
 GT mappers keep them all — only parts that the crop empties are gone), and ``part_class`` always comes from
-the GT. Differences from the reference's supervised mappers (spec §7.1): those apply only a shortest-edge
+the GT. Differences from the reference's supervised mappers (reference code): those apply only a shortest-edge
 resize + flip (their ``AUG_NAME_LIST`` is ignored, a [DIFF] with the supplement's "random crop/scale/flip");
 here the stage-4 LSJ pipeline is used so that supervised, few-shot and distilled models see the same data
 pipeline.

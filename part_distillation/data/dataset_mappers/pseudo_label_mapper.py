@@ -3,7 +3,7 @@
 Training: the same Large-Scale Jittering as :class:`InstanceLSJDatasetMapper`, applied to the image,
 its part masks and the masks of the objects the parts belong to; then parts smaller than
 ``min_part_area_ratio`` of their (augmented) object are dropped, as the reference's proposal mapper
-does after augmentation (spec §4.3 step 6). If no part survives, the augmentation is redrawn
+does after augmentation (reference code, stage-2 mapper). If no part survives, the augmentation is redrawn
 (up to ``max_retries`` times) before the image is skipped.
 
 Output ``instances``: ``gt_masks`` (N×H×W bool), ``gt_classes`` (0, or the part's ``part_class`` when
@@ -59,7 +59,7 @@ class PseudoLabelDatasetMapper:
         Args:
             use_part_classes: ``gt_classes`` = the stored ``part_class`` (stage-3 labels) instead of 0.
             min_part_area_ratio: keep a part only if its area after augmentation is more than this
-                fraction of its object's (seed 000: 0.05, the reference's ``PROPOSAL_LEARNING.MIN_AREA_RATIO``;
+                fraction of its object's (reference code: 0.05, the reference's ``PROPOSAL_LEARNING.MIN_AREA_RATIO``;
                 config key ``MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO``); <= 0 keeps all.
             min_object_area_ratio: keep (in training) only the objects whose stored mask covers more than this
                 fraction of the image, with their parts (``MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO``; reference code,

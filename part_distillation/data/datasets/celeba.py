@@ -4,15 +4,14 @@ Aligned CelebA (``img_align_celeba``) with the standard MAFL protocol of unsuper
 part discovery (MAFL = 19,000 train + 1,000 test CelebA images):
 
 * ``celeba_train``: CelebA's official train partition (``list_eval_partition.txt`` value 0) minus the
-  MAFL test images, the images the models train on (reconstruction_spec.md §2 "MAFL test excluded";
-  seed 003: "the samples from MAFL test set are also excluded");
+  MAFL test images, the images the models train on (PartFormer paper §4.1);
 * ``celeba_test``: CelebA's official test partition (value 2); not part of the papers' protocol;
-* ``mafl_train``: MAFL ``training.txt``, the set the landmark regressor is fitted on (spec §1.4 B:
+* ``mafl_train``: MAFL ``training.txt``, the set the landmark regressor is fitted on (PartFormer code:
   "fitted on the MAFL-train ('val') set");
-* ``mafl_test``: MAFL ``testing.txt``, where NME / keypoint NMI-ARI are reported (spec §1.4, Table 1).
+* ``mafl_test``: MAFL ``testing.txt``, where NME / keypoint NMI-ARI are reported (PartFormer paper Table 1).
 
 The papers B and C themselves use *unaligned* "CelebA-in-the-wild" with lists released in their code
-(face > 30 % of the image, spec §2: 45,609 train / 5,379 MAFL-train / 283 MAFL-test, in original
+(face > 30 % of the image, MPAE supp. A.1, code lists: 45,609 train / 5,379 MAFL-train / 283 MAFL-test, in original
 ``img_celeba`` coordinates); those lists are registered as ``celeba_wild_train``,
 ``mafl_wild_train`` and ``mafl_wild_test`` when present.
 

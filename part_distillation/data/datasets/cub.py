@@ -2,8 +2,8 @@
 
 Registers ``cub_train`` (5,994 images) and ``cub_test`` (5,794 images): the official split of
 ``train_test_split.txt`` (1 = train), which is what the part-discovery papers use for training and
-evaluation (reconstruction_spec.md §1.2 and §2; seed 001 "5,994 ... for training and 5,794 ... for
-testing"; seed 002 "We use the official train split for training").
+evaluation (MPAE supp. A.1 "5,994 ... for training and 5,794 ... for
+testing"; Choudhury et al. 2021 appendix "We use the official train split for training").
 
 Expected layout (``root`` defaults to ``$DETECTRON2_DATASETS/CUB_200_2011``)::
 

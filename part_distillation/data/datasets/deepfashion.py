@@ -1,6 +1,6 @@
 """Lazy detectron2 registration of DeepFashion In-shop clothes parsing, as used for part discovery.
 
-Protocol of Choudhury et al. (reconstruction_spec.md §1.3 A and §2; seed 002 "train on the official
+Protocol of Choudhury et al. (Choudhury et al. 2021 appendix §1 "train on the official
 train split. For evaluation, we combine query and gallery splits (6922 images)"):
 
 * ``deepfashion_train``: the images of ``DeepFashion_segmentation_train.json``;

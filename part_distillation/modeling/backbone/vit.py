@@ -1,6 +1,6 @@
 """A plain ViT backbone that loads DINO (v1) and DINOv2 checkpoints (``build_dino_vit_backbone``).
 
-Why: PartFormer (spec §4.1) and MPAE (spec §5.1) read dense features of a *frozen* self-supervised ViT
+Why: PartFormer and MPAE (their reference code) read dense features of a *frozen* self-supervised ViT
 (DINO ViT-S/8, DINOv2 ViT-B/14 with registers). The reference code gets them from ``torch.hub``, which
 needs the network; here the architecture is rebuilt and filled from a local state-dict file.
 
@@ -72,7 +72,7 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
 
 
 class QuickGELU(nn.Module):
-    """x·σ(1.702x), the CLIP-style activation of PartFormer/MPAE's descriptor ViT (spec §4.1)."""
+    """x·σ(1.702x), the CLIP-style activation of PartFormer/MPAE's descriptor ViT (reference code)."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)

@@ -1,6 +1,6 @@
-"""Losses of Choudhury et al. (NeurIPS 2021, "contrastive reconstruction"; spec §3.4), as pure tensor functions.
+"""Losses of Choudhury et al. (NeurIPS 2021, "contrastive reconstruction"), as pure tensor functions.
 
-Notation (spec §3.4): P = part probabilities [B, K, H, W] (softmax over the K parts, no background channel),
+Notation: P = part probabilities [B, K, H, W] (softmax over the K parts, no background channel),
 m = the foreground mask [B, H, W] (Ω = its pixels), φ = perceptual features [B, C, H, W] at the same
 resolution. With M = P·m and Φ = φ·m:
 
@@ -69,7 +69,7 @@ def _masked(probs: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor):
 def part_consistency_loss(probs: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5):
     """Per-image ``Σ_k Σ_u M_ku m_u ‖Φ_u − z_k‖² / (Σ_u m_u + eps)`` → [B] (module docstring).
 
-    Computed as ``Σ_k [Σ_u w_ku‖Φ_u‖² − 2⟨z_k, Σ_u w_ku Φ_u⟩ + ‖z_k‖² Σ_u w_ku]`` with w = M·m (spec §6), the
+    Computed as ``Σ_k [Σ_u w_ku‖Φ_u‖² − 2⟨z_k, Σ_u w_ku Φ_u⟩ + ‖z_k‖² Σ_u w_ku]`` with w = M·m, the
     same value without the K×C×H×W intermediate of the literal form (800 MB per image at VGG19's 768 × 256²).
     """
     big_m, phi, m = _masked(probs, feats, mask)
@@ -90,7 +90,7 @@ def part_descriptors(probs: torch.Tensor, feats: torch.Tensor, mask: torch.Tenso
 
 
 def sample_positives(batch_size: int, num_parts: int, generator: torch.Generator = None) -> torch.Tensor:
-    """[B, K] long: for anchor (n, k), an image i ≠ n drawn uniformly (spec §3.4.3; the reference's quirk of
+    """[B, K] long: for anchor (n, k), an image i ≠ n drawn uniformly (the reference code's quirk of
     never drawing the lowest-index other image is not reproduced). Needs B ≥ 2."""
     if batch_size < 2:
         raise ValueError("the contrastive loss needs at least 2 images per batch (a positive from another image).")

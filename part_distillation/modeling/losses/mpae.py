@@ -1,4 +1,4 @@
-"""MPAE's losses (Xia et al., ICCV 2025; ``shared/notes/reconstruction_spec.md`` §5.3) as pure tensor functions.
+"""MPAE's losses (Xia et al., ICCV 2025; reference code Jiahao-UTS/MPAE) as pure tensor functions.
 
 Why separate from the head: each term is checked on hand-computable inputs (tests/modeling/test_mpae.py).
 
@@ -9,7 +9,7 @@ Notation: ``A`` [B, K+1, h, w] is the similarity map (a softmax over the K+1 des
 * :func:`restoration_loss` L_r = ``pixel_weight · mean|Î − I| + Σ_l w_l mean|φ_l(Î) − φ_l(I)|`` over the
   whole restored image (the code's form; the perceptual sum is the "structural difference penalty").
 * :func:`total_variation_loss` L_tv = ``Σ_{k,i,j} |A_{k,i+1,j} − A_{kij}| + |A_{k,i,j+1} − A_{kij}|`` / (B·h·w).
-* :func:`entropy_loss` L_ent = mean over cells of the entropy of A. λ_d weighs L_tv + L_ent [ASSUMPTION, spec].
+* :func:`entropy_loss` L_ent = mean over cells of the entropy of A. λ_d weighs L_tv + L_ent [ASSUMPTION].
 * :func:`presence_loss` L_p = background "enforced presence" + foreground mini-group presence.
 * :func:`semantic_consistency_loss` L_s = ArcFace (s, m) between each part's local representation and the
   image's own descriptors (the descriptors are the class centres).
@@ -39,7 +39,7 @@ def arc_margin_logits(cos: torch.Tensor, target: torch.Tensor, scale: float = 20
         cos: [..., T] cosine similarities in [−1, 1].
         target: [...] long, the target class index.
     Where ``θ + m`` would pass π (``cos θ ≤ cos(π − m)``) the target logit is ``s·(cos θ − sin(π − m)·m)``
-    instead, which keeps it monotone in θ (the usual ArcFace fallback, spec §4.3).
+    instead, which keeps it monotone in θ (the usual ArcFace fallback, as in the reference code).
     """
     cos = cos.clamp(-1.0, 1.0)
     sin = (1.0 - cos * cos).clamp_min(0.0).sqrt()
@@ -57,7 +57,7 @@ def semantic_consistency_loss(
     margin: float = 0.5,
     min_mass: float = 1e-3,
 ) -> torch.Tensor:
-    """L_s (spec §5.3): ArcFace of each part's local representation against the image's own descriptors.
+    """L_s (MPAE code): ArcFace of each part's local representation against the image's own descriptors.
 
     ``r_{b,k} = mean_ij(A_{b,k,ij} · F_{b,:,ij})`` (mean over all h·w cells, not divided by the part's mass),
     ``cos θ_{k,t} = ⟨r̂_{b,k}, Ĝ_{b,t}⟩`` over the K foreground parts; cross-entropy of the ArcFace logits with
@@ -83,7 +83,7 @@ def semantic_consistency_loss(
 def total_variation_loss(sim: torch.Tensor) -> torch.Tensor:
     """L_tv = Σ over channels and cells of the absolute vertical + horizontal differences, / (B·h·w).
 
-    The normaliser is the current batch's (the reference caches the first batch's; spec §5.3 "code quirk").
+    The normaliser is the current batch's (the reference code caches the first batch's).
     """
     b, _, h, w = sim.shape
     dv = (sim[:, :, 1:, :] - sim[:, :, :-1, :]).abs().sum()
@@ -105,7 +105,7 @@ def radial_weight(h: int, w: int, device=None, dtype=torch.float32) -> torch.Ten
 
 
 def presence_loss(sim: torch.Tensor, group_size: int = 8, pool: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L_p = (background term, foreground term) (spec §5.3); the loss is their sum.
+    """L_p = (background term, foreground term) (MPAE code); the loss is their sum.
 
     ``Ā`` = ``pool``×``pool`` average pooling of A (stride 1, no padding; the window shrinks to the map on
     maps smaller than ``pool``).
@@ -142,7 +142,7 @@ def restoration_loss(
 
     Both images ImageNet-normalised RGB [B, 3, H, W]; ``perceptual`` is a
     :class:`~part_distillation.modeling.losses.perceptual.PerceptualLoss` (its layer weights carry the ×5 of
-    spec §5.3) or None (the supp. B.1 ablation "without structural penalty").
+    MPAE code) or None (the supp. B.1 ablation "without structural penalty").
     """
     loss = pixel_weight * (pred - target).abs().mean()
     if perceptual is not None:

@@ -1,6 +1,6 @@
 """PartFormer's representation transfer and training losses as pure tensor functions (Xia et al., TPAMI 2024).
 
-``shared/notes/reconstruction_spec.md`` §4.1, §4.3; paper (seed 003) eq. 2–8. Shapes: G part
+PartFormer paper §3, Eq. 2–8, and its reference code. Shapes: G part
 representations [B, T, C] (T = K+1 tokens, background **last** as in the method), F pixel features
 [B, C, h, w], V probability maps [B, T, h, w]. They are free functions so that each term can be checked by
 hand in the tests; :class:`~part_distillation.modeling.part_heads.partformer.PartFormerHead` combines them.
@@ -45,7 +45,7 @@ def transfer(g: torch.Tensor, f: torch.Tensor, scale=0.8, similarity: str = "dot
 
 
 def grid_coordinates(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[h, w, 2] ``(x, y)`` with x_j = 2j/w − 1 and y_i = 2i/h − 1 (the reference's [−1, 1) grid, spec §4.3)."""
+    """[h, w, 2] ``(x, y)`` with x_j = 2j/w − 1 and y_i = 2i/h − 1 (the reference's [−1, 1) grid)."""
     ys = torch.arange(h, device=device, dtype=dtype) * (2.0 / h) - 1
     xs = torch.arange(w, device=device, dtype=dtype) * (2.0 / w) - 1
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")

@@ -1,13 +1,13 @@
 """A frozen perceptual feature network and the perceptual (feature-L1) loss of the discovery heads.
 
-Network (``MODEL.PART_DISCOVERY.PERCEPTUAL``, ``shared/notes/reconstruction_spec.md``):
+Network (``MODEL.PART_DISCOVERY.PERCEPTUAL``):
 
 * **VGG19** when ``VGG19_WEIGHTS`` names a file: torchvision's ``vgg19`` architecture, built with
   ``weights=None`` (no download, ever) and filled from that file (torchvision's state-dict format, e.g.
   ``vgg19-dcbb9e9d.pth``; the ``classifier.*`` tensors are not needed). Taps are named ``reluB_L`` (block B,
   layer L: ``relu3_2``, ``relu5_4``, ...); only the layers up to the deepest tap are kept.
-  Defaults: ``relu3_2`` × 0.33 and ``relu5_4`` × 1 (Choudhury et al., spec §3.1). PartFormer and MPAE
-  use ``relu1_1 … relu5_1`` with weights (1/32, 1/16, 1/8, 1/4, 1) and 5× those (spec §4.3, §5.3).
+  Defaults: ``relu3_2`` × 0.33 and ``relu5_4`` × 1 (Choudhury et al. 2021 appendix §2). PartFormer and MPAE
+  use ``relu1_1 … relu5_1`` with weights (1/32, 1/16, 1/8, 1/4, 1) and 5× those (their reference code).
 * Otherwise (``VGG19_WEIGHTS`` = "") the bundled ImageNet **EfficientNet-Lite0**, with a logged warning
   that numbers will differ from the papers'. A ``reluB_*`` tap maps to the EfficientNet output with VGG's
   stride at block B (VGG block B has stride 2^(B−1)): blocks 1–2 → ``stem`` (stride 2: the stem and block
@@ -20,8 +20,8 @@ pixels (0–255, ``INPUT.FORMAT`` order). The network is frozen (no gradients to
 eval mode) but differentiable with respect to its input.
 
 Loss: ``PerceptualLoss(pred_image, target_image) = Σ_l w_l · mean |φ_l(pred) − φ_l(target)|`` — the L1
-form of PartFormer's L_rec (spec §4.3 eq. 7, "Σ_l w_l · mean|VGG_l(Î) − VGG_l(I↓)|") and MPAE's L_r VGG
-term (spec §5.3); the target's features carry no gradient. The network is held outside the module tree
+form of PartFormer's L_rec (PartFormer paper Eq. 7, "Σ_l w_l · mean|VGG_l(Î) − VGG_l(I↓)|") and MPAE's L_r VGG
+term (MPAE code); the target's features carry no gradient. The network is held outside the module tree
 (moved by ``.to()``, but not in ``state_dict()``, ``parameters()`` or DDP's broadcast): its weights come
 from the file, not from checkpoints.
 """
@@ -83,11 +83,11 @@ class PerceptualNetwork(nn.Module):
         return self.eval()
 
     def train(self, mode: bool = True):
-        return super().train(False)  # frozen: always in eval mode (spec §7)
+        return super().train(False)  # frozen: always in eval mode
 
     def stacked(self, x: torch.Tensor, size, scales: Sequence[float]) -> torch.Tensor:
         """Taps × ``scales``, bilinearly resized to ``size`` (align_corners=True) and concatenated along
-        channels: Choudhury et al.'s φ (spec §3.1: relu3_2 × 0.33 ⊕ relu5_4 × 1 → 768 × 256²)."""
+        channels: Choudhury et al.'s φ (their appendix §2: relu3_2 × 0.33 ⊕ relu5_4 × 1 → 768 × 256²)."""
         feats = self(x)
         return torch.cat(
             [
@@ -226,7 +226,7 @@ def build_perceptual_network(cfg) -> PerceptualNetwork:
 
 
 class PerceptualLoss(nn.Module):
-    """``Σ_l w_l · mean |φ_l(pred) − φ_l(target)|`` (spec §4.3 eq. 7, §5.3), φ frozen and kept out of checkpoints.
+    """``Σ_l w_l · mean |φ_l(pred) − φ_l(target)|`` (PartFormer Eq. 7, MPAE), φ frozen and kept out of checkpoints.
 
     ``distance="l2"`` uses the mean squared difference instead (not used by the three papers).
     """

@@ -1,6 +1,6 @@
 """Class-level pixel grouping: the one-stage self-training baseline's labels and the raw-RGB K-means baseline.
 
-Seed 000 (supplement, "One-stage self-training"; spec §7.2): instead of clustering every object on its own
+PartDistillation supp. §3 ("One-stage self-training"; no reference code): instead of clustering every object on its own
 (stage 1), the pixel features of *all* objects of an object class across the dataset are clustered into
 K = 8 clusters, and the cluster id of each pixel directly becomes its part label (consistent across the
 class, so no ranking stage is needed). Self-training on those labels with the stage-4 recipe gives the

@@ -7,12 +7,12 @@ inputs (``image``, optional ``image2``, ``fg_mask``, ``transform``, ...).
 
 Training: ``forward`` returns the head's dict of weighted losses. Heads with nothing to train (the
 K-means and DFF baselines) are **evaluation-only**: run them with ``tools/train_net.py --eval-only``;
-training them raises a :class:`ConfigError` saying so (spec §7: "Baselines ... as non-trainable
-meta-archs"). A zero loss would not be harmless there: with a trainable backbone, AdamW's decoupled weight
+training them raises a :class:`ConfigError` saying so (they are
+non-trainable). A zero loss would not be harmless there: with a trainable backbone, AdamW's decoupled weight
 decay would still shrink its weights at every step.
 
 Inference, per image, at the input's ``height`` × ``width`` (default: the image's own size), in the
-canonical layout (spec §0, §7):
+canonical layout:
 
 * ``part_seg``: [H, W] long, 0 = background, 1..K = parts;
 * ``part_probs``: [K+1, H, W] float, summing to 1 over channels (``MODEL.PART_DISCOVERY.RETURN_PROBS``);
@@ -22,7 +22,7 @@ canonical layout (spec §0, §7):
   ``part_probs`` every pixel outside the mask would score 0 on every part and fall to part 1.
 
 For heads that take the background from a given fg mask (``external_background``; Choudhury et al. and
-the baselines) the probabilities are ``[1 − m, m · P]`` with P the head's part distribution (spec §3.6:
+the baselines) the probabilities are ``[1 − m, m · P]`` with P the head's part distribution (as in the reference code:
 ``argmax([1 − m, m·P])``), so every pixel outside ``fg_mask`` is 0 and every pixel inside is a part.
 Without an ``fg_mask`` the head's own channel 0 is used (0 for the baselines: every pixel is a part); such
 inputs are refused (:class:`ConfigError`) unless ``MODEL.PART_DISCOVERY.REQUIRE_FG_MASK`` is False.
@@ -109,7 +109,7 @@ class PartDiscovery(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze_backbone:
-            self.backbone.eval()  # frozen modules stay in eval mode (spec §7)
+            self.backbone.eval()  # frozen modules stay in eval mode
         return self
 
     # ------------------------------------------------------------------------------------------

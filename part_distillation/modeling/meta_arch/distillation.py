@@ -1,4 +1,4 @@
-"""Stage 4: part distillation (self-training) with per-object-class part classifiers (seed 000 Eq. 6; spec §6).
+"""Stage 4: part distillation (self-training) with per-object-class part classifiers (PartDistillation supp. Eq. 6).
 
 :class:`PartDistillationModel` is a :class:`Mask2Former` whose class prediction is factorised in two:
 
@@ -9,7 +9,7 @@
   N_c^p × D weights (+ N_c^p biases) stored as ``nn.Embedding(N_c^o, N_c^p·D)``. For a query embedding f
   (the decoder's LayerNorm-ed query, the class head's input) of an object of class o, the part logits are
   ``W[o] f + b[o]`` (N_c^p values): only the rows of o are gathered, so 21K object classes never build a dense
-  N_c^o·N_c^p-way layer (the reference computes all 176,001 logits and slices; spec §6.2 memory note). With
+  N_c^o·N_c^p-way layer (the reference computes all 176,001 logits and slices). With
   N_c^o = 21000, N_c^p = 8, D = 256 the table holds 43M parameters.
 
 Loss (:class:`PartDistillationCriterion`, a subclass of Mask2Former's ``SetCriterion`` reusing its matcher,
@@ -25,8 +25,8 @@ Loss (:class:`PartDistillationCriterion`, a subclass of Mask2Former's ``SetCrite
 The gradient of ``loss_part_ce`` therefore reaches only the classifier rows of object classes present in the
 batch (others get exactly zero gradient). The table is an ``nn.Embedding``, so the optimizer builder gives it
 ``SOLVER.WEIGHT_DECAY_EMBED`` (0.0): classifiers of object classes absent from a batch are not decayed. This differs from the reference, which uses one (N_c^p+1)-way
-softmax with a shared no-object row (spec §6.2); here "no part" is the objectness head's job and the part
-softmax runs over the N_c^p parts only, as in seed 000 Eq. 6.
+softmax with a shared no-object row (reference code); here "no part" is the objectness head's job and the part
+softmax runs over the N_c^p parts only, as in PartDistillation supp. Eq. 6.
 
 Targets: ``instances.gt_classes`` = part class in [0, N_c^p) (``MODEL.PSEUDO_LABELS.USE_PART_CLASSES True``)
 and ``instances.gt_object_classes`` = the object class in [0, N_c^o) of each part's object (set by
@@ -56,7 +56,7 @@ mIoU-clustered clusters (PartDistillation, Cho et al. 2023, supp. "Zero-shot eva
 evaluator reads it in its clustered mode, mIoU-mapped reads the merged ``part_instances``). Objects whose
 class is outside [0, N_c^o) are skipped (warning). Without ``objects`` the output is the class-agnostic proposal
 inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with the GT object
-class (seed 000 says the predicted one): here the class is whatever ``objects.gt_classes`` holds.
+class (PartDistillation supp. §2 says the predicted one): here the class is whatever ``objects.gt_classes`` holds.
 """
 import logging
 import math

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def build_set_criterion(cfg, num_classes: int) -> SetCriterion:
     """Hungarian matcher + set criterion from ``MODEL.MASK_FORMER`` keys.
 
-    ``POINT_SAMPLING: "uniform"`` samples TRAIN_NUM_POINTS random points for the mask losses (seed 000's
+    ``POINT_SAMPLING: "uniform"`` samples TRAIN_NUM_POINTS random points for the mask losses (PartDistillation supp.'s
     choice for part proposals); with oversample ratio 1 and importance ratio 0 Mask2Former's sampler
     draws exactly that many uniform points and computes no uncertainty ranking.
     """

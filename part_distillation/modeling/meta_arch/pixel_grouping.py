@@ -1,4 +1,4 @@
-"""Stage 1: part segments by clustering backbone features inside each object (seed 000, Tab. 1/4/5).
+"""Stage 1: part segments by clustering backbone features inside each object (PartDistillation supp. §2, Tab. 1/4).
 
 For every object of a batch at once: backbone levels (default res3+res4) are resized to the first
 level's grid (stride 8) and concatenated; the object's feature vectors are clustered with our batched

@@ -1,7 +1,7 @@
-"""Stage 2: the class-agnostic part-proposal model D^p (seed 000 "Part-proposal learning"; spec §4).
+"""Stage 2: the class-agnostic part-proposal model D^p (PartDistillation supp. §2 "Part-proposal learning").
 
 A :class:`Mask2Former` with one foreground class (N_c = 1: "part"), trained with Hungarian matching on
-part pseudo-labels (every target's class is 0) and, per seed 000, with the mask losses on 12544
+part pseudo-labels (every target's class is 0) and, per PartDistillation supp. §2, with the mask losses on 12544
 *uniformly random* points (``MODEL.MASK_FORMER.POINT_SAMPLING: "uniform"``) instead of importance
 sampling. Freezing (``MODEL.MASK_FORMER.FREEZE_KEYS``, reference ["backbone", "encoder"]) is done by the
 optimizer builder, as for every stage.
@@ -18,7 +18,7 @@ Inference (``instances``: ``pred_masks``, ``scores``, ``pred_classes`` (all 0), 
 1. s_j = P(part | q_j) = softmax(class logits)[0]; the top ``TEST.DETECTIONS_PER_IMAGE`` queries by s_j.
 2. Mask logits m_j are resized to the input's ``height``×``width`` (as Mask2Former does).
 3. Object conditioning, when the input carries ``objects`` (``gt_masks``, e.g. from
-   :class:`PartEvalDatasetMapper`) and ``MODEL.PROPOSAL.APPLY_OBJECT_MASK`` (spec §1.4, §4.4):
+   :class:`PartEvalDatasetMapper`) and ``MODEL.PROPOSAL.APPLY_OBJECT_MASK`` (as the reference code):
    m_j ← m_j · M_o with M_o the union of the object masks (logits outside become 0 = "off"). With
    ``MODEL.PROPOSAL.PER_PIXEL_ASSIGNMENT`` a pixel x goes to argmax_j s_j·sigmoid(m_j(x)) only, inside
    the support O = {x : max_j m_j(x) > 0} (the reference's ``_unique_assignment``); otherwise masks are
@@ -28,7 +28,7 @@ Inference (``instances``: ``pred_masks``, ``scores``, ``pred_classes`` (all 0), 
 Without ``objects`` the output is plain Mask2Former instance inference with one class. Pre-processing, the
 forward and query features are :class:`PartMask2Former`'s; steps 1-4 are :meth:`ProposalModel.inference_single`
 with the pure functions of :mod:`.postprocessing`. The reference's
-evaluation-only shortcut that drops predictions not overlapping any GT part (spec §4.4 step 5) is not
+evaluation-only shortcut that drops predictions not overlapping any GT part (reference code) is not
 implemented: the model never sees GT parts.
 """
 import logging

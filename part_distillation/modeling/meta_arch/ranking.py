@@ -1,4 +1,4 @@
-"""Stage 3: class-specific part ranking (seed 000 "Class-specific part ranking", Tab. 5; spec §5).
+"""Stage 3: class-specific part ranking (PartDistillation supp. §2 "Class-specific part ranking", Tab. 5).
 
 :class:`PartRankingModel` is the stage-2 :class:`ProposalModel` (same config, ``MODEL.WEIGHTS`` = a stage-2
 checkpoint), run per object instance of the input (``objects``: ``gt_masks``, ``gt_classes``, from an
@@ -8,9 +8,9 @@ evaluation mapper with GT objects or a pseudo-label mapper with pseudo objects):
 2. Mask logits m_j resized to the input's ``height``×``width`` and multiplied by the object mask M_o.
 3. Per-pixel prediction: x ∈ M_o with some m_j(x) > 0 goes to argmax_j s_j·sigmoid(m_j(x)), giving the
    disjoint masks M̃_j (queries that win nothing disappear).
-4. Filters of seed Eq. (3): keep j iff r_j = |M̃_j| / |M_o| > τr (``MODEL.PART_RANKING.MIN_AREA_RATIO``)
-   and s_j > τs (``MODEL.PART_RANKING.MIN_SCORE``). The denominator is the object mask as in seed Eq. (2)
-   (the reference divides by the any-query-positive support instead, spec §5.2 [DIFF]); both filters are
+4. Filters of PartDistillation supp. Eq. (3): keep j iff r_j = |M̃_j| / |M_o| > τr (``MODEL.PART_RANKING.MIN_AREA_RATIO``)
+   and s_j > τs (``MODEL.PART_RANKING.MIN_SCORE``). The denominator is the object mask as in supp. Eq. (2)
+   (the reference divides by the any-query-positive support instead; docs/differences.md); both filters are
    strict and applied as written (no "keep if nothing survives" fallback): an object may keep no part.
 5. Query features f_j: the last decoder layer's LayerNorm-ed output (the reference's ``decoder_output``,
    which feeds the class head and the mask MLP), L2-normalised with ``MODEL.PART_RANKING.FEATURE_NORM``;
@@ -21,7 +21,7 @@ Outputs ``{"instances": objects (pred_masks, scores = 1, pred_classes = object c
 (the format of :mod:`.postprocessing`; mIoU-clustered clusters ``features``). Without prototypes (the
 cluster pass) ``pred_classes`` are 0; with prototypes set (:meth:`PartRankingModel.set_prototypes`) they
 are the nearest prototype of the part's object class (−1 for a class without prototypes) and the parts
-also carry ``soft_scores`` = softmax_k(−‖f_j − μ_k‖₂ / T) (seed Eq. (4), plain Euclidean distance,
+also carry ``soft_scores`` = softmax_k(−‖f_j − μ_k‖₂ / T) (supp. Eq. (4), plain Euclidean distance,
 T = ``MODEL.PART_RANKING.TEMPERATURE``; prototypes a class does not have, e.g. a class with fewer than K
 parts, get probability 0).
 """
@@ -51,7 +51,7 @@ def rank_object_parts(part_prob, logits, object_mask, min_area_ratio: float, min
         object_mask: bool [H, W] M_o.
         min_area_ratio: τr; keep r_j > τr.
         min_score: τs; keep s_j > τs.
-        per_pixel: per-pixel argmax (seed Tab. 5 "Per-pixel Pred."); False: masks m_j > 0 inside M_o.
+        per_pixel: per-pixel argmax (PartDistillation supp. Tab. 5 "Per-pixel Pred."); False: masks m_j > 0 inside M_o.
     Returns:
         (index [P] long into the queries, masks bool [P, H, W], ratios [P] float), in query order.
     """

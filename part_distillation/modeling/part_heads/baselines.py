@@ -2,9 +2,9 @@
 
 Both are evaluation-only heads (no parameters; run with ``tools/train_net.py --eval-only``) and take the
 background from the input's ``fg_mask`` when it has one (``external_background``), as Choudhury et al.
-evaluate them (``shared/notes/reconstruction_spec.md`` §1.5, §1.6).
+evaluate them (appendix §2).
 
-**Per image, not per dataset.** The reference fits one K-means (§1.5) or one NMF (§1.6) on the features of
+**Per image, not per dataset.** The reference fits one K-means or one NMF (appendix §2) on the features of
 the whole test set (per class on PASCAL-Part), so a cluster id means the same part in every image. A
 detectron2 evaluation streams images through the model, so here every image is clustered / factorised on
 its own (batched: one tensor problem per batch). Cluster ids of different images are then unrelated; to
@@ -12,13 +12,13 @@ make dataset-pooled NMI/ARI meaningful the parts of each image are relabelled in
 (``MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER``: "vertical" = by the mean row of their pixels, top first;
 "area" = largest first; "none" = the algorithm's order). Numbers therefore differ from the papers' rows.
 
-* :class:`KMeansBaselineHead` (§1.5): features of ``FEATURE_LEVELS`` bilinearly resized to the padded
+* :class:`KMeansBaselineHead`: features of ``FEATURE_LEVELS`` bilinearly resized to the padded
   image size / ``KMEANS.GRID_STRIDE`` (the reference's 64×64 for 256-px images is stride 4) and
   concatenated, each pixel vector L2-normalised (``KMEANS.NORMALIZE``), and the foreground cells clustered
   with the project's :func:`~part_distillation.clustering.kmeans.batched_kmeans` (K =
   ``NUM_PARTS``, best of ``N_INIT`` = 5 k-means++ restarts, ``MAX_ITER`` = 100 Lloyd iterations). Every
   grid cell gets its nearest centre; the one-hot map is upsampled bilinearly to the image.
-* :class:`DFFHead` (§1.6, Collins et al. 2018): the ReLU'd (non-negative) features V ∈ R^{N×C} of the
+* :class:`DFFHead` (Collins et al. 2018): the ReLU'd (non-negative) features V ∈ R^{N×C} of the
   image's cells (N = h·w; all cells, as the reference: the fg mask only decides where parts are read) are
   factorised V ≈ W H with K factors by :func:`nmf` (Lee–Seung multiplicative updates, |N(0,1)|·sqrt(mean/K)
   init from a fixed seed, ``DFF.MAX_ITER`` = 200, ``DFF.TOL`` = 1e-4 checked every 10 iterations). The
@@ -102,7 +102,7 @@ def _grid_hw(batch: DiscoveryBatch, features: Dict[str, torch.Tensor], first_lev
 # ------------------------------------------------------------------------------------------------
 @PART_HEAD_REGISTRY.register()
 class KMeansBaselineHead(PartHead):
-    """K-means of each image's foreground features into K parts (spec §1.5, per image; module docstring)."""
+    """K-means of each image's foreground features into K parts (per image; module docstring)."""
 
     external_background = True
 
@@ -183,9 +183,9 @@ def nmf(
         k: number of factors.
         valid: [B, N] bool, the rows of each problem (None: all). Other rows are ignored: their V and W rows
             are zero throughout.
-        max_iter: iteration cap (spec §1.6: 200). One iteration updates W, then H (scikit-learn's order).
+        max_iter: iteration cap (DFF code, edocollins/DFF: 200). One iteration updates W, then H (scikit-learn's order).
         tol: a problem stops when its Frobenius error, checked every ``check_every`` iterations, decreased
-            by less than ``tol`` × its initial error since the previous check (scikit-learn's rule; spec §1.6:
+            by less than ``tol`` × its initial error since the previous check (scikit-learn's rule; DFF code:
             tol 1e-4 every 10 iterations). ``tol = 0`` runs ``max_iter`` iterations.
         seed: initialisation seed. Each problem draws its own ``|N(0, 1)| · sqrt(mean(V) / k)`` W and H from a
             CPU generator seeded with ``seed`` (scikit-learn's "random" init), so a problem gets the same
@@ -247,7 +247,7 @@ def nmf(
 
 @PART_HEAD_REGISTRY.register()
 class DFFHead(PartHead):
-    """Deep Feature Factorization: NMF of each image's ReLU'd features into K parts (spec §1.6, per image)."""
+    """Deep Feature Factorization: NMF of each image's ReLU'd features into K parts (per image)."""
 
     external_background = True
 

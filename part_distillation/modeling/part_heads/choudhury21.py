@@ -1,12 +1,13 @@
-"""Choudhury et al. (NeurIPS 2021), "Unsupervised part discovery from contrastive reconstruction" (spec §3).
+"""Choudhury et al. (NeurIPS 2021), "Unsupervised part discovery from contrastive reconstruction"
+(reference code: subhc/unsup-parts).
 
 The segmenter f is the backbone hosted by :class:`PartDiscovery` (trained: ``FREEZE_BACKBONE False``) plus
 this head's "2-branch" ASPP classifier: the second half of the channels of the read features (the
-reference's DeepLab-v2 R50 splits its 2048 ``layer4`` channels, spec §3.1) goes through four parallel 3×3
+reference's DeepLab-v2 R50 splits its 2048 ``layer4`` channels) goes through four parallel 3×3
 convolutions with dilations 6/12/18/24 whose outputs are summed into K part logits. There is no background
-channel: the background is the given fg mask (``external_background``; spec §3.6).
+channel: the background is the given fg mask (``external_background``).
 
-Training (:meth:`Choudhury21Head.losses`, spec §3.2–3.4), per batch of view-1 images I with fg masks m:
+Training (:meth:`Choudhury21Head.losses`), per batch of view-1 images I with fg masks m:
 
 * P = softmax of the logits of cj1, a colour-jittered copy of I (see L_e), bilinearly upsampled to the image
   (``align_corners=True``, as the reference); the targets (φ, Lab) come from the un-jittered I. With
@@ -32,7 +33,7 @@ so a run is reproducible whatever else consumes the global RNG.
 
 Inference: logits → bilinear upsampling to the padded input → softmax over K, returned as [B, K+1, H, W]
 with channel 0 = 0; the meta-architecture turns it into ``[1 − m, m·P]`` with the input's ``fg_mask``
-(spec §3.6; without a mask every pixel is a part).
+(without a mask every pixel is a part).
 """
 
 import logging
@@ -245,7 +246,7 @@ def _warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 @PART_HEAD_REGISTRY.register()
 class Choudhury21Head(PartHead):
-    """Contrastive-reconstruction part discovery (Choudhury et al. 2021; module docstring, spec §3)."""
+    """Contrastive-reconstruction part discovery (Choudhury et al. 2021; module docstring)."""
 
     external_background = True
 
@@ -291,7 +292,7 @@ class Choudhury21Head(PartHead):
             in_channels: channels of the concatenated ``feature_levels`` (default: from ``input_shape``).
             perceptual: φ, or a function building it on first use (so evaluation never loads VGG19); None
                 only when λf = λc = 0.
-            perceptual_scales: factor of each φ tap (spec §3.1: 0.33, 1).
+            perceptual_scales: factor of each φ tap (Choudhury et al. 2021 appendix §2: 0.33, 1).
             pixel_mean, pixel_std: the meta-architecture's normalisation (``MODEL.PIXEL_MEAN/STD``), applied
                 to the colour-jittered views before the backbone.
             two_branch: feed the second half of the channels to the classifier (the reference's 2-branch
@@ -489,6 +490,6 @@ class Choudhury21Head(PartHead):
 
     # ------------------------------------------------------------------ inference
     def inference(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> torch.Tensor:
-        """softmax over K of the logits upsampled to the padded input (spec §3.6), background channel 0 = 0."""
+        """softmax over K of the logits upsampled to the padded input, background channel 0 = 0."""
         probs = F.softmax(self.logits(features, batch.padded_hw, align_corners=False).float(), dim=1)
         return torch.cat([probs.new_zeros(probs.shape[0], 1, *probs.shape[-2:]), probs], dim=1)

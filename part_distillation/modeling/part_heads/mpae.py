@@ -1,9 +1,9 @@
 """MPAE: unsupervised part discovery by descriptor-based masked image restoration (Xia et al., ICCV 2025).
 
-Re-implemented from ``shared/notes/reconstruction_spec.md`` §5 (code-first, cross-checked with the
-supplementary, seed 001); no reference code is copied.
+Re-implemented from the description of the reference code Jiahao-UTS/MPAE (code-first, cross-checked
+with the MPAE supplementary material); no reference code is copied.
 
-Forward (one view per image, spec §5.1):
+Forward (one view per image):
 
 1. **F**: the frozen backbone's dense features (DINOv2 ViT-B/14-reg ``"vit"`` in the paper; any registered
    backbone here, e.g. EfficientNet-Lite0 on CPU), ``FEATURE_LEVELS`` concatenated, then a trainable 1×1 conv
@@ -23,7 +23,7 @@ Forward (one view per image, spec §5.1):
 Losses (``losses/mpae.py``): ``loss_rec`` = λ_r·L_r, ``loss_tv`` + ``loss_entropy`` = λ_d·(L_tv + L_ent),
 ``loss_presence_bg`` + ``loss_presence_fg`` = λ_p·L_p, ``loss_semantic`` = λ_s·L_s (λ 1, 0.5, 1, 0.25).
 
-Inference (spec §5.5): F bilinearly upsampled ×``INFERENCE_UPSAMPLE`` (4 on CUB, 8 otherwise: 128² maps)
+Inference (reference code): F bilinearly upsampled ×``INFERENCE_UPSAMPLE`` (4 on CUB, 8 otherwise: 128² maps)
 before the dot product with G; the scores are A itself.
 
 Layout: **channel 0 is the background descriptor** everywhere inside this head (the reference puts it
@@ -36,7 +36,7 @@ Deviations from the reference, on purpose (see also the config comments):
   image/14. With another backbone stride, R is resized bilinearly to the MAE grid.
 * At least one token is kept (``int(L·(1 − ratio))`` is 0 for tiny grids).
 * The descriptor pos-embed is resized bicubically when the patch grid differs from ``image_size / patch``.
-* No cls token in the MAE encoder (the spec names none).
+* No cls token in the MAE encoder (the reference code has none).
 """
 
 import logging
@@ -67,7 +67,7 @@ TRAIN_VIEWS = ("view1", "view2")
 
 
 def _xavier_init(module: nn.Module) -> None:
-    """xavier-uniform Linear/conv weights, zero biases, LayerNorm (1, 0) (spec §4.1 / §5.1)."""
+    """xavier-uniform Linear/conv weights, zero biases, LayerNorm (1, 0) (PartFormer and MPAE code)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
@@ -79,7 +79,7 @@ def _xavier_init(module: nn.Module) -> None:
 
 
 class DescriptorViT(nn.Module):
-    """Image → K+1 part descriptors G [B, K+1, C] (spec §5.1 "Descriptor ViT"; token 0 = background)."""
+    """Image → K+1 part descriptors G [B, K+1, C] (token 0 = background)."""
 
     def __init__(
         self,
@@ -127,7 +127,7 @@ class DescriptorViT(nn.Module):
 
 
 class MaskedRestorer(nn.Module):
-    """MPAE's masked autoencoder: masked input patches + the filled map R → restored image (spec §5.1)."""
+    """MPAE's masked autoencoder: masked input patches + the filled map R → restored image."""
 
     def __init__(
         self,
@@ -150,7 +150,7 @@ class MaskedRestorer(nn.Module):
         self.encoder = nn.ModuleList(ViTBlock(dim, encoder_heads, 4 * dim) for _ in range(int(encoder_layers)))
         self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_embed = nn.Linear(dim, decoder_dim)
-        heads = max(1, self.decoder_dim // 64)  # C/64 heads (spec §5.1)
+        heads = max(1, self.decoder_dim // 64)  # C/64 heads (reference code)
         self.decoder = nn.ModuleList(
             ViTBlock(decoder_dim, heads, 4 * decoder_dim) for _ in range(int(decoder_layers))
         )
@@ -188,7 +188,7 @@ class MaskedRestorer(nn.Module):
 
 @PART_HEAD_REGISTRY.register()
 class MPAEHead(PartHead):
-    """MPAE (spec §5): descriptors G, part map A = softmax⟨G, F⟩, masked restoration through R = Σ A G."""
+    """MPAE: descriptors G, part map A = softmax⟨G, F⟩, masked restoration through R = Σ A G."""
 
     external_background = False
 
@@ -309,7 +309,7 @@ class MPAEHead(PartHead):
 
     @staticmethod
     def similarity(feats: torch.Tensor, desc: torch.Tensor) -> torch.Tensor:
-        """A = softmax_k ⟨G_k, F_ij⟩ [B, K+1, h, w] (no temperature, no normalisation; spec §5.1)."""
+        """A = softmax_k ⟨G_k, F_ij⟩ [B, K+1, h, w] (no temperature, no normalisation, as the reference code)."""
         return torch.einsum("bkc,bchw->bkhw", desc, feats).softmax(dim=1)
 
     def losses(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> Dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
-"""PartFormer head: part discovery by dual representation alignment (Xia et al., TPAMI 2024; seed 003).
+"""PartFormer head: part discovery by dual representation alignment (Xia et al., TPAMI 2024).
 
-``shared/notes/reconstruction_spec.md`` §4. Per image I:
+Per image I (PartFormer paper §3; reference code Jiahao-UTS/UnsupervisedPart):
 
 * **F** (pixel representations): the hosted detectron2 backbone's ``FEATURE_LEVELS`` (frozen DINO ViT-S/8
   in the paper's "Ours*", a trainable ResNet-18 in "Ours"; the bundled EfficientNet-Lite0 on CPU) through a
@@ -12,7 +12,7 @@
   over the K+1 tokens and ``S = Σ_k V_k G_k``; a CNN **decoder** (conv→LayerNorm→ReLU blocks, two ×2
   upsamplings) turns S into an image at 4× the feature grid.
 
-Training (two streams with exchange, spec §4.3): G¹, F¹ from view 1 and G², F² from view 2 (the paired-view
+Training (two streams with exchange, paper Fig. 2): G¹, F¹ from view 1 and G², F² from view 2 (the paired-view
 mapper's warped copy); ``V^{1→2}`` from (G¹, F²) reconstructs view 2 and ``V^{2→1}`` from (G², F¹) view 1, so
 the part representations of one view must explain the other (``EXCHANGE`` False: the one-stream ablation of
 Table 7, each view from its own G). Losses, each averaged over the two directions:
@@ -20,7 +20,7 @@ Table 7, each view from its own G). Losses, each averaged over the two direction
 perceptual L1 (relu1_1…relu5_1 × 1/32 … 1) against the nearest-downsampled ImageNet-normalised view.
 Without a paired view (no ``image2`` in the inputs) the head trains one stream on view 1.
 
-Inference (§4.5): F bilinearly upsampled ×``INFER_UPSAMPLE`` (4: 32² → 128² for a 256² input), then
+Inference (paper §3.4): F bilinearly upsampled ×``INFER_UPSAMPLE`` (4: 32² → 128² for a 256² input), then
 ``softmax_k(τ·<G_k, F_ij>)``; the method's last (background) channel becomes channel 0 (canonical layout).
 
 Dataset switches where the reference code differs from the paper or between datasets are config keys (see
@@ -48,7 +48,7 @@ __all__ = ["PartFormerHead", "PartFormer", "PartFormerDecoder", "LayerNorm2d"]
 
 logger = logging.getLogger(__name__)
 
-# PartFormer's perceptual taps and weights (spec §4.1, §4.3), used when the head is built without a cfg.
+# PartFormer's perceptual taps and weights (reference code), used when the head is built without a cfg.
 PARTFORMER_PERCEPTUAL_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 PARTFORMER_PERCEPTUAL_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
 
@@ -214,7 +214,7 @@ def _compression_head(in_channels: int, dims: Sequence[int], order: str, kernel:
 
 @PART_HEAD_REGISTRY.register()
 class PartFormerHead(PartHead):
-    """Learned K+1 part tokens aligned with dense features by reconstruction (spec §4; module docstring)."""
+    """Learned K+1 part tokens aligned with dense features by reconstruction (module docstring)."""
 
     external_background = False
 

@@ -1,7 +1,7 @@
 """The part-discovery head API: ``PART_HEAD_REGISTRY``, the :class:`PartHead` base and the batch it sees.
 
 A head is what distinguishes one unsupervised part-discovery method from another (Choudhury et al. 2021,
-PartFormer, MPAE, the K-means and DFF baselines; ``shared/notes/reconstruction_spec.md``). Everything
+PartFormer, MPAE, the K-means and DFF baselines). Everything
 else is shared and lives in :class:`~part_distillation.modeling.meta_arch.discovery.PartDiscovery`:
 pixel normalisation, padding, the detectron2 backbone (optionally frozen), fg masks, resizing the part
 maps to the input's resolution, the canonical label layout and the training/inference switch.
@@ -21,7 +21,7 @@ Contract of a head (``MODEL.PART_DISCOVERY.HEAD`` names its class in the registr
 * ``trainable``: whether ``losses`` has anything to optimise (default: the head owns parameters with
   ``requires_grad``). Heads without it (the baselines) are evaluation-only.
 * ``external_background``: True when the method takes its background from a given fg mask (Choudhury et
-  al. and the baselines, spec §1.2/§1.5/§1.6): where an input has ``fg_mask`` the meta-architecture then
+  al. and the baselines, Choudhury et al. 2021 appendix §2): where an input has ``fg_mask`` the meta-architecture then
   replaces the head's channel 0 by ``1 − m`` and scales the parts by ``m``. Heads that learn a background
   channel (PartFormer, MPAE) set it False.
 """
