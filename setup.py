@@ -1,4 +1,5 @@
 """pip install -e .  (dependencies: see INSTALL.md; `make setup` installs all of them)."""
+
 from setuptools import find_packages, setup
 
 setup(

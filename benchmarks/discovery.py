@@ -22,6 +22,7 @@ EfficientNet-Lite0, standing in for VGG19 / DINO / DINOv2.
     python benchmarks/discovery.py --grad-norms 2 ...              # per-term loss gradient norms (init, trained)
     python benchmarks/discovery.py --methods partformer --eval-weights a.pth b.pth   # score checkpoints
 """
+
 import argparse
 import datetime
 import json
@@ -60,13 +61,27 @@ def parse_args(argv=None):
     p.add_argument("--output", default=RESULTS)
     p.add_argument("--workdir", default="output/bench_discovery", help="checkpoints and logs of the runs")
     p.add_argument("--tag", default="", help="a label stored in the JSON (e.g. an ablation's name)")
-    p.add_argument("--resume", nargs="*", default=[],
-                   help="earlier JSONs of this benchmark: keep their runs, skip their (method, seed)")
-    p.add_argument("--eval-weights", nargs="*", default=[], metavar="PATH",
-                   help="instead of the benchmark: score these checkpoints of the one method in --methods (seed = the "
-                   "first of --seeds)")
-    p.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="also score the learned heads' checkpoints every N iterations (a metric curve per run)")
+    p.add_argument(
+        "--resume",
+        nargs="*",
+        default=[],
+        help="earlier JSONs of this benchmark: keep their runs, skip their (method, seed)",
+    )
+    p.add_argument(
+        "--eval-weights",
+        nargs="*",
+        default=[],
+        metavar="PATH",
+        help="instead of the benchmark: score these checkpoints of the one method in --methods (seed = the "
+        "first of --seeds)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score the learned heads' checkpoints every N iterations (a metric curve per run)",
+    )
     p.add_argument(
         "--grad-norms", type=int, default=0, metavar="N",
         help="instead of the benchmark: each learned head's loss values and per-term gradient norms on N training "
@@ -169,8 +184,12 @@ def _payload(args, sched, runs):
         "benchmark": "discovery",
         "tag": args.tag,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },  # fmt: skip
         "backbone": "EfficientNet-Lite0 (ImageNet, bundled), standing in for VGG19 / DINO / DINOv2",
         "dataset": "toyparts_landmarks_val (fit: toyparts_landmarks_train)",
         "schedules": sched,

@@ -25,6 +25,7 @@ Results go to benchmarks/results/kmeans.json.
 
     python benchmarks/kmeans.py [--device cpu|cuda] [--threads 2] [--sklearn-threads 1|default] [--project-dim 64]
 """
+
 import argparse
 import datetime
 import json

@@ -21,6 +21,7 @@ would take on one 8-GPU node at the measured rate.
     python benchmarks/pseudo_labels.py [--num-images 40] [--long-run 200]
     python benchmarks/pseudo_labels.py --paper --device cuda --num-images 100 --long-run 0 --skip-reference
 """
+
 import argparse
 import json
 import os
@@ -36,7 +37,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts.yaml")
 PAPER_CONFIG = os.path.join(REPO, "configs", "stage1_pixel_grouping.yaml")
 # the paper's config labels toyparts here: its GT objects, random Swin-L weights (timing only)
-PAPER_OPTS = ["DATASETS.TEST", "('toyparts_val',)", "MODEL.WEIGHTS", "", "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "gt"]
+PAPER_OPTS = [
+    "DATASETS.TEST",
+    "('toyparts_val',)",
+    "MODEL.WEIGHTS",
+    "",
+    "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE",
+    "gt",
+]
 IMAGENET_21K = 14_197_122
 EXTRA_OPTS = []  # set by --paper
 
@@ -104,7 +112,9 @@ def run_reference(out_dir, model, mapper, dicts):
             pts = feats[:, grid[j]].T.numpy()
             if len(pts) <= k:  # the reference skips such objects
                 continue
-            centers = torch.from_numpy(KMeans(n_clusters=k, n_init=10, random_state=0).fit(pts).cluster_centers_).float()
+            centers = torch.from_numpy(
+                KMeans(n_clusters=k, n_init=10, random_state=0).fit(pts).cluster_centers_
+            ).float()
             sim = torch.einsum("chw,kc->khw", feats, centers)[None]
             sim = torch.nn.functional.interpolate(sim, size=(h, w), mode="bilinear", align_corners=False)[0]
             lab = sim.argmax(0)
@@ -144,15 +154,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=40, help="images for the speed comparison")
     parser.add_argument("--long-run", type=int, default=200, help="images for the memory run (0 = skip)")
-    parser.add_argument("--image-size", type=int, default=640, help="toyparts image side = INPUT.IMAGE_SIZE (seed: 640)")
+    parser.add_argument(
+        "--image-size", type=int, default=640, help="toyparts image side = INPUT.IMAGE_SIZE (seed: 640)"
+    )
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "pseudo_labels.json"))
     parser.add_argument(
         "--threads", type=int, default=min(2, os.cpu_count() or 1),
         help="torch intra-op threads of both pipelines (1 is steadier when other jobs share the cores)",
     )  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of both pipelines' backbone (ours also clusters and runs the CRF there)")
-    parser.add_argument("--paper", action="store_true",
-                        help="the paper's labelling config (Swin-L, 640 px, K=4, CRF on; random weights)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="MODEL.DEVICE of both pipelines' backbone (ours also clusters and runs the CRF there)",
+    )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's labelling config (Swin-L, 640 px, K=4, CRF on; random weights)",
+    )
     parser.add_argument("--skip-reference", action="store_true", help="time ours only (no reference-style run)")
     args = parser.parse_args()
     global CONFIG
@@ -197,9 +216,13 @@ def main():
         ref_s = run_reference(os.path.join(work, "ref"), model, build_dataset_mapper(cfg, is_train=False), dicts)
     n = len(dicts)
     result = {
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "device": args.device,
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        },  # fmt: skip
         "threads": args.threads,
         "config": os.path.relpath(CONFIG, REPO),
         "paper_config": args.paper,
@@ -243,7 +266,9 @@ def main():
     print("| pipeline | images/s |\n|---|---|")
     print(f"| ours (batched torch K-means + torch CRF + store) | {result['ours_images_per_s']:.2f} |")
     print(f"| ours, CRF.DOWNSAMPLE 2 (coarse-grid CRF) | {result['ours_crf_x2_images_per_s']:.2f} |")
-    print(f"| reference-style (sklearn per object + pydensecrf + torch.save) | {result['reference_images_per_s']:.2f} |")
+    print(
+        f"| reference-style (sklearn per object + pydensecrf + torch.save) | {result['reference_images_per_s']:.2f} |"
+    )
     print(f"speed-up: {result['speedup']:.1f}x (target >= 5x); the shared backbone alone takes "
           f"{result['backbone_s_per_image']:.3f} s/image; without it: {result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
     print(f"with CRF.DOWNSAMPLE 2: {result['speedup_crf_x2']:.1f}x, without the backbone "

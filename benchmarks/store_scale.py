@@ -21,6 +21,7 @@ Images: one JPEG per template (every record of a template points at it).
 
     python benchmarks/store_scale.py [--sizes 10000 100000 1000000] [--workdir /tmp/store_scale] [--keep]
 """
+
 import argparse
 import datetime
 import json
@@ -298,32 +299,39 @@ def main(argv=None):
         "largest_n": store[-1]["n"],
     }
     result["summary"] = summary
-    print("\n| N | disk B/image | path | register+build s | first batch s | RSS built MB | RSS after batches MB | "
-          "peak MB | workers RSS MB | workers PSS MB |")
+    print(
+        "\n| N | disk B/image | path | register+build s | first batch s | RSS built MB | RSS after batches MB | "
+        "peak MB | workers RSS MB | workers PSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for path in ("store", "list"):
             if path in r:
                 m = r[path]
-                print(f"| {r['n']} | {r['disk_bytes_per_image']:.0f} | {path} | {m['register_and_build_s']:.2f} | "
-                      f"{m['first_batch_s']:.2f} | {m['rss_built_mb']:.0f} | {m['rss_after_batches_mb']:.0f} | "
-                      f"{m['rss_peak_mb']:.0f} | {'/'.join(f'{v:.0f}' for v in m['worker_rss_mb'])} | "
-                      f"{'/'.join(f'{v:.0f}' for v in m['worker_pss_mb'])} |")
+                print(
+                    f"| {r['n']} | {r['disk_bytes_per_image']:.0f} | {path} | {m['register_and_build_s']:.2f} | "
+                    f"{m['first_batch_s']:.2f} | {m['rss_built_mb']:.0f} | {m['rss_after_batches_mb']:.0f} | "
+                    f"{m['rss_peak_mb']:.0f} | {'/'.join(f'{v:.0f}' for v in m['worker_rss_mb'])} | "
+                    f"{'/'.join(f'{v:.0f}' for v in m['worker_pss_mb'])} |"
+                )
     print("\nExtrapolation to ImageNet-21K (%d images), linear fits in N:" % IMAGENET_21K)
     for path in ("store", "list"):
         if path in summary:
             s = summary[path]
-            print(f"  {path}: RSS after batches {s['rss_after_batches_mb']['at_imagenet_21k']:.0f} MB "
-                  f"({s['rss_after_batches_mb']['per_image'] * 1e6:.1f} MB per 1M images), main+workers PSS "
-                  f"{s['pss_process_and_workers_mb']['at_imagenet_21k']:.0f} MB, first batch "
-                  f"{s['first_batch_s']['at_imagenet_21k']:.1f} s; RSS growth {s['measured_n'][0]}→"
-                  f"{s['measured_n'][1]}: {s['rss_growth_mb']:+.1f} MB")
+            print(
+                f"  {path}: RSS after batches {s['rss_after_batches_mb']['at_imagenet_21k']:.0f} MB "
+                f"({s['rss_after_batches_mb']['per_image'] * 1e6:.1f} MB per 1M images), main+workers PSS "
+                f"{s['pss_process_and_workers_mb']['at_imagenet_21k']:.0f} MB, first batch "
+                f"{s['first_batch_s']['at_imagenet_21k']:.1f} s; RSS growth {s['measured_n'][0]}→"
+                f"{s['measured_n'][1]}: {s['rss_growth_mb']:+.1f} MB"
+            )
     disk = summary["disk"]
     print(f"  disk: {disk['bytes_per_image']:.0f} B/image → {disk['at_imagenet_21k_gb']:.1f} GB")
     if "rss_ratio_list_over_store" in summary:
         q = summary["rss_ratio_list_over_store"]
-        print(f"  RSS list/store at N={q['n']}: {q['after_batches']:.2f}× "
-              f"(above imports: {q['delta_over_imports']:.1f}×)")
+        print(
+            f"  RSS list/store at N={q['n']}: {q['after_batches']:.2f}× (above imports: {q['delta_over_imports']:.1f}×)"
+        )
     print(f"  targets: {summary['targets']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write_bytes(args.out, (json.dumps(result, indent=1) + "\n").encode("utf-8"))

@@ -20,6 +20,7 @@ The overhead target (≤ 5 %) is checked for ``proposal`` and ``proposal_importa
     python benchmarks/train_step.py [--iters 10] [--warmup 3] [--batch 4] [--size 256] [--threads 1]
     python benchmarks/train_step.py --device cuda   # AMP (fp16 autocast + GradScaler) on a GPU
 """
+
 import argparse
 import datetime
 import json
@@ -69,8 +70,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="rounds excluded from the statistics")
     parser.add_argument("--batch", type=int, default=4, help="images per iteration")
     parser.add_argument("--size", type=int, default=256, help="square image side (the quick schedule's)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU intra-op threads (0 = torch's default; 1 is steadier on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU intra-op threads (0 = torch's default; 1 is steadier on a shared machine)",
+    )
     parser.add_argument("--config", default=BASE_CONFIG, help="base config shared by all variants")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
@@ -178,7 +183,9 @@ def run(args):
                    tablefmt="pipe"))  # fmt: skip
     checked = {n: variants[n]["overhead_vs_mask2former"] for n in COMPARED if n in variants and base}
     within = all(v <= TARGET_OVERHEAD for v in checked.values())
-    print(f"target: overhead <= {100 * TARGET_OVERHEAD:.0f}% for {', '.join(checked)}: {'met' if within else 'NOT met'}")
+    print(
+        f"target: overhead <= {100 * TARGET_OVERHEAD:.0f}% for {', '.join(checked)}: {'met' if within else 'NOT met'}"
+    )
     cfg = variant_cfg(args, args.variants[0])
     result = {
         "benchmark": "train_step",

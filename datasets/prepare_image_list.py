@@ -77,9 +77,7 @@ def _warn_skip(stats, key, message, *args):
         logger.warning("more %s files; only their count is reported from now on", key)
 
 
-def write_manifest(
-    root, out, with_size=False, workers=8, progress=True, extensions=DEFAULT_EXTENSIONS
-):
+def write_manifest(root, out, with_size=False, workers=8, progress=True, extensions=DEFAULT_EXTENSIONS):
     """Walk ``root`` and write the manifest to ``out`` atomically (temp file + rename).
 
     Returns:
@@ -96,22 +94,19 @@ def write_manifest(
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=out_dir)
     pool = ThreadPoolExecutor(max(1, workers)) if with_size else None
     try:
-        with os.fdopen(
-            fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n"
-        ) as f, tqdm(unit=" img", disable=not progress, mininterval=1.0, desc="manifest") as bar:
+        with (
+            os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f,
+            tqdm(unit=" img", disable=not progress, mininterval=1.0, desc="manifest") as bar,
+        ):
             f.write(HEADER + (SIZE_HEADER if with_size else "") + "\n")
             for rel_dir, names in iter_image_dirs(root, extensions, stats):
                 rels = []
                 for name in names:
                     rel = os.path.join(rel_dir, name)
                     if "\t" in rel or "\n" in rel or "\r" in rel:
-                        _warn_skip(
-                            stats, "bad_name", "skipping %r: tabs/newlines cannot be listed", rel
-                        )
+                        _warn_skip(stats, "bad_name", "skipping %r: tabs/newlines cannot be listed", rel)
                     elif not rel_dir:
-                        _warn_skip(
-                            stats, "no_synset", "skipping %s: not inside a synset folder", rel
-                        )
+                        _warn_skip(stats, "no_synset", "skipping %s: not inside a synset folder", rel)
                     else:
                         rels.append(rel)
                 synset = rel_dir.split(os.sep, 1)[0]
@@ -152,12 +147,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="image folder: <root>/<synset>/<image>")
     parser.add_argument("--out", required=True, help="manifest to write (e.g. <root>_manifest.tsv)")
-    parser.add_argument(
-        "--with-size", action="store_true", help="add width/height read from image headers"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=8, help="threads reading image headers (--with-size)"
-    )
+    parser.add_argument("--with-size", action="store_true", help="add width/height read from image headers")
+    parser.add_argument("--workers", type=int, default=8, help="threads reading image headers (--with-size)")
     parser.add_argument(
         "--extensions",
         default=",".join(DEFAULT_EXTENSIONS),
@@ -168,9 +159,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     extensions = tuple(e.strip().lower() for e in args.extensions.split(",") if e.strip())
     try:
-        stats = write_manifest(
-            args.root, args.out, args.with_size, args.workers, not args.no_progress, extensions
-        )
+        stats = write_manifest(args.root, args.out, args.with_size, args.workers, not args.no_progress, extensions)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

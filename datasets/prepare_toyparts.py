@@ -18,18 +18,14 @@ from part_distillation.data.datasets.toyparts_generator import generate_toyparts
 def main(argv=None):
     default_out = os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "toyparts")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", default=default_out, help=f"output directory (default: {default_out})"
-    )
+    parser.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-val", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args(argv)
 
-    s = generate_toyparts(
-        args.out, args.num_train, args.num_val, args.seed, image_size=args.image_size
-    )
+    s = generate_toyparts(args.out, args.num_train, args.num_val, args.seed, image_size=args.image_size)
     print(
         f"toyparts: wrote {s['train']['images']} train / {s['val']['images']} val images "
         f"({s['train']['objects'] + s['val']['objects']} objects, "

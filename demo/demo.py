@@ -14,6 +14,7 @@ has one, else the whole image as one object.
 
 (``make demo`` is a different program: ``tools/demo.py`` runs the whole toyparts training pipeline.)
 """
+
 import argparse
 import json
 import logging
@@ -30,7 +31,9 @@ logger = logging.getLogger("part_distillation.demo_images")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="model config (default: stage-1 pixel grouping)")
+    p.add_argument(
+        "--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="model config (default: stage-1 pixel grouping)"
+    )
     p.add_argument("--input", nargs="+", required=True, help="image files, folders, or quoted glob patterns")
     p.add_argument("--output", required=True, help="folder for the pictures and predictions.json")
     p.add_argument("--object-masks", default="", help="COCO instances JSON with the objects of the images")
@@ -81,7 +84,9 @@ def main(argv=None) -> dict:
         if not ok:
             raise RuntimeError(f"cv2 could not encode the picture of {path}")
         atomic_write_bytes(os.path.join(args.output, name), png.tobytes())
-        record = prediction_record(path, pred, labels, legend, name, object_json.category_names if object_json else None)
+        record = prediction_record(
+            path, pred, labels, legend, name, object_json.category_names if object_json else None
+        )
         record["object_source"] = source
         records.append(record)
     result = {

@@ -5,6 +5,7 @@ material of PartDistillation (Cho et al., CVPR 2023); "reference code" is the of
 (facebookresearch/PartDistillation; for the discovery heads subhc/unsup-parts, Jiahao-UTS/UnsupervisedPart
 and Jiahao-UTS/MPAE); "M2F" is Mask2Former's COCO instance-segmentation recipe.
 """
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_part_distillation_config", "load_cfg"]
@@ -161,7 +162,6 @@ def _add_mask_former_overrides(cfg: CN) -> None:
     # Micro-batches accumulated per optimizer step, to reach the paper's batch on fewer GPUs: effective batch
     # = SOLVER.IMS_PER_BATCH × this (PartDistillation supp. §2: proposals with batch 128, 4 per GPU).
     cfg.SOLVER.GRAD_ACCUM_STEPS = 1
-
 
 
 def _add_view_mapper_config(cfg: CN) -> None:
@@ -706,6 +706,8 @@ def _add_bad_input_config(cfg: CN) -> None:
     # Your own COCO-style part datasets, registered when a tool starts: "name,json_file,image_root" or
     # "name,json_file,image_root,objects_name" (part view, plus an object view; see datasets/README.md).
     cfg.DATASETS.PART_COCO = []
+
+
 def _add_visualization_config(cfg: CN) -> None:
     # Pictures of predictions during training (engine/hooks.py PredictionImagesHook; issue #18).
     cfg.VIS = CN()
@@ -714,6 +716,7 @@ def _add_visualization_config(cfg: CN) -> None:
     cfg.VIS.NUM_PREDICTION_IMAGES = 0
     # Also log them to Weights & Biases (only when the wandb package is installed and a run is active).
     cfg.VIS.WANDB = False
+
 
 def _add_discovery_protocol_config(cfg: CN) -> None:
     # Part-discovery protocol switches (issue 17).

@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny toyparts dataset per test session, and a CPU quick-schedule config."""
+
 import os
 
 import pytest

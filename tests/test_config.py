@@ -1,4 +1,5 @@
 """Config defaults, every shipped YAML loads, and config mistakes give one clear line."""
+
 import glob
 import os
 import subprocess

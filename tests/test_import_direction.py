@@ -1,6 +1,7 @@
 """Layering of the package and the tools, read from the source (no imports run): utils import neither data
 nor modeling, modeling never imports engine, clustering imports only structures and utils, every package
 imports only the ones below it, and no tool imports another tool."""
+
 import ast
 import os
 

@@ -1,4 +1,5 @@
 """Stage configs refuse to run with random frozen/labelling modules; image-level classes; synset maps; WordNet filter."""
+
 import os
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def test_missing_default_checkpoints_name_the_key_and_the_stage(in_tmp):
         check_stage_weights(_cfg("stage2_proposals"))
     with pytest.raises(ConfigError, match=r"MODEL.WEIGHTS='output/stage2_proposals/model_final.pth'.*stage2_proposals"):
         check_stage_weights(_cfg("stage3_ranking"))
-    with pytest.raises(ConfigError, match=r"MODEL.PART_DISTILLATION.INIT_FROM='output/stage2_proposals/model_final.pth'"):
+    with pytest.raises(
+        ConfigError, match=r"MODEL.PART_DISTILLATION.INIT_FROM='output/stage2_proposals/model_final.pth'"
+    ):
         check_stage_weights(_cfg("stage4_distillation"))
     with pytest.raises(ConfigError, match=r"output/stage0_instance"):
         check_stage_weights(_cfg("stage1_pixel_grouping"))

@@ -10,6 +10,7 @@ with the training iterations and seconds and writes it to ``<output>/discovery_t
     python tools/discovery_table.py [--output output/discovery_table] [--methods choudhury21 partformer ...]
         [--stage4-weights output/demo/stage4/model_final.pth] [--max-iter N] [KEY VALUE ...]
 """
+
 import argparse
 import json
 import logging
@@ -42,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--output", default="output/discovery_table", help="checkpoints, logs and the JSON table")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--stage4-weights", default="", help="a PartDistillation (stage-4) checkpoint to score as well")
-    p.add_argument("--max-iter", type=int, default=0, help="override every learned head's SOLVER.MAX_ITER (0 = config's)")
+    p.add_argument(
+        "--max-iter", type=int, default=0, help="override every learned head's SOLVER.MAX_ITER (0 = config's)"
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method (KEY VALUE ...)")
     return p.parse_args(argv)
 
@@ -106,7 +109,9 @@ def main(argv=None):
         rows.append({"method": name, "metrics": metrics, "iterations": iters, "seconds": seconds})
         logger.info("%s: %s", name, {m: round(metrics[m], 2) for m in METRICS})
     if args.stage4_weights:
-        metrics, iters = run_partdistillation(args.stage4_weights, os.path.join(args.output, "partdistillation"), args.opts)
+        metrics, iters = run_partdistillation(
+            args.stage4_weights, os.path.join(args.output, "partdistillation"), args.opts
+        )
         # its training time is the whole pipeline's (make demo), not one head's: reported as 0 here
         rows.append({"method": "partdistillation (stage 4)", "metrics": metrics, "iterations": iters, "seconds": 0.0})
     table = format_table(rows)

@@ -10,6 +10,7 @@ the export size[, object_class int64 [1]]; outputs: a tuple in the order of ``ex
 ``model.onnx`` (with --format onnx), and ``export.json`` (input size, outputs, parity). What the graph holds and
 what stays in Python (post-processing): see part_distillation/engine/export.py and GETTING_STARTED.md.
 """
+
 import argparse
 import json
 import logging
@@ -46,10 +47,16 @@ def _sample(cfg, path):
 
     if not path:
         if not cfg.DATASETS.TEST or cfg.DATASETS.TEST[0] not in DatasetCatalog.list():
-            raise ConfigError("no --sample-image and DATASETS.TEST[0] is not a registered dataset: give --sample-image.")
+            raise ConfigError(
+                "no --sample-image and DATASETS.TEST[0] is not a registered dataset: give --sample-image."
+            )
         path = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
     image = read_image(path, format=cfg.INPUT.FORMAT)
-    image = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST).get_transform(image).apply_image(image)
+    image = (
+        T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        .get_transform(image)
+        .apply_image(image)
+    )
     tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
     return ImageList.from_tensors([tensor], cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY).tensor, path
 
@@ -100,7 +107,9 @@ def main(argv=None) -> dict:
         info["onnx_outputs"] = export_onnx(head, images, tmp, object_class)
         os.replace(tmp, path)
         info["files"]["onnx"] = path
-    atomic_write_bytes(os.path.join(os.path.abspath(args.output), "export.json"), json.dumps(info, indent=1).encode("utf-8"))
+    atomic_write_bytes(
+        os.path.join(os.path.abspath(args.output), "export.json"), json.dumps(info, indent=1).encode("utf-8")
+    )
     logger.info("Exported %s to %s (TorchScript vs eager: max |diff| %s)", cfg.MODEL.META_ARCHITECTURE, args.output,
                 info.get("torchscript_max_abs_diff"))  # fmt: skip
     return info

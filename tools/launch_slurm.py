@@ -17,6 +17,7 @@ requeues the same command with ``--resume``: training continues from OUTPUT_DIR/
 ``--cluster debug`` runs the job in this process (submitit's debug executor; one task), ``--cluster local``
 in a local subprocess: both are for trying a command without a cluster.
 """
+
 import copy
 import importlib.util
 import os

@@ -10,6 +10,7 @@ Writes, for every (object class, part class), a 3×3 collage of random instances
 (``collages/<class>/part_<k>.png``), one ``index.html`` showing all collages per class, and
 ``collages.csv`` for annotators (fill ``consistent`` with yes/no, then run tools/summarize_collages.py).
 """
+
 import argparse
 import json
 import logging
@@ -31,8 +32,13 @@ def parse_args(argv=None):
     src.add_argument("--stage", help="store stage, e.g. ranking")
     src.add_argument("--predictions", help="demo/demo.py's predictions.json (a stage-3/4 model's parts)")
     p.add_argument("--output", required=True, help="folder for index.html, collages.csv and collages/")
-    p.add_argument("--drop-object-like", type=float, default=None, metavar="IOU",
-                   help="drop parts whose IoU with their object exceeds IOU (paper: 0.5); default: keep all")
+    p.add_argument(
+        "--drop-object-like",
+        type=float,
+        default=None,
+        metavar="IOU",
+        help="drop parts whose IoU with their object exceeds IOU (paper: 0.5); default: keep all",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random instance draw")
     p.add_argument("--tile-size", type=int, default=160, help="pixels per tile (a collage is 3x3 tiles)")
     p.add_argument("--title", default="", help="page title (default: the input's name)")

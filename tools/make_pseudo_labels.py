@@ -11,6 +11,7 @@ At the end rank 0 prints a summary, evaluates AR@k of the pseudo-parts against G
 MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET names a dataset with part annotations, and ``--vis N`` renders
 N overlays to OUTPUT_DIR/vis. The driver is :func:`part_distillation.engine.labelling.label_dataset`.
 """
+
 from part_distillation.engine import default_argument_parser, launch_main, setup_cfg
 from part_distillation.engine.labelling import label_dataset
 from part_distillation.utils.compat import quiet_upstream_warnings

@@ -30,6 +30,7 @@ features, and every object pixel gets its nearest prototype (no MODEL.WEIGHTS ne
 The driver is :func:`part_distillation.engine.labelling.rank_and_label`; the per-class K-means and the
 prototypes file are :mod:`part_distillation.clustering.prototypes`.
 """
+
 from part_distillation.engine import default_argument_parser, launch_main, setup_cfg
 from part_distillation.engine.labelling import rank_and_label
 from part_distillation.utils.compat import quiet_upstream_warnings

@@ -16,6 +16,7 @@ next to two baselines scored the same way: raw-RGB K-means per object class (K =
 baseline (K-means of the same features per object class, K = 8, labels used directly and self-trained with
 the stage-4 recipe). It prints one table and writes overlays to ``--output``.
 """
+
 import argparse
 import logging
 import os
@@ -208,10 +209,19 @@ def main(argv=None):
     pictures = render_predictions(cfg0, model0, os.path.join(out, "stage0_predictions"), args.num_vis)
 
     # 1. pixel grouping: val (scored by AR@k), raw-RGB baseline, train (feeds stage 2 and the ranking)
-    stage1 = label("make_pseudo_labels", STAGE1_CONFIG, os.path.join(out, "stage1_val"),
-                   ["DATASETS.PSEUDO_LABEL_ROOT", os.path.join(labels, "val"), *extra], ["--vis", str(args.num_vis)])
-    stage1_rgb = label("make_pseudo_labels", STAGE1_RGB_CONFIG, os.path.join(out, "stage1_val_rgb"),
-                       ["DATASETS.PSEUDO_LABEL_ROOT", os.path.join(labels, "val_rgb"), *extra])
+    stage1 = label(
+        "make_pseudo_labels",
+        STAGE1_CONFIG,
+        os.path.join(out, "stage1_val"),
+        ["DATASETS.PSEUDO_LABEL_ROOT", os.path.join(labels, "val"), *extra],
+        ["--vis", str(args.num_vis)],
+    )
+    stage1_rgb = label(
+        "make_pseudo_labels",
+        STAGE1_RGB_CONFIG,
+        os.path.join(out, "stage1_val_rgb"),
+        ["DATASETS.PSEUDO_LABEL_ROOT", os.path.join(labels, "val_rgb"), *extra],
+    )
     label("make_pseudo_labels", STAGE1_CONFIG, os.path.join(out, "stage1_train"),
           ["DATASETS.PSEUDO_LABEL_ROOT", labels, "DATASETS.TEST", "('toyparts_train',)",
            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", *extra])  # fmt: skip
@@ -227,7 +237,13 @@ def main(argv=None):
 
     # 4. distillation, scored by mIoU-clustered (its final evaluation) and mIoU-mapped
     num_part_classes = load_cfg(STAGE4_CONFIG).MODEL.PART_DISTILLATION.NUM_PART_CLASSES
-    stage4_opts = ["DATASETS.PSEUDO_LABEL_ROOT", labels, "MODEL.PART_DISTILLATION.INIT_FROM", stage2_weights, *args.opts]
+    stage4_opts = [
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        labels,
+        "MODEL.PART_DISTILLATION.INIT_FROM",
+        stage2_weights,
+        *args.opts,
+    ]
     cfg4, model4, stage4 = train(STAGE4_CONFIG, os.path.join(out, "stage4"), stage4_opts, num_part_classes)
     stage4_mapped = evaluate(cfg4, model4, "part_miou_mapped")
     overlays = render_part_predictions(cfg4, model4, os.path.join(out, "stage4_parts"), args.num_vis)

@@ -5,6 +5,7 @@ least 3 consistent parts.
 
     python tools/summarize_collages.py out/collages/collages.csv [--min-consistent 3] [--output summary.json]
 """
+
 import argparse
 import csv
 import json
@@ -38,8 +39,12 @@ def main(argv=None) -> dict:
     summary = summarize_annotations(rows, args.min_consistent, source=args.csv)
     table = [[cid, e["class_name"], e["parts"], e["consistent"]] for cid, e in summary["per_class"].items()]
     print(tabulate(table, headers=["object class", "name", "parts", "consistent"]))
-    print(f"\nconsistent parts: {summary['consistent_parts']} / {summary['parts']} = {summary['consistent_share']:.1f} %")
-    print(f"classes with >= {args.min_consistent} consistent parts: {summary['classes_with_min_consistent']} / {summary['classes']}")
+    print(
+        f"\nconsistent parts: {summary['consistent_parts']} / {summary['parts']} = {summary['consistent_share']:.1f} %"
+    )
+    print(
+        f"classes with >= {args.min_consistent} consistent parts: {summary['classes_with_min_consistent']} / {summary['classes']}"
+    )
     if args.output:
         atomic_write_bytes(os.path.abspath(args.output), json.dumps(summary, indent=1).encode("utf-8"))
     return summary

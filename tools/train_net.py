@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train or evaluate any stage/head of part_distillation; the config decides which.
 
-    python tools/train_net.py --config-file configs/quick_schedules/stage0_instance_toyparts.yaml
-    python tools/train_net.py --config-file CONFIG --num-gpus 8 [--resume] [KEY VALUE ...]
-    python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
+python tools/train_net.py --config-file configs/quick_schedules/stage0_instance_toyparts.yaml
+python tools/train_net.py --config-file CONFIG --num-gpus 8 [--resume] [KEY VALUE ...]
+python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
 """
+
 from detectron2.checkpoint import DetectionCheckpointer
 
 from part_distillation.engine import Trainer, default_argument_parser, launch_main, run_worker, setup_cfg

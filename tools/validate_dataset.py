@@ -35,8 +35,13 @@ def parse_args(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-examples", type=int, default=3, help="examples per check in the table")
     parser.add_argument("--num-parts", type=int, default=4, metavar="K", help="warn about masks of fewer than K pixels")
-    parser.add_argument("--part-coco", action="append", default=[], metavar="NAME,JSON,IMAGE_ROOT[,OBJECTS_NAME]",
-                        help="register your own COCO part dataset first (as config DATASETS.PART_COCO)")
+    parser.add_argument(
+        "--part-coco",
+        action="append",
+        default=[],
+        metavar="NAME,JSON,IMAGE_ROOT[,OBJECTS_NAME]",
+        help="register your own COCO part dataset first (as config DATASETS.PART_COCO)",
+    )
     return parser.parse_args(argv)
 
 

@@ -9,6 +9,7 @@ tools/visualize_data.py).
 ``annotation`` (default) draws the records as stored (parts, objects outlined in white); ``dataloader``
 draws the training mapper's output (after augmentation) of the config's DATASETS.TRAIN.
 """
+
 import argparse
 import itertools
 import logging
@@ -28,7 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--source", choices=["annotation", "dataloader"], default="annotation")
     p.add_argument("--config-file", default="", metavar="FILE", help="config (dataloader mode; its DATASETS.TRAIN)")
     p.add_argument("--dataset", default="", help="registered dataset name (annotation mode)")
-    p.add_argument("--store", nargs=3, metavar=("ROOT", "SOURCE", "STAGE"), help="a pseudo-label store (annotation mode)")
+    p.add_argument(
+        "--store", nargs=3, metavar=("ROOT", "SOURCE", "STAGE"), help="a pseudo-label store (annotation mode)"
+    )
     p.add_argument("--output-dir", required=True)
     p.add_argument("--num", type=int, default=20, help="images to draw (default 20)")
     p.add_argument("--scale", type=float, default=1.0)
@@ -74,16 +77,22 @@ def main(argv=None) -> list:
         else:
             name = args.dataset
         if name not in DatasetCatalog.list():
-            raise ConfigError(f"--dataset {name!r} is not registered; give a registered name or --store ROOT SOURCE STAGE.")
+            raise ConfigError(
+                f"--dataset {name!r} is not registered; give a registered name or --store ROOT SOURCE STAGE."
+            )
         metadata = MetadataCatalog.get(name)
         for i, record in enumerate(tqdm(DatasetCatalog.get(name)[: args.num], desc=name, unit="img")):
             rgb = read_image(record["file_name"], format="RGB")
-            path = os.path.join(args.output_dir, f"{i:05d}_{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
+            path = os.path.join(
+                args.output_dir, f"{i:05d}_{os.path.splitext(os.path.basename(record['file_name']))[0]}.png"
+            )
             _write(path, draw_record(rgb, record, metadata, args.scale))
             written.append(path)
     else:
         if not args.config_file:
-            raise ConfigError("--source dataloader needs --config-file (its DATASETS.TRAIN and INPUT.DATASET_MAPPER_NAME).")
+            raise ConfigError(
+                "--source dataloader needs --config-file (its DATASETS.TRAIN and INPUT.DATASET_MAPPER_NAME)."
+            )
         cfg = check_runtime(load_cfg(args.config_file, args.opts))
         cfg.defrost()
         cfg.DATALOADER.NUM_WORKERS = 0
@@ -105,7 +114,11 @@ def main(argv=None) -> list:
                     masks = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
                     for m, c in zip(masks.numpy(), inst.gt_classes.tolist()):
                         ys, xs = m.nonzero()
-                        box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)] if len(ys) else [0.0] * 4
+                        box = (
+                            [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+                            if len(ys)
+                            else [0.0] * 4
+                        )
                         record["annotations"].append({"segmentation": encode_mask(m), "category_id": int(c),
                                                       "bbox": box, "bbox_mode": BoxMode.XYXY_ABS})  # fmt: skip
                 path = os.path.join(args.output_dir, f"{seen:05d}.png")

@@ -10,6 +10,7 @@ Removes the paper's subtrees ("non-object" / "object without parts" classes), sa
 kept images' lines are written atomically to --out, which ``imagenet_21k_train`` reads as ``train_manifest.tsv``.
 Logic: part_distillation/data/wordnet_filter.py.
 """
+
 import argparse
 import json
 import logging
@@ -23,7 +24,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="full manifest (datasets/prepare_image_list.py)")
     parser.add_argument("--out", required=True, help="manifest subset to write, e.g. <root>/train_manifest.tsv")
-    parser.add_argument("--num-classes", type=int, default=10000, help="random classes kept after the removal (0 = all)")
+    parser.add_argument(
+        "--num-classes", type=int, default=10000, help="random classes kept after the removal (0 = all)"
+    )
     parser.add_argument("--balanced", type=int, default=0, help="N inside + N outside the PartImageNet subtree")
     parser.add_argument("--inside-roots", default=",".join(PARTIMAGENET_ROOTS), help="WordNet synsets of the subtree")
     parser.add_argument("--seed", type=int, default=0)

@@ -8,5 +8,6 @@
 
 It imports only :mod:`part_distillation.structures` and :mod:`part_distillation.utils` from the package.
 """
+
 from .crf import DenseCRFRefiner, PermutohedralLattice, unary_from_labels, unary_from_probs  # noqa: F401
 from .kmeans import KMeansResult, assign, batched_kmeans, pairwise_distance, soft_assign  # noqa: F401

@@ -49,6 +49,7 @@ Distances use ``||x||^2 - 2 x.c + ||c||^2`` in float32 (float64 for float64 inpu
 centred per instance, which, as in scikit-learn, keeps the expansion accurate when features share
 a large offset (e.g. post-ReLU features).
 """
+
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -148,9 +149,7 @@ def assign(x: torch.Tensor, centers: torch.Tensor, metric: str = "l2") -> torch.
     return pairwise_distance(x, centers, metric).argmin(dim=-1)
 
 
-def soft_assign(
-    x: torch.Tensor, centers: torch.Tensor, metric: str = "l2", temperature: float = 1.0
-) -> torch.Tensor:
+def soft_assign(x: torch.Tensor, centers: torch.Tensor, metric: str = "l2", temperature: float = 1.0) -> torch.Tensor:
     """Soft cluster memberships ``softmax_k(-distance(x, c_k) / temperature)``, [..., N, k].
 
     Distances are those of :func:`pairwise_distance` (squared for "l2"), so ``temperature -> 0``

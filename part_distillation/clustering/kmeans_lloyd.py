@@ -7,6 +7,7 @@ faster", SDM 2010), updating cluster sums with the points that moved only; :func
 variant of the projected (low-dimensional) stage. The algorithm and its guarantees are described in
 :mod:`part_distillation.clustering.kmeans`; this module holds no public API of its own.
 """
+
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -387,9 +388,7 @@ def lloyd(
     return final_centers, final_labels, final_inertia, final_iter
 
 
-def plain_lloyd(
-    data: Prepared, centers: torch.Tensor, seed_d2: torch.Tensor, slot_active: torch.Tensor, max_iter: int
-):
+def plain_lloyd(data: Prepared, centers: torch.Tensor, seed_d2: torch.Tensor, slot_active: torch.Tensor, max_iter: int):
     """Plain Lloyd iterations for all restarts of low-dimensional data (the projected stage).
 
     Every iteration recomputes all distances: in a few dozen dimensions that costs less than the

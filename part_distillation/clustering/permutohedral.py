@@ -9,6 +9,7 @@ sliced back. :class:`PermutohedralLattice` builds the lattice of a batch (keys c
 slice matrices). How :class:`~part_distillation.clustering.crf.DenseCRFRefiner` uses it is described in
 :mod:`part_distillation.clustering.crf`.
 """
+
 import math
 import warnings
 from collections import OrderedDict

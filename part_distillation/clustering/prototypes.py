@@ -19,6 +19,7 @@ Prototypes file (``torch.save`` of a dict, written atomically, read with ``weigh
      "num_clusters": long [C],        # effective K per object class (0: no prototypes)
      "num_features": long [C]}        # part features clustered per class
 """
+
 import os
 import pickle
 import tempfile

@@ -8,6 +8,7 @@ train on (all of ``DATASETS.TRAIN``, after its empty-annotation filter) are shuf
 subsamples each dataset's list at load time, before any filtering; with one training dataset whose images
 all have parts (PartImageNet, toyparts) that is the same set.
 """
+
 import difflib
 import logging
 import math

@@ -20,6 +20,7 @@ store part per part category present in the object (instances of the same catego
 ``USE_MERGED_GT``), ``part_class`` = the within-object index k (omitted with ``part_classes=False``: a
 class-agnostic store, as stage 2 trains on). :func:`write_gt_part_store` writes them as a store.
 """
+
 import logging
 from collections import OrderedDict
 
@@ -183,7 +184,9 @@ def gt_part_records(dataset_dicts, metadata, part_classes: bool = True) -> list:
         out["objects"] = objects
         records.append(out)
     if dropped:
-        logger.warning("gt_part_records: dropped %d parts whose category does not belong to their object's class.", dropped)
+        logger.warning(
+            "gt_part_records: dropped %d parts whose category does not belong to their object's class.", dropped
+        )
     return records
 
 

@@ -14,6 +14,7 @@ integer images that hold 16-bit data, as PIL opens some 16-bit PNGs, likewise; f
 
 The EXIF orientation is applied (as detectron2 does), so annotations must be in the rotated frame.
 """
+
 import numpy as np
 from detectron2.data.detection_utils import convert_PIL_to_numpy
 from PIL import Image, ImageOps

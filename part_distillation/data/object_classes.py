@@ -14,6 +14,7 @@ through :data:`PASCAL_SYNSETS`) to the model's class id: the same synset when th
 WordNet hypernym that the model has (ImageNet-21K contains ImageNet-1K, so 1K → 21K is the identity on synsets when
 the model was trained on all 21K classes).
 """
+
 import json
 import logging
 import os
@@ -122,7 +123,7 @@ def read_store_classes(directory: str):
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} cannot be read ({e}); delete it and rerun the stage that wrote the store.")
     if not isinstance(data, dict) or not isinstance(data.get("class_codes"), list):
-        raise ConfigError(f"{path}: expected {{\"class_codes\": [...]}}; rerun the stage that wrote the store.")
+        raise ConfigError(f'{path}: expected {{"class_codes": [...]}}; rerun the stage that wrote the store.')
     return data
 
 
@@ -135,7 +136,9 @@ def store_classes_of_dataset(dataset_name: str):
     codes = meta.get("class_codes", None)
     if codes:
         return list(codes)
-    root, source, stage = (meta.get(k, None) for k in ("pseudo_label_root", "pseudo_label_source", "pseudo_label_stage"))
+    root, source, stage = (
+        meta.get(k, None) for k in ("pseudo_label_root", "pseudo_label_source", "pseudo_label_stage")
+    )
     if root and source and stage:
         data = read_store_classes(os.path.join(root, source, stage))
         return list(data["class_codes"]) if data else None

@@ -746,8 +746,7 @@ class PseudoLabelWriter:
                     index = int(index)
                     if index not in allowed:
                         raise ValueError(
-                            f"dataset index {index} does not belong to shard {k} "
-                            f"({allowed.start}..{allowed.stop - 1})"
+                            f"dataset index {index} does not belong to shard {k} ({allowed.start}..{allowed.stop - 1})"
                         )
                     if last is not None and index <= last:
                         raise ValueError(f"shard {k}: dataset indices must increase, got {index} after {last}")
@@ -890,7 +889,11 @@ def write_shard_counts(shard_dir: str, k: int, counts: dict) -> None:
 def merge_shard_counts(directory: str, shards) -> dict:
     """Skip/drop counts of ``shards`` summed by reason, plus the shards that have no counts file
     (labelled by a version that did not count, or killed between the shard and its counts)."""
-    merged = {"skipped_by_reason": collections.Counter(), "dropped_by_reason": collections.Counter(), "first_skipped": []}
+    merged = {
+        "skipped_by_reason": collections.Counter(),
+        "dropped_by_reason": collections.Counter(),
+        "first_skipped": [],
+    }
     uncounted = []
     for k in shards:
         path = counts_path(os.path.join(directory, "shards"), k)
@@ -1193,8 +1196,13 @@ def register_all_pseudo_label_datasets(root: str, thing_classes=("part",), loade
                 continue
             name = pseudo_label_dataset_name(source, stage)
             register_pseudo_label_dataset(
-                name, root, source, stage, metadata_from=source if source in registered else None,
-                thing_classes=thing_classes, loader=loader,
+                name,
+                root,
+                source,
+                stage,
+                metadata_from=source if source in registered else None,
+                thing_classes=thing_classes,
+                loader=loader,
             )
             names.append(name)
     return names

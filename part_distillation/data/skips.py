@@ -6,6 +6,7 @@ many samples this process skipped for that reason so far (the first few of each 
 power of ten, so a bad dataset cannot flood the log). Labelling (stage 1/3) also counts skips per run and
 per shard in the store (see ``evaluation/pseudo_label_writer.py``); training logs them here.
 """
+
 import logging
 from collections import Counter
 

@@ -29,6 +29,7 @@ store): the training mapper returns None for them and another image is drawn. Wi
 not detectron2's ``MapDataset``, which keeps a Python set of every index (~1 GB per process at 14M images) and
 copies it into a list on each failure.
 """
+
 import collections
 import itertools
 import json

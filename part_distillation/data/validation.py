@@ -397,7 +397,8 @@ def check_load_drops(metadata):
     file = _meta_get(metadata, "json_file") or ""
     return [
         Finding(WARNING, "dropped_at_load", file, f"{n} annotation(s) dropped by the loader: {reason}")
-        for reason, n in sorted(drops.items()) if n
+        for reason, n in sorted(drops.items())
+        if n
     ]
 
 

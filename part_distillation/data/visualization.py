@@ -1,4 +1,5 @@
 """Pictures of pseudo-labels (used by tools/inspect_pseudo_labels.py and tools/make_pseudo_labels.py --vis)."""
+
 import cv2
 import numpy as np
 

@@ -13,6 +13,7 @@ The result is a manifest subset (the lines of ``datasets/prepare_image_list.py``
 written atomically, so ``imagenet_21k_train`` reads it as its ``train_manifest.tsv``. WordNet comes from nltk, offline
 (``make setup`` installs WordNet 3.0 into the venv).
 """
+
 import logging
 import os
 import random
@@ -111,7 +112,9 @@ def manifest_synsets(manifest: str) -> list:
                 continue
             fields = line.rstrip("\n").split("\t")
             if len(fields) < 2:
-                raise ConfigError(f"{manifest}: a line without a synset column; rewrite it with datasets/prepare_image_list.py.")
+                raise ConfigError(
+                    f"{manifest}: a line without a synset column; rewrite it with datasets/prepare_image_list.py."
+                )
             found.add(fields[1])
     return sorted(found)
 
@@ -126,9 +129,10 @@ def filter_manifest(manifest: str, out: str, keep) -> int:
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=out_dir)
     written = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as dst, open(
-            manifest, encoding="utf-8", errors="surrogateescape"
-        ) as src:
+        with (
+            os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as dst,
+            open(manifest, encoding="utf-8", errors="surrogateescape") as src,
+        ):
             for line in src:
                 if line.startswith("#"):
                     dst.write(line)

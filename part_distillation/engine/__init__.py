@@ -1,4 +1,5 @@
 """Training/evaluation engine shared by every stage and head (one Trainer, one config setup)."""
+
 from .setup import (  # noqa: F401
     check_runtime,
     default_argument_parser,

@@ -4,6 +4,7 @@ It reaches the paper's batch (PartDistillation supp. §2: 128; the reference scr
 effective batch = SOLVER.IMS_PER_BATCH × SOLVER.GRAD_ACCUM_STEPS, with the same learning rate.
 DDP synchronises gradients only on the last micro-batch.
 """
+
 import contextlib
 import time
 

@@ -10,6 +10,7 @@ missing file is reported with the command that writes it.
 whose objects carry ImageNet synsets), and refuses labelling an image-level-labelled dataset with ground-truth
 objects it does not have.
 """
+
 import logging
 import os
 
@@ -75,8 +76,10 @@ def _sources(cfg):
 def _give_hint(cfg, module: str) -> str:
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch == "ProposalModel":
-        return ("MODEL.WEIGHTS output/stage0_instance/model_final.pth (the stage-0 instance model, or the COCO "
-                "Mask2Former checkpoint)" + (" and MODEL.PROPOSAL.INIT_FROM the same file" if module == "encoder" else ""))
+        return (
+            "MODEL.WEIGHTS output/stage0_instance/model_final.pth (the stage-0 instance model, or the COCO "
+            "Mask2Former checkpoint)" + (" and MODEL.PROPOSAL.INIT_FROM the same file" if module == "encoder" else "")
+        )
     if arch == "PartDistillationModel":
         return "MODEL.PART_DISTILLATION.INIT_FROM output/stage2_proposals/model_final.pth (the stage-2 model)"
     return "MODEL.WEIGHTS (a checkpoint holding this module)"
@@ -131,7 +134,9 @@ def check_stage_weights(cfg, eval_only: bool = False, resume: bool = False) -> N
 
 def _store_of(name: str):
     meta = MetadataCatalog.get(name)
-    root, source, stage = (meta.get(k, None) for k in ("pseudo_label_root", "pseudo_label_source", "pseudo_label_stage"))
+    root, source, stage = (
+        meta.get(k, None) for k in ("pseudo_label_root", "pseudo_label_source", "pseudo_label_stage")
+    )
     return os.path.join(root, source, stage) if root and source and stage else None
 
 

@@ -188,7 +188,10 @@ def summarize_runs(runs):
         for m in METRICS:
             vals = np.array([r["metrics"][m] for r in rs], dtype=np.float64)
             entry[m] = {
-                "mean": float(vals.mean()), "std": float(vals.std()), "min": float(vals.min()), "max": float(vals.max())
+                "mean": float(vals.mean()),
+                "std": float(vals.std()),
+                "min": float(vals.min()),
+                "max": float(vals.max()),
             }
         summary[name] = entry
     return summary

@@ -22,6 +22,7 @@ Not exportable, and why:
 * the traced graph is specialised to the traced input's height and width (sizes read from ``.shape``
   become constants, e.g. in the deformable attention's level shapes): export at the padded size you serve.
 """
+
 import logging
 import warnings
 
@@ -107,7 +108,9 @@ def export_onnx(head: ExportableHead, images: torch.Tensor, path: str, object_cl
     names = ["pred_logits", "pred_masks"] + (["query_feats", "part_logits"] if head.part_classifier is not None else [])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(adapter, adapter.flattened_inputs, path, opset_version=opset, output_names=names, dynamo=False)
+        torch.onnx.export(
+            adapter, adapter.flattened_inputs, path, opset_version=opset, output_names=names, dynamo=False
+        )
     return names
 
 

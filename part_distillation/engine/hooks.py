@@ -1,4 +1,5 @@
 """Training hooks of the one Trainer."""
+
 import logging
 
 import numpy as np
@@ -35,7 +36,9 @@ class PredictionImagesHook(HookBase):
             try:
                 import wandb
             except ImportError:
-                logger.warning("VIS.WANDB is set but wandb is not installed: prediction pictures go to TensorBoard only.")
+                logger.warning(
+                    "VIS.WANDB is set but wandb is not installed: prediction pictures go to TensorBoard only."
+                )
             else:
                 self._wandb = wandb
 
@@ -60,7 +63,9 @@ class PredictionImagesHook(HookBase):
                 rgb = image_to_rgb(x["image"].permute(1, 2, 0).numpy(), self._cfg.INPUT.FORMAT)
                 picture = draw_predictions(rgb, output)
                 name = f"predictions/{self._dataset_name}/{i}"
-                self.trainer.storage.put_image(name, torch.from_numpy(np.ascontiguousarray(picture.transpose(2, 0, 1))).float() / 255.0)
+                self.trainer.storage.put_image(
+                    name, torch.from_numpy(np.ascontiguousarray(picture.transpose(2, 0, 1))).float() / 255.0
+                )
                 if self._wandb is not None and getattr(self._wandb, "run", None) is not None:
                     self._wandb.log({name: self._wandb.Image(picture)}, step=self.trainer.iter)
         finally:

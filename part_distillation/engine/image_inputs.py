@@ -1,4 +1,5 @@
 """Inputs and outputs of ``demo/demo.py``: image lists, COCO object-mask files, prediction records."""
+
 import glob
 import json
 import logging
@@ -31,7 +32,9 @@ def expand_inputs(inputs) -> list:
         else:
             found = sorted(p for p in glob.glob(os.path.expanduser(item)) if os.path.isfile(p))
         if not found:
-            raise UserError(f"--input {item!r} matches no image file (give files, folders or quoted patterns like \"*.jpg\").")
+            raise UserError(
+                f'--input {item!r} matches no image file (give files, folders or quoted patterns like "*.jpg").'
+            )
         paths += found
     seen, out = set(), []
     for p in paths:
@@ -66,7 +69,11 @@ class CocoObjectMasks:
             raise ConfigError(f"--object-masks {path!r} does not exist.")
         except json.JSONDecodeError as e:
             raise ConfigError(f"--object-masks {path!r} is not valid JSON ({e}).")
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)
+        ):
             raise ConfigError(
                 f"--object-masks {path}: expected a COCO instances file with 'images' (id, file_name) and "
                 "'annotations' (image_id, segmentation)."

@@ -27,6 +27,7 @@
 Both record :func:`label_config` (the config groups that change the labels) as the store's identity, so a
 resumed run with other labels is refused.
 """
+
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ def evaluate_store_ar(reader: PseudoLabelReader, parts_dataset: str) -> dict:
             raise ConfigError(
                 f"MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET={parts_dataset!r} has no image {record['image_id']!r} of the "
                 "labelled dataset; name the part view of the same images (e.g. toyparts_parts_train for toyparts_train) "
-                "or set it to \"\" to skip the evaluation."
+                'or set it to "" to skip the evaluation.'
             )
         parts = [p for obj in record["objects"] for p in obj["parts"]]
         h, w = record["height"], record["width"]
@@ -112,7 +113,9 @@ def evaluate_store_ar(reader: PseudoLabelReader, parts_dataset: str) -> dict:
             else torch.zeros((0, h, w), dtype=torch.bool)
         )
         scores = torch.tensor([p["score"] for p in parts], dtype=torch.float32)
-        evaluator.process([{"image_id": record["image_id"]}], [{"instances": Instances((h, w), pred_masks=masks, scores=scores)}])
+        evaluator.process(
+            [{"image_id": record["image_id"]}], [{"instances": Instances((h, w), pred_masks=masks, scores=scores)}]
+        )
     return evaluator.evaluate()["part_proposals"]
 
 
@@ -148,7 +151,11 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
         dicts, indices, build_dataset_mapper(cfg, is_train=False),
         batch_size=batch, num_workers=cfg.DATALOADER.NUM_WORKERS,
     )  # fmt: skip
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
+    results = inference_on_dataset(
+        SkipAwareModel(model),
+        loader,
+        PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION),
+    )
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]
@@ -157,7 +164,11 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
     if cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET:
         ar = evaluate_store_ar(reader, cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET)
         summary["ar"] = ar
-        rows += [[f"{k} ({cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET})", f"{ar[k]:.2f}"] for k in ar if "-" not in k and k.startswith("AR@")]
+        rows += [
+            [f"{k} ({cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET})", f"{ar[k]:.2f}"]
+            for k in ar
+            if "-" not in k and k.startswith("AR@")
+        ]
     if vis:
         vis_dir = os.path.join(cfg.OUTPUT_DIR, "vis")
         os.makedirs(vis_dir, exist_ok=True)
@@ -288,7 +299,11 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
     )  # fmt: skip
     indices = writer.pending_indices(rank=rank, world_size=world)
     loader = build_labelling_loader(dicts, indices, mapper, 1, cfg.DATALOADER.NUM_WORKERS)
-    results = inference_on_dataset(SkipAwareModel(model), loader, PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION))
+    results = inference_on_dataset(
+        SkipAwareModel(model),
+        loader,
+        PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION),
+    )
     if not comm.is_main_process():
         return {}
     summary = results["pseudo_labels"]

@@ -1,4 +1,5 @@
 """Optimizer as Mask2Former builds it: per-parameter LR/decay groups, full-model gradient clipping."""
+
 import itertools
 import logging
 

@@ -15,6 +15,7 @@ Objects come from (in this order) the caller (``object_masks``), the model itsel
 ``MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE model``/``detic``), or the whole image as one object; the
 result says which (``object_source``).
 """
+
 import logging
 
 import numpy as np
@@ -102,7 +103,11 @@ class PartPredictor:
         image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
         transform = self._resize(image)
         resized = transform.apply_image(np.ascontiguousarray(image))
-        inputs = {"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))), "height": height, "width": width}
+        inputs = {
+            "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+            "height": height,
+            "width": width,
+        }
         if object_masks is None and self.model_finds_objects:
             source = OBJECTS_MODEL
         else:
@@ -116,22 +121,40 @@ class PartPredictor:
                     raise ValueError(f"object_masks must be (M, {height}, {width}), got {object_masks.shape}")
             inputs["objects"] = _objects_instances(object_masks, object_classes, object_scores, transform)
         raw = self.model([inputs])[0]
-        objects, parts = _standardise(raw, inputs.get("objects"), object_masks, object_classes, object_scores, (height, width))
+        objects, parts = _standardise(
+            raw, inputs.get("objects"), object_masks, object_classes, object_scores, (height, width)
+        )
         # stage 1 segments, stage 2 proposals and stage 3 without prototypes carry no part classes
         class_agnostic = (
-            self.meta_arch == "PixelGroupingModel" or "part_instances" not in raw or not raw["part_instances"].has("pred_classes")
+            self.meta_arch == "PixelGroupingModel"
+            or "part_instances" not in raw
+            or not raw["part_instances"].has("pred_classes")
         )
-        return {"objects": objects, "parts": parts, "object_source": source, "class_agnostic": class_agnostic, "raw": raw}
+        return {
+            "objects": objects,
+            "parts": parts,
+            "object_source": source,
+            "class_agnostic": class_agnostic,
+            "raw": raw,
+        }
 
 
 def _objects_instances(masks: np.ndarray, classes, scores, transform) -> Instances:
     """Object masks at the original size → the ``objects`` input (``gt_masks`` at the resized size)."""
     resized = [transform.apply_segmentation(m.astype(np.uint8)) for m in masks]
-    new_hw = resized[0].shape[:2] if resized else transform.apply_image(np.zeros((masks.shape[1], masks.shape[2], 3), np.uint8)).shape[:2]
+    new_hw = (
+        resized[0].shape[:2]
+        if resized
+        else transform.apply_image(np.zeros((masks.shape[1], masks.shape[2], 3), np.uint8)).shape[:2]
+    )
     inst = Instances(tuple(new_hw))
-    inst.gt_masks = torch.from_numpy(np.stack(resized).astype(bool)) if resized else torch.zeros((0, *new_hw), dtype=torch.bool)
+    inst.gt_masks = (
+        torch.from_numpy(np.stack(resized).astype(bool)) if resized else torch.zeros((0, *new_hw), dtype=torch.bool)
+    )
     n = len(masks)
-    inst.gt_classes = torch.as_tensor(np.asarray(classes if classes is not None else [-1] * n, dtype=np.int64).reshape(n))
+    inst.gt_classes = torch.as_tensor(
+        np.asarray(classes if classes is not None else [-1] * n, dtype=np.int64).reshape(n)
+    )
     inst.scores = torch.as_tensor(np.asarray(scores if scores is not None else [1.0] * n, dtype=np.float32).reshape(n))
     return inst
 
@@ -152,8 +175,12 @@ def _standardise(raw: dict, objects_in, object_masks, object_classes, object_sco
         n = len(object_masks)
         objects = Instances(hw)
         objects.pred_masks = torch.from_numpy(np.asarray(object_masks, dtype=bool))
-        objects.scores = torch.as_tensor(np.asarray(object_scores if object_scores is not None else [1.0] * n, np.float32).reshape(n))
-        objects.pred_classes = torch.as_tensor(np.asarray(object_classes if object_classes is not None else [-1] * n, np.int64).reshape(n))
+        objects.scores = torch.as_tensor(
+            np.asarray(object_scores if object_scores is not None else [1.0] * n, np.float32).reshape(n)
+        )
+        objects.pred_classes = torch.as_tensor(
+            np.asarray(object_classes if object_classes is not None else [-1] * n, np.int64).reshape(n)
+        )
     if "part_instances" in raw:
         p = raw["part_instances"].to("cpu")
         masks = _bool_masks(p.pred_masks)
@@ -163,7 +190,11 @@ def _standardise(raw: dict, objects_in, object_masks, object_classes, object_sco
     else:  # class-agnostic proposals: each goes to the object it overlaps most (dropped if none)
         p = raw["instances"].to("cpu")
         masks = _bool_masks(p.pred_masks)
-        inter = (masks.flatten(1).float() @ objects.pred_masks.flatten(1).float().T) if len(objects) else torch.zeros(len(p), 0)
+        inter = (
+            (masks.flatten(1).float() @ objects.pred_masks.flatten(1).float().T)
+            if len(objects)
+            else torch.zeros(len(p), 0)
+        )
         keep = inter.amax(1) > 0 if inter.shape[1] else torch.zeros(len(p), dtype=torch.bool)
         owner = inter.argmax(1)[keep] if inter.shape[1] else torch.zeros(0, dtype=torch.long)
         masks = masks[keep]

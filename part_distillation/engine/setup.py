@@ -1,4 +1,5 @@
 """Config set-up and the command-line wrapper shared by every tool."""
+
 import argparse
 import functools
 import logging
@@ -13,8 +14,14 @@ from ..config import load_cfg
 from ..utils.errors import ConfigError, UserError
 
 __all__ = [
-    "default_argument_parser", "load_cfg", "check_runtime", "check_checkpoints", "check_checkpoint_file", "setup_cfg",
-    "run_cli", "run_worker",
+    "default_argument_parser",
+    "load_cfg",
+    "check_runtime",
+    "check_checkpoints",
+    "check_checkpoint_file",
+    "setup_cfg",
+    "run_cli",
+    "run_worker",
 ]
 
 
@@ -59,7 +66,7 @@ def check_checkpoint_file(path: str, key: str) -> None:
     if not os.path.isfile(path):
         raise ConfigError(
             f"{key}={path!r} does not exist; train the stage that writes it (its OUTPUT_DIR/model_final.pth), "
-            f"fix the path, or set {key} \"\"."
+            f'fix the path, or set {key} "".'
         )
     with open(path, "rb") as f:
         head = f.read(4)
@@ -68,7 +75,11 @@ def check_checkpoint_file(path: str, key: str) -> None:
     else:
         ok = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # pickle protocol 2..5
     if not ok:
-        what = "empty" if not head else ("a truncated zip archive" if head.startswith(b"PK") else "not a PyTorch/pickle file")
+        what = (
+            "empty"
+            if not head
+            else ("a truncated zip archive" if head.startswith(b"PK") else "not a PyTorch/pickle file")
+        )
         raise ConfigError(
             f"{key}={path!r} is not a readable checkpoint ({what}); re-download it or point {key} at a "
             "model_final.pth written by tools/train_net.py (or a model-zoo .pkl)."

@@ -8,6 +8,7 @@ hands the evaluator only the evaluated images and adds ``num_images_skipped`` to
 The rule, the same for every evaluator and for stage-1 and stage-2 AR: a skipped image is left out of the
 metric entirely (its ground truth too), and the number of such images is reported next to the metric.
 """
+
 import copy
 
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators

@@ -1,4 +1,5 @@
 """The one Trainer used by every stage and head (selected by config, not by script)."""
+
 import contextlib
 import functools
 import logging
@@ -188,7 +189,9 @@ class Trainer(DefaultTrainer):
             train_loop_logger.removeFilter(quiet)
             skipped = {k: v - skips_before.get(k, 0) for k, v in skip_counts().items() if v > skips_before.get(k, 0)}
             if skipped:  # counted in this process (with DATALOADER.NUM_WORKERS > 0 the workers log their own)
-                logging.getLogger(__name__).warning("Samples skipped or dropped during training, by reason: %s", skipped)
+                logging.getLogger(__name__).warning(
+                    "Samples skipped or dropped during training, by reason: %s", skipped
+                )
         return results if results is not None else getattr(self, "_last_eval_results", None)
 
 

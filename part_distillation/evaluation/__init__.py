@@ -2,6 +2,7 @@
 
 Each evaluator module registers a builder for an ``evaluator_type`` (dataset metadata) on import.
 """
+
 from .build import EVALUATOR_BUILDERS, build_evaluator, register_evaluator  # noqa: F401
 from .proposal_ar import ProposalAREvaluator  # noqa: F401
 from .part_miou import PartMIoUEvaluator  # noqa: F401

@@ -1,4 +1,5 @@
 """Evaluator dispatch on the dataset's ``evaluator_type`` metadata."""
+
 import os
 
 from detectron2.data import MetadataCatalog
@@ -51,6 +52,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     for t in types:
         if t not in EVALUATOR_BUILDERS:
             known = ", ".join(sorted(EVALUATOR_BUILDERS))
-            raise ConfigError(f"Dataset {dataset_name!r} has evaluator_type {t!r}, which is not registered; known: {known}.")
+            raise ConfigError(
+                f"Dataset {dataset_name!r} has evaluator_type {t!r}, which is not registered; known: {known}."
+            )
         evaluators.append(EVALUATOR_BUILDERS[t](cfg, dataset_name, output_folder))
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

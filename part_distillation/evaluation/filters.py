@@ -1,4 +1,5 @@
 """Filters on part predictions, shared by evaluators and tools (pure functions, no I/O)."""
+
 import numpy as np
 
 __all__ = ["mask_iou_with_objects", "drop_object_like_parts"]
@@ -25,7 +26,9 @@ def mask_iou_with_objects(part_masks, object_masks, object_index) -> np.ndarray:
         (P,) float64 IoUs (0 for an empty part and an empty object).
     """
     parts, objects = _flat(part_masks), _flat(object_masks)
-    owner = np.asarray(object_index.detach().cpu().numpy() if hasattr(object_index, "detach") else object_index, dtype=np.int64)
+    owner = np.asarray(
+        object_index.detach().cpu().numpy() if hasattr(object_index, "detach") else object_index, dtype=np.int64
+    )
     owner = owner.reshape(-1)
     if len(owner) != len(parts):
         raise ValueError(f"object_index has {len(owner)} entries for {len(parts)} part masks")

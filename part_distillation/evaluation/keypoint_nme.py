@@ -38,6 +38,7 @@ Landmarks: ``inputs[i]["keypoints"]`` (``KeypointDatasetMapper``, K×3 output pi
 height/width; the GT box is mapped with ``inputs[i]["transform"]``), else the record's ``keypoints``
 (original pixels, frame = ``orig_size`` / record height/width). Visibility > 0.5.
 """
+
 import itertools
 import logging
 import os

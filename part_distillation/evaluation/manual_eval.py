@@ -13,6 +13,7 @@ ranked (stage-3) store, a stage-4 store, or predictions converted by :func:`reco
 Instances are drawn by reservoir sampling with a seeded generator while the records stream by, so memory
 holds 9 instances per (object class, part class) whatever the store's size, and reruns draw the same ones.
 """
+
 import csv
 import html
 import io
@@ -87,7 +88,9 @@ def sample_part_instances(records, per_part: int = 9, seed: int = 0, max_object_
             keep = np.ones(len(parts), bool)
             if max_object_iou is not None:
                 part_masks = np.stack([decode_mask(p["segmentation"]) for p in parts])
-                keep = drop_object_like_parts(part_masks, decode_mask(obj["segmentation"])[None], np.zeros(len(parts), int), max_object_iou)
+                keep = drop_object_like_parts(
+                    part_masks, decode_mask(obj["segmentation"])[None], np.zeros(len(parts), int), max_object_iou
+                )
                 stats["dropped_object_like"] += int((~keep).sum())
             for part, kept in zip(parts, keep):
                 stats["parts"] += 1
@@ -189,11 +192,11 @@ window.addEventListener("load", function () {
 
 def _index_html(title: str, sections, summary: str) -> str:
     out = io.StringIO()
-    out.write("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">")
+    out.write('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">')
     out.write(f"<title>{html.escape(title)}</title>\n<style>body{{font-family:sans-serif;margin:16px}}"
               "figure{display:inline-block;margin:6px;text-align:center}figure img{width:256px;height:256px;"
               "border:1px solid #ccc}h2{margin-top:28px}</style></head>\n<body>\n")  # fmt: skip
-    out.write(f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(summary)}</p>\n<p id=\"status\"></p>\n")
+    out.write(f'<h1>{html.escape(title)}</h1>\n<p>{html.escape(summary)}</p>\n<p id="status"></p>\n')
     out.write("<p>Each collage shows random instances of one discovered part (red) of one object class. "
               "In collages.csv answer <b>consistent</b> = yes when the red region is the same part in "
               "(nearly) all instances, else no.</p>\n")  # fmt: skip
@@ -215,7 +218,7 @@ def write_collages(samples, counts, out_dir: str, class_names=None, title="Disco
     """
     names = class_names or {}
     by_class = {}
-    for (obj_cls, part_cls) in sorted(samples):
+    for obj_cls, part_cls in sorted(samples):
         by_class.setdefault(obj_cls, []).append(part_cls)
     rows, sections, cache, skipped = [], [], {}, 0
     keys = [(o, p) for o in sorted(by_class) for p in by_class[o]]
@@ -239,7 +242,11 @@ def write_collages(samples, counts, out_dir: str, class_names=None, title="Disco
         rows.append({"object_class": obj_cls, "class_name": name, "part_class": part_cls,
                      "num_instances": counts[(obj_cls, part_cls)], "collage": rel, "consistent": ""})  # fmt: skip
     for obj_cls in sorted(by_class):
-        figures = [(r["collage"], f"part {r['part_class']} ({r['num_instances']} instances)") for r in rows if r["object_class"] == obj_cls]
+        figures = [
+            (r["collage"], f"part {r['part_class']} ({r['num_instances']} instances)")
+            for r in rows
+            if r["object_class"] == obj_cls
+        ]
         if figures:
             sections.append((f"{names.get(obj_cls) or f'class {obj_cls}'} (id {obj_cls})", figures))
     os.makedirs(out_dir, exist_ok=True)
@@ -252,7 +259,13 @@ def write_collages(samples, counts, out_dir: str, class_names=None, title="Disco
     writer.writerows(rows)
     csv_path = os.path.join(out_dir, "collages.csv")
     atomic_write_bytes(csv_path, buf.getvalue().encode("utf-8"))
-    return {"collages": len(rows), "classes": len(sections), "skipped_instances": skipped, "index": index, "csv": csv_path}
+    return {
+        "collages": len(rows),
+        "classes": len(sections),
+        "skipped_instances": skipped,
+        "index": index,
+        "csv": csv_path,
+    }
 
 
 _YES, _NO = {"yes", "y", "1", "true", "consistent"}, {"no", "n", "0", "false", "inconsistent"}
@@ -280,8 +293,12 @@ def summarize_annotations(rows, min_consistent: int = 3, source: str = "collages
         for key in ("object_class", "consistent"):
             if key not in row:
                 raise UserError(f"{source}: column {key!r} is missing; annotate the CSV that make_collages.py wrote.")
-        answer = parse_answer(row["consistent"], f"{source} row {i + 2} (class {row['object_class']}, part {row.get('part_class')})")
-        entry = per_class.setdefault(str(row["object_class"]), {"class_name": row.get("class_name", ""), "parts": 0, "consistent": 0})
+        answer = parse_answer(
+            row["consistent"], f"{source} row {i + 2} (class {row['object_class']}, part {row.get('part_class')})"
+        )
+        entry = per_class.setdefault(
+            str(row["object_class"]), {"class_name": row.get("class_name", ""), "parts": 0, "consistent": 0}
+        )
         entry["parts"] += 1
         entry["consistent"] += int(answer)
     parts = sum(e["parts"] for e in per_class.values())

@@ -55,6 +55,7 @@ channels of ``part_probs`` (else ``part_seg``, as above). Landmarks come from ``
 record (original pixels; size ``orig_size`` / record height/width); points outside the image are skipped.
 Which crop/resize defines "FG" vs "full" (e.g. Choudhury's bbox crop for FG) is the mapper's choice.
 """
+
 import itertools
 import logging
 from collections import OrderedDict

@@ -68,6 +68,7 @@ the GT objects in :func:`~part_distillation.data.dataset_mappers.part_eval.group
 ``object_matching="iou"``, to ``outputs[i]["instances"]`` whose masks are matched one-to-one to the GT
 objects (IoU ≥ 0.5, greedy by IoU). Predictions are resized (nearest) to the GT size if needed.
 """
+
 import itertools
 import json
 import logging

@@ -17,6 +17,7 @@ Differences from the reference implementation, on purpose: the reference matches
 by IoU once (detectron2's box-proposal recall) and skips images without predictions; COCOeval's protocol
 counts such GT parts as missed, which is what a recall should do.
 """
+
 import itertools
 import logging
 from collections import OrderedDict, defaultdict

@@ -10,6 +10,7 @@ Object classes: a store written from an image-level-labelled dataset (ImageNet f
 that later stages (and zero-shot evaluation) know which synset each class id (``category_id``) stands for. A
 store written from another store of the same source (stage 3 from stage 1) copies that store's list.
 """
+
 import os
 import logging
 import time
@@ -37,6 +38,7 @@ DEFAULT_MAX_SKIPPED_FRACTION = 0.5
 class LabellingFailedError(UserError):
     """A labelling run produced a store no later stage should use (nothing labelled, or too much skipped)."""
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,7 +49,11 @@ def outputs_to_record(inp: dict, out: dict) -> dict:
     owner = parts.object_index.numpy() if len(parts) else np.zeros(0, dtype=np.int64)
     part_masks = parts.pred_masks.numpy() if len(parts) else None
     part_scores = parts.scores.numpy() if len(parts) else None
-    obj_masks, obj_scores, obj_classes = objects.pred_masks.numpy(), objects.scores.numpy(), objects.pred_classes.numpy()
+    obj_masks, obj_scores, obj_classes = (
+        objects.pred_masks.numpy(),
+        objects.scores.numpy(),
+        objects.pred_classes.numpy(),
+    )
     # Ranked parts (stage 3) carry soft_scores; only then are pred_classes their part classes (stage-1
     # part_instances have pred_classes 0 and no part_class).
     ranked = len(parts) > 0 and parts.has("soft_scores")
@@ -59,10 +65,14 @@ def outputs_to_record(inp: dict, out: dict) -> dict:
         obj_parts = [
             make_part(part_masks[p], score=float(part_scores[p]))
             if not ranked
-            else make_part(part_masks[p], score=float(part_scores[p]), part_class=int(part_classes[p]), soft_scores=part_soft[p])
+            else make_part(
+                part_masks[p], score=float(part_scores[p]), part_class=int(part_classes[p]), soft_scores=part_soft[p]
+            )
             for p in mine
         ]
-        records.append(make_object(obj_masks[j], obj_parts, score=float(obj_scores[j]), category_id=int(obj_classes[j])))
+        records.append(
+            make_object(obj_masks[j], obj_parts, score=float(obj_scores[j]), category_id=int(obj_classes[j]))
+        )
     h, w = objects.image_size
     record = {"image_id": inp["image_id"], "file_name": inp["file_name"], "height": h, "width": w, "objects": records}
     if "class_code" in inp:
@@ -80,7 +90,9 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
     or skipped more than ``max_skipped_fraction`` of its images, fails (:func:`check_labelling_outcome`).
     """
 
-    def __init__(self, writer: PseudoLabelWriter, class_codes=None, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION):
+    def __init__(
+        self, writer: PseudoLabelWriter, class_codes=None, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION
+    ):
         """``class_codes``: the synset of each object class id to store with the labels; None = the source
         dataset's when it has image-level labels, else a sibling store's ``object_classes.json``, else none.
         ``max_skipped_fraction``: see :func:`check_labelling_outcome`."""
@@ -169,7 +181,9 @@ def check_labelling_outcome(writer: PseudoLabelWriter, manifest: dict, summary: 
     from detectron2.data import MetadataCatalog
 
     counts = merge_shard_counts(writer.dir, [s["shard"] for s in manifest["shards"]])
-    load_drops = MetadataCatalog.get(writer.source).get("load_drops", None) if writer.source in MetadataCatalog else None
+    load_drops = (
+        MetadataCatalog.get(writer.source).get("load_drops", None) if writer.source in MetadataCatalog else None
+    )
     counts["dropped_at_load"] = dict(load_drops or {})
     n = manifest["num_images_expected"] or 0
     labelled = manifest["num_images"]

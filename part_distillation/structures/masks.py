@@ -3,6 +3,7 @@ the tensor helpers the models share (object masks at an output size, masks on a 
 
 Used by the mappers, the models, the evaluators, the pseudo-label store and the validator.
 """
+
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
@@ -40,7 +41,10 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
         if isinstance(counts, list):
             rle = mask_util.frPyObjects(segmentation, height, width)
         else:
-            rle = {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            rle = {
+                "size": list(segmentation["size"]),
+                "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+            }
     else:
         raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
     return rle
@@ -79,7 +83,11 @@ def rle_area(rle: dict) -> int:
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed: alternating runs of 0s and 1s
         return int(sum(counts[1::2]))
-    return int(mask_util.area({"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+    return int(
+        mask_util.area(
+            {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------

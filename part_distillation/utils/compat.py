@@ -2,6 +2,7 @@
 
 Each shim is idempotent and only touches what is broken; see INSTALL.md for the failure it fixes.
 """
+
 import sys
 import types
 

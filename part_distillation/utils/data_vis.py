@@ -1,5 +1,6 @@
 """Pictures of dataset records and model predictions with detectron2's ``Visualizer``
 (tools/visualize_data.py and :class:`~part_distillation.engine.hooks.PredictionImagesHook`)."""
+
 import cv2
 import numpy as np
 import torch

@@ -6,6 +6,7 @@ two objects' "segment 1" share a colour but are not the same part. Colours come 
 ``colormap`` (distinct, saturated). The legend swatches are drawn in exactly the legend's colours; inside a
 part the picture is ``(1 - ALPHA) · image + ALPHA · colour``.
 """
+
 import cv2
 import numpy as np
 from detectron2.utils.colormap import colormap

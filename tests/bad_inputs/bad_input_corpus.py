@@ -4,6 +4,7 @@ Every case is a folder ``<root>/<case>/`` with ``images/`` and ``parts.json`` (4
 object per image made of two parts) in which one thing is broken. Nothing here is committed as a binary:
 the tests build the corpus in a temporary folder.
 """
+
 import copy
 import io
 import json

@@ -10,6 +10,7 @@ Outcome classes (the table's cells):
 Every run also checks that no partial output is left: a failed run leaves no ``model_final.pth`` and no
 store that a later stage would accept.
 """
+
 import contextlib
 import io
 import os
@@ -93,8 +94,17 @@ def _parse(module, argv):
         sys.argv = old
 
 
-def label(dataset, store_root, out_dir, extra=(), config=STAGE1, module=make_pseudo_labels, stage="grouping",
-          eval_parts="", resume=False):
+def label(
+    dataset,
+    store_root,
+    out_dir,
+    extra=(),
+    config=STAGE1,
+    module=make_pseudo_labels,
+    stage="grouping",
+    eval_parts="",
+    resume=False,
+):
     argv = ["--config-file", config, *(["--resume"] if resume else []), "--shard-size", "2", "--stage", stage, *TINY,
             "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", eval_parts,
             "DATASETS.PSEUDO_LABEL_ROOT", str(store_root), "OUTPUT_DIR", str(out_dir), "DATASETS.TEST", f"('{dataset}',)",

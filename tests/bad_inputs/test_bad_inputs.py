@@ -7,6 +7,7 @@ upstream ones wrote for the same case: stage 1 labels the case's object view, st
 and evaluates AR on the case's part view, rank_parts ranks the store with the clean stage-2 checkpoint,
 stage 4 trains on the ranked store and evaluates mIoU on the case's part view.
 """
+
 import os
 import shutil
 
@@ -91,19 +92,42 @@ def corpus(tmp_path_factory, datasets_root):
 
 
 def _stage0_opts(dataset):
-    return ["DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", "()", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1",
-            "SOLVER.IMS_PER_BATCH", str(4)]  # a batch of 4 = one epoch of the 4 images: every image is read
+    return [
+        "DATASETS.TRAIN",
+        f"('{dataset}',)",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "1",
+        "SOLVER.IMS_PER_BATCH",
+        str(4),
+    ]  # a batch of 4 = one epoch of the 4 images: every image is read
 
 
 def _stage2_opts(store_root, case):
-    return ["DATASETS.PSEUDO_LABEL_ROOT", store_root, "DATASETS.TRAIN", f"('bi_{case}_pseudo_grouping',)",
-            "DATASETS.TEST", f"('bi_{case}_parts',)"]
+    return [
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        store_root,
+        "DATASETS.TRAIN",
+        f"('bi_{case}_pseudo_grouping',)",
+        "DATASETS.TEST",
+        f"('bi_{case}_parts',)",
+    ]
 
 
 def _stage4_opts(store_root, case):
-    return ["DATASETS.PSEUDO_LABEL_ROOT", store_root, "DATASETS.TRAIN", f"('bi_{case}_pseudo_ranking',)",
-            "DATASETS.TEST", f"('bi_{case}_parts',)", "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES", "1",
-            "MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO", "0.0"]  # the untrained ranking keeps small parts
+    return [
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        store_root,
+        "DATASETS.TRAIN",
+        f"('bi_{case}_pseudo_ranking',)",
+        "DATASETS.TEST",
+        f"('bi_{case}_parts',)",
+        "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES",
+        "1",
+        "MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO",
+        "0.0",
+    ]  # the untrained ranking keeps small parts
 
 
 def _assert_no_usable_store(store_root, source, stage):
@@ -161,7 +185,9 @@ def clean(corpus):
 def _check_row(case, row):
     RESULTS[case] = row
     got = {entry: row[entry].outcome for entry in ENTRY_POINTS}
-    assert got == EXPECTED[case], {e: (row[e].outcome, row[e].message) for e in ENTRY_POINTS if got[e] != EXPECTED[case][e]}
+    assert got == EXPECTED[case], {
+        e: (row[e].outcome, row[e].message) for e in ENTRY_POINTS if got[e] != EXPECTED[case][e]
+    }
     for entry in ENTRY_POINTS:
         result = row[entry]
         if result.outcome == "error":
@@ -182,8 +208,14 @@ def test_data_case(corpus, clean, case):
     row = run_data_case(corpus, case, clean)
     _check_row(case, row)
     folder = os.path.join(corpus, case)
-    if EXPECTED[case]["stage1"] == "error" and case in ("truncated_json", "duplicate_ann_ids", "unknown_category",
-                                                        "no_segmentation", "nan_bbox", "negative_bbox"):
+    if EXPECTED[case]["stage1"] == "error" and case in (
+        "truncated_json",
+        "duplicate_ann_ids",
+        "unknown_category",
+        "no_segmentation",
+        "nan_bbox",
+        "negative_bbox",
+    ):
         for entry in ("validate", "stage1", "stage0", "stage2", "stage4"):  # the message names the JSON file
             assert os.path.join(folder, "parts.json") in row[entry].message, (entry, row[entry].message)
 
@@ -256,7 +288,9 @@ def _config_case_row(tmp, case, clean):
         if row[entry].outcome == "error":
             assert names in row[entry].message, (entry, row[entry].message)
     if case in ("missing_checkpoint", "garbage_checkpoint"):  # also under --eval-only
-        res = ep.train(configs["stage2"], os.path.join(tmp, "o2e"), _stage2_opts(store, "clean") + extra, eval_only=True)
+        res = ep.train(
+            configs["stage2"], os.path.join(tmp, "o2e"), _stage2_opts(store, "clean") + extra, eval_only=True
+        )
         assert res.outcome == "error" and path in res.message, res
     return row
 
@@ -356,11 +390,20 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = [
-        ["tools/validate_dataset.py", "--part-coco", f"mine,{bad_json},{tmp_path}", "--dataset", "mine", "--no-progress"],
+        [
+            "tools/validate_dataset.py",
+            "--part-coco",
+            f"mine,{bad_json},{tmp_path}",
+            "--dataset",
+            "mine",
+            "--no-progress",
+        ],
         ["tools/train_net.py", "--config-file", ep.STAGE0, "--eval-only", "MODEL.WEIGHTS", str(garbage)],
     ]
     for argv in runs:
-        proc = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
 """clustering.prototypes: per-class K-means (batched or one class per call), the prototypes file, soft scores."""
+
 import os
 
 import numpy as np

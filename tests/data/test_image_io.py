@@ -1,5 +1,6 @@
 """Every PIL mode loads as an 8-bit RGB picture: 16/32-bit samples rescaled (not clipped), alpha dropped,
 palettes and CMYK converted, EXIF orientation applied."""
+
 import numpy as np
 import pytest
 from PIL import Image

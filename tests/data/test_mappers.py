@@ -1,4 +1,5 @@
 """Mapper registry and the LSJ instance mapper on toyparts."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """register_part_coco: a user's COCO part JSON in detectron2's register_coco_instances style; the checked
 loader names the file and the problem in one line."""
+
 import json
 import os
 
@@ -82,4 +83,6 @@ def test_config_specs_and_validator_flag(tmp_path, repo_script):
         register_part_coco_specs(["only,two"])
     validate = repo_script("tools/validate_dataset.py")
     # the image file does not exist: reported (exit 1), not a load failure
-    assert validate.main(["--part-coco", f"pc_flag,{json_file},{tmp_path}", "--dataset", "pc_flag", "--no-progress"]) == 1
+    assert (
+        validate.main(["--part-coco", f"pc_flag,{json_file},{tmp_path}", "--dataset", "pc_flag", "--no-progress"]) == 1
+    )

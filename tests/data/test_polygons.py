@@ -1,5 +1,6 @@
 """Polygon annotations (PartImageNet ships them) train through the LSJ mapper, including the
 self-intersecting polygons real annotations contain, with the crop applied to the rasterised mask."""
+
 import json
 import os
 
@@ -29,8 +30,13 @@ BOWTIE = _poly(10, 10, 60, 60, 60, 10, 10, 60)
 IMAGES = [
     ("n01440764_1.JPEG", [(0, [_poly(8, 8, 40, 8, 40, 40, 8, 40)]), (1, [_poly(40, 40, 90, 40, 90, 90, 40, 90)])]),
     ("n01440764_2.JPEG", [(0, [BOWTIE]), (2, [_poly(62, 62, 94, 62, 78, 94)])]),
-    ("n02814533_3.JPEG", [(24, [_poly(4, 4, 92, 4, 92, 50, 4, 50)]), (25, [_poly(10, 60, 30, 60, 30, 80, 10, 80),
-                                                                          _poly(60, 60, 80, 60, 80, 80, 60, 80)])]),
+    (
+        "n02814533_3.JPEG",
+        [
+            (24, [_poly(4, 4, 92, 4, 92, 50, 4, 50)]),
+            (25, [_poly(10, 60, 30, 60, 30, 80, 10, 80), _poly(60, 60, 80, 60, 80, 80, 60, 80)]),
+        ],
+    ),
     ("n02814533_4.JPEG", [(24, [_poly(0, 0, 95, 0, 95, 95)]), (25, [BOWTIE])]),
 ]
 
@@ -49,8 +55,17 @@ def _write_part_imagenet_polygons(root):
         for category_id, polygons in parts:
             xs, ys = np.concatenate([p[0::2] for p in polygons]), np.concatenate([p[1::2] for p in polygons])
             bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())]
-            annotations.append({"id": len(annotations), "image_id": image_id, "category_id": category_id,
-                                "iscrowd": 0, "bbox": bbox, "segmentation": polygons, "area": bbox[2] * bbox[3]})
+            annotations.append(
+                {
+                    "id": len(annotations),
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "iscrowd": 0,
+                    "bbox": bbox,
+                    "segmentation": polygons,
+                    "area": bbox[2] * bbox[3],
+                }
+            )
     categories = [{"id": i, "name": n, "supercategory": n.split(" ")[0]}
                   for i, n in enumerate(part_imagenet.PART_IMAGENET_PART_CLASSES)]  # fmt: skip
     (pin / "annotations").mkdir(parents=True)
@@ -84,8 +99,7 @@ def test_lsj_mapper_crops_polygons_like_masks(pin_root, view):
         assert len(out["instances"]) >= 1
         # every kept mask is the 2x-upscaled polygon raster, cropped at the same offset as the image
         full = [
-            polygons_to_bitmask(a["segmentation"], SIZE, SIZE).repeat(2, 0).repeat(2, 1)
-            for a in record["annotations"]
+            polygons_to_bitmask(a["segmentation"], SIZE, SIZE).repeat(2, 0).repeat(2, 1) for a in record["annotations"]
         ]
         x0, y0 = (int(v) for v in out["image"][:2, 0, 0])  # the 2x-upscaled ramp: one level a pixel
         best = None
@@ -106,8 +120,16 @@ def test_stage0_trains_on_part_imagenet_polygons(pin_root, tmp_path):
     cfg = load_cfg(
         QUICK_STAGE0,
         tiny_quick_opts(tmp_path / "out", max_iter=3)
-        + ["DATASETS.TRAIN", "('part_imagenet_train',)", "DATASETS.TEST", "()", "INPUT.IMAGE_SIZE", str(SIZE),
-           "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(len(part_imagenet.PART_IMAGENET_OBJECT_CLASSES))],  # fmt: skip
+        + [
+            "DATASETS.TRAIN",
+            "('part_imagenet_train',)",
+            "DATASETS.TEST",
+            "()",
+            "INPUT.IMAGE_SIZE",
+            str(SIZE),
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+            str(len(part_imagenet.PART_IMAGENET_OBJECT_CLASSES)),
+        ],  # fmt: skip
     )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

@@ -156,18 +156,12 @@ def test_part_imagenet_parts_view(d2root):
     records = DatasetCatalog.get("part_imagenet_parts_train")
     meta = MetadataCatalog.get("part_imagenet_parts_train")
     assert meta.thing_classes == PARTS and len(PARTS) == 40
-    assert (
-        PARTS[25] == "Car Tier" and PARTS[35] == "Aeroplane Engine" and PARTS[38] == "Bottle Mouth"
-    )
+    assert PARTS[25] == "Car Tier" and PARTS[35] == "Aeroplane Engine" and PARTS[38] == "Bottle Mouth"
     assert meta.part_to_object[25] == OBJECTS.index("Car") and meta.object_classes == OBJECTS
-    assert (
-        meta.json_file == str(pin / "annotations" / "train.json") and meta.evaluator_type == "coco"
-    )
+    assert meta.json_file == str(pin / "annotations" / "train.json") and meta.evaluator_type == "coco"
     assert meta.class_codes == ["n01440764", "n02814533"]
     assert [r["image_id"] for r in records] == [0, 1, 2]
-    assert records[0]["file_name"] == str(
-        pin / "images" / "train" / "n01440764" / "n01440764_1.JPEG"
-    )
+    assert records[0]["file_name"] == str(pin / "images" / "train" / "n01440764" / "n01440764_1.JPEG")
     assert all(os.path.isfile(r["file_name"]) for r in records)
     assert [r["class_code"] for r in records] == ["n01440764", "n01440764", "n02814533"]
     annos = records[0]["annotations"]
@@ -177,9 +171,7 @@ def test_part_imagenet_parts_view(d2root):
     assert records[1]["annotations"] == []
 
     val = DatasetCatalog.get("part_imagenet_parts_val")  # nested JSON, flat image folder
-    assert MetadataCatalog.get("part_imagenet_parts_val").json_file == str(
-        pin / "annotations" / "val" / "val.json"
-    )
+    assert MetadataCatalog.get("part_imagenet_parts_val").json_file == str(pin / "annotations" / "val" / "val.json")
     assert val[0]["file_name"] == str(pin / "images" / "val" / "n03000000_5.JPEG")
 
 
@@ -220,9 +212,7 @@ def test_part_imagenet_errors(d2root):
     pin = _write_part_imagenet(d2root)
     with pytest.raises(DatasetNotFoundError) as e:
         DatasetCatalog.get("part_imagenet_test")
-    assert str(pin / "annotations" / "test.json") in str(
-        e.value
-    ) and "datasets/README.md#partimagenet" in str(e.value)
+    assert str(pin / "annotations" / "test.json") in str(e.value) and "datasets/README.md#partimagenet" in str(e.value)
 
     renamed = json.loads((pin / "annotations" / "train.json").read_text())
     renamed["categories"][3]["name"] = "Quadruped Leg"
@@ -239,12 +229,8 @@ def test_part_imagenet_explicit_image_root(d2root, tmp_path):
     pin = _write_part_imagenet(d2root)
     part_imagenet.register_part_imagenet(root=str(pin), image_root=str(pin / "images" / "train"))
     records = DatasetCatalog.get("part_imagenet_parts_train")
-    assert records[2]["file_name"] == str(
-        pin / "images" / "train" / "n02814533" / "n02814533_3.JPEG"
-    )
-    assert MetadataCatalog.get("part_imagenet_parts_val").image_root == str(
-        pin / "images" / "train"
-    )
+    assert records[2]["file_name"] == str(pin / "images" / "train" / "n02814533" / "n02814533_3.JPEG")
+    assert MetadataCatalog.get("part_imagenet_parts_val").image_root == str(pin / "images" / "train")
 
 
 # ----------------------------------------------------------------------------- PartImageNet-Seg
@@ -276,11 +262,7 @@ def test_partimagenet_seg(d2root):
     decoded = np.asarray(Image.open(records[1]["sem_seg_file_name"]))
     assert (decoded == labels).all()
     assert meta.stuff_classes[:40] == PARTS and meta.stuff_classes[40] == "background"
-    assert (
-        meta.background_label == 40
-        and meta.ignore_label == 255
-        and meta.evaluator_type == "part_nmi_ari"
-    )
+    assert meta.background_label == 40 and meta.ignore_label == 255 and meta.evaluator_type == "part_nmi_ari"
     assert meta.sem_seg_root == str(base / "annotations" / "train")
 
     (val,) = DatasetCatalog.get("partimagenet_seg_val")  # per-wnid image folder, .jpg
@@ -325,9 +307,7 @@ def _write_cub(root):
         mask = np.zeros((32, 32), np.uint8)
         mask[image_id : 20 + image_id, 5:25] = 255
         mask[0, 0] = 128  # soft values are kept as they are
-        _png(
-            str(root / "segmentations" / rel.replace(".jpg", ".png")), mask
-        )  # next to CUB_200_2011/
+        _png(str(root / "segmentations" / rel.replace(".jpg", ".png")), mask)  # next to CUB_200_2011/
     return cub_root
 
 
@@ -342,19 +322,16 @@ def test_cub(d2root):
     assert meta.species == ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
 
     rec = train[1]
-    assert rec["file_name"] == str(
-        cub_root / "images" / "002.Laysan_Albatross" / "B_3.jpg"
-    ) and os.path.isfile(rec["file_name"])
+    assert rec["file_name"] == str(cub_root / "images" / "002.Laysan_Albatross" / "B_3.jpg") and os.path.isfile(
+        rec["file_name"]
+    )
     assert rec["class_id"] == 1 and rec["class_code"] == "002.Laysan_Albatross"
     assert rec["bbox"] == [3.5, 4.0, 10.0, 12.0] and rec["bbox_mode"] == BoxMode.XYWH_ABS
     assert len(rec["keypoints"]) == 15
     assert rec["keypoints"][0] == [4.0, 2.0, 1]  # part 1: (1 + 3) % 3 != 0 → visible at (4, 2)
     assert rec["keypoints"][2] == [0.0, 0.0, 0]  # part 3: (3 + 3) % 3 == 0 → not visible
     (anno,) = rec["annotations"]
-    assert (
-        anno["keypoints"][:9] == [4.0, 2.0, 2, 5.0, 4.0, 2, 0.0, 0.0, 0]
-        and anno["category_id"] == 0
-    )
+    assert anno["keypoints"][:9] == [4.0, 2.0, 2, 5.0, 4.0, 2, 0.0, 0.0, 0] and anno["category_id"] == 0
     mask = np.asarray(Image.open(rec["fg_mask_file"]))
     assert mask[0, 0] == 128 and mask[3:23, 5:25].min() == 255 and mask.sum() == 255 * 400 + 128
     assert "height" not in rec  # filled by the mapper's check_image_size
@@ -365,9 +342,7 @@ def test_cub_errors(d2root, caplog):
     os.remove(cub_root / "parts" / "part_locs.txt")
     with pytest.raises(DatasetNotFoundError) as e:
         DatasetCatalog.get("cub_train")
-    assert str(cub_root / "parts" / "part_locs.txt") in str(e.value) and "#cub-200-2011" in str(
-        e.value
-    )
+    assert str(cub_root / "parts" / "part_locs.txt") in str(e.value) and "#cub-200-2011" in str(e.value)
 
     cub_root = _write_cub(d2root)
     os.rename(d2root / "segmentations", d2root / "elsewhere")
@@ -408,9 +383,9 @@ def test_celeba_aligned_and_mafl(d2root):
         "mafl_test": [2, 5],
     }
     rec = DatasetCatalog.get("mafl_test")[0]
-    assert rec["file_name"] == str(
-        root / "Img" / "img_align_celeba" / "000002.jpg"
-    ) and os.path.isfile(rec["file_name"])
+    assert rec["file_name"] == str(root / "Img" / "img_align_celeba" / "000002.jpg") and os.path.isfile(
+        rec["file_name"]
+    )
     assert rec["keypoints"] == [
         [20.0, 21.0, 1],
         [22.0, 23.0, 1],
@@ -420,9 +395,7 @@ def test_celeba_aligned_and_mafl(d2root):
     ]
     meta = MetadataCatalog.get("mafl_test")
     assert meta.keypoint_names == ["left eye", "right eye", "nose", "left mouth", "right mouth"]
-    assert meta.evaluator_type == "part_keypoints" and meta.image_root == str(
-        root / "Img" / "img_align_celeba"
-    )
+    assert meta.evaluator_type == "part_keypoints" and meta.image_root == str(root / "Img" / "img_align_celeba")
 
 
 def test_celeba_in_the_wild_lists(d2root):
@@ -484,26 +457,16 @@ def test_deepfashion(d2root):
 
     train = DatasetCatalog.get("deepfashion_train")
     test = DatasetCatalog.get("deepfashion_test")
-    assert (
-        len(train) == 2
-        and [r["image_id"] for r in test] == [0, 1]
-        and [r["json_image_id"] for r in test] == [1, 1]
+    assert len(train) == 2 and [r["image_id"] for r in test] == [0, 1] and [r["json_image_id"] for r in test] == [1, 1]
+    assert test[1]["file_name"] == str(seg / "img_highres/WOMEN/Tees/id_3/02_2_side.jpg") and os.path.isfile(
+        test[1]["file_name"]
     )
-    assert test[1]["file_name"] == str(
-        seg / "img_highres/WOMEN/Tees/id_3/02_2_side.jpg"
-    ) and os.path.isfile(test[1]["file_name"])
-    assert test[0]["parsing_file_name"] == str(
-        seg / "img_highres/WOMEN/Tees/id_3/01_1_front_segment.png"
-    )
+    assert test[0]["parsing_file_name"] == str(seg / "img_highres/WOMEN/Tees/id_3/01_1_front_segment.png")
     assert (test[0]["height"], test[0]["width"]) == (32, 24)
     decoded = deepfashion.decode_parsing(test[0]["parsing_file_name"])
     assert decoded.dtype == np.uint8 and (decoded == expected).all()
     meta = MetadataCatalog.get("deepfashion_test")
-    assert (
-        meta.num_parsing_labels == 16
-        and meta.evaluator_type == "part_nmi_ari"
-        and meta.image_root == str(seg)
-    )
+    assert meta.num_parsing_labels == 16 and meta.evaluator_type == "part_nmi_ari" and meta.image_root == str(seg)
 
     os.remove(seg / "DeepFashion_segmentation_gallery.json")
     with pytest.raises(DatasetNotFoundError, match="DeepFashion_segmentation_gallery.json"):
@@ -533,9 +496,7 @@ def test_manifest_tool(tmp_path, monkeypatch, caplog, repo_script):
 
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr(
-        os, "replace", lambda src, dst: (renames.append((src, dst)), real_replace(src, dst))
-    )
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((src, dst)), real_replace(src, dst)))
     with caplog.at_level(logging.WARNING, logger="prepare_image_list"):
         stats = tool.write_manifest(str(train), str(out), with_size=True, workers=2, progress=False)
     first = out.read_bytes()
@@ -549,12 +510,7 @@ def test_manifest_tool(tmp_path, monkeypatch, caplog, repo_script):
     assert stats == {"written": 4, "unreadable": 1, "no_synset": 1}
     assert "broken.JPEG" in caplog.text and "stray.JPEG" in caplog.text
     ((src, dst),) = renames
-    assert (
-        dst == str(out)
-        and src != dst
-        and os.path.dirname(src) == str(tmp_path)
-        and src.endswith(".tmp")
-    )
+    assert dst == str(out) and src != dst and os.path.dirname(src) == str(tmp_path) and src.endswith(".tmp")
     assert sorted(os.listdir(tmp_path)) == ["manifest.tsv", "train"]
 
     # Deterministic; and a walk that fails midway leaves the previous manifest and no temp file.
@@ -570,9 +526,7 @@ def test_manifest_tool(tmp_path, monkeypatch, caplog, repo_script):
     assert out.read_bytes() == first and sorted(os.listdir(tmp_path)) == ["manifest.tsv", "train"]
 
     # CLI without sizes: headers are not opened, so the broken file is listed.
-    assert (
-        tool.main(["--root", str(train), "--out", str(tmp_path / "m2.tsv"), "--no-progress"]) == 0
-    )
+    assert tool.main(["--root", str(train), "--out", str(tmp_path / "m2.tsv"), "--no-progress"]) == 0
     assert (tmp_path / "m2.tsv").read_text().splitlines()[0] == "#path\tsynset"
     assert "n03/broken.JPEG\tn03" in (tmp_path / "m2.tsv").read_text()
     assert tool.main(["--root", str(tmp_path / "nope"), "--out", str(tmp_path / "m3.tsv")]) == 2
@@ -607,19 +561,13 @@ def test_imagenet_registration(d2root, repo_script):
     assert all(os.path.isfile(r["file_name"]) for r in dataset)
     assert dataset.synset_ids.tolist() == [0, 0, 1, 1]
     sub = dataset[2:]
-    assert (
-        len(sub) == 2
-        and sub[0]["image_id"] == "n02/a"
-        and sub.subset([1])[0]["image_id"] == "n02/b"
-    )
+    assert len(sub) == 2 and sub[0]["image_id"] == "n02/a" and sub.subset([1])[0]["image_id"] == "n02/b"
     with pytest.raises(IndexError):
         dataset[4]
     # detectron2 takes a torch Dataset from the catalog as is (no list, no second serialised copy).
     assert get_detection_dataset_dicts(["imagenet_1k_train"]).synsets == ["n01", "n02"]
 
-    tool.write_manifest(
-        str(train), str(d2root / "imagenet_1k" / "train_manifest.tsv"), progress=False
-    )
+    tool.write_manifest(str(train), str(d2root / "imagenet_1k" / "train_manifest.tsv"), progress=False)
     dataset = DatasetCatalog.get("imagenet_1k_train")
     assert (
         len(dataset) == 5

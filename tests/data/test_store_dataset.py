@@ -1,4 +1,5 @@
 """PseudoLabelStoreDataset (records decoded on access) and ShardWindowTrainingSampler (data/store_dataset.py)."""
+
 import pickle
 
 import numpy as np
@@ -24,8 +25,14 @@ def _record(i, rng):
     h, w = 6 + i % 3, 8
     obj = rng.random((h, w)) > 0.3
     parts = [make_part(obj & (rng.random((h, w)) > 0.5), score=0.5 + 0.01 * k, part_class=k) for k in range(1 + i % 3)]
-    return {"image_id": f"im{i}", "file_name": f"/nowhere/im{i}.jpg", "height": h, "width": w,
-            "class_code": "n0000" + str(i % 2), "objects": [make_object(obj, parts, score=0.9, category_id=i % 2)]}
+    return {
+        "image_id": f"im{i}",
+        "file_name": f"/nowhere/im{i}.jpg",
+        "height": h,
+        "width": w,
+        "class_code": "n0000" + str(i % 2),
+        "objects": [make_object(obj, parts, score=0.9, category_id=i % 2)],
+    }
 
 
 @pytest.fixture(scope="module")

@@ -130,9 +130,7 @@ def test_registration_loads_lazily(d2_env):
     records = DatasetCatalog.get("toyparts_parts_val")
     coco = _load_json(root, "val.json")
     assert len(records) == NUM_VAL
-    anns_per_image = np.bincount(
-        [a["image_id"] for a in coco["annotations"]], minlength=NUM_VAL + 1
-    )
+    anns_per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=NUM_VAL + 1)
     for record, img in zip(records, coco["images"]):
         assert record["file_name"] == os.path.join(root, "images", "val", img["file_name"])
         assert os.path.isfile(record["file_name"])
@@ -152,11 +150,7 @@ def test_registration_loads_lazily(d2_env):
     objects = DatasetCatalog.get("toyparts_val")
     assert len(objects) == NUM_VAL
     assert MetadataCatalog.get("toyparts_val").thing_classes == TOYPARTS_OBJECT_CLASSES
-    assert all(
-        0 <= a["category_id"] < len(TOYPARTS_OBJECT_CLASSES)
-        for r in objects
-        for a in r["annotations"]
-    )
+    assert all(0 <= a["category_id"] < len(TOYPARTS_OBJECT_CLASSES) for r in objects for a in r["annotations"])
 
 
 def test_missing_root_names_path_and_fix(tmp_path, monkeypatch):
@@ -180,9 +174,7 @@ def test_ensure_toyparts_generates_once(tmp_path):
 def test_cli(tmp_path, capsys, repo_script):
     cli = repo_script("datasets/prepare_toyparts.py")
     out = str(tmp_path / "cli")
-    cli.main(
-        ["--out", out, "--num-train", "2", "--num-val", "1", "--seed", "3", "--image-size", "64"]
-    )
+    cli.main(["--out", out, "--num-train", "2", "--num-val", "1", "--seed", "3", "--image-size", "64"])
     assert "toyparts: wrote 2 train / 1 val images" in capsys.readouterr().out
     assert len(_load_json(out, "train_whole.json")["images"]) == 2
 

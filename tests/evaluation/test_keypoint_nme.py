@@ -1,4 +1,5 @@
 """Landmark NME from part centroids: exact linear landmarks give 0, noisy ones the hand-computed error."""
+
 import numpy as np
 import pytest
 import torch

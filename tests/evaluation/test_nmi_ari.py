@@ -1,4 +1,5 @@
 """(FG-)NMI/ARI: the pooled contingency-table scores equal scikit-learn on the flattened label arrays."""
+
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest

@@ -1,4 +1,5 @@
 """Part mIoU (mapped / clustered / direct) on tiny label maps whose IoUs are computed by hand."""
+
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
@@ -200,9 +201,7 @@ def test_cluster_features_per_class_separates_groups():
 
 def test_pooling_over_instances_before_mapping():
     """The majority vote is per object class over all its instances, not per image."""
-    records = [
-        {"image_id": i, "height": H, "width": W, "annotations": _parts(GT_A, 10 + i)} for i in range(3)
-    ]
+    records = [{"image_id": i, "height": H, "width": W, "annotations": _parts(GT_A, 10 + i)} for i in range(3)]
     name = _register("miou_pooling", records)
     body_heavy = [(GT_A == 1, 3)]  # id 3 on the body: 6 px
     head_light = [(_box(0, 1, 0, 2), 3)]  # id 3 on 2 head px

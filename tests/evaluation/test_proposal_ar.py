@@ -1,4 +1,5 @@
 """AR@k of part proposals: identical to pycocotools' COCOeval AR on generated predictions."""
+
 import copy
 
 import numpy as np

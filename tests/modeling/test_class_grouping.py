@@ -1,5 +1,6 @@
 """ClassPixelGroupingModel (one-stage baseline labels, raw-RGB K-means baseline): sampling, a hand-built
 two-colour case, the two passes through tools/rank_parts.py, and --eval-only with saved prototypes."""
+
 import os
 import sys
 

@@ -1,6 +1,7 @@
 """Stage 4: PartDistillationModel — per-object-class part classifiers that scale as O×P×D, gradients only in the
 GT object class's classifier, training on a store whose parts carry part_class, object-conditioned inference,
 and INIT_FROM a stage-2 proposal checkpoint."""
+
 import logging
 import os
 
@@ -30,7 +31,6 @@ QUICK_STAGE4 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_dis
 QUICK_STAGE2 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_proposals_toyparts.yaml")
 STORE_NAME = "toyparts_train_pseudo_ranking"
 P = 8
-
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,10 @@ def test_gradient_reaches_only_gt_object_rows(model):
     assert torch.count_nonzero(grad_w[others]) == 0 and torch.count_nonzero(grad_b[others]) == 0
     assert grad_w[3].abs().sum() > 0 and grad_b[3].abs().sum() > 0
     # the objectness head gets no gradient from the part loss
-    assert model.sem_seg_head.predictor.class_embed.weight.grad is None or not model.sem_seg_head.predictor.class_embed.weight.grad.any()
+    assert (
+        model.sem_seg_head.predictor.class_embed.weight.grad is None
+        or not model.sem_seg_head.predictor.class_embed.weight.grad.any()
+    )
     # the total loss (objectness, masks, parts, all prediction sets) leaves the other rows untouched too
     model.zero_grad(set_to_none=True)
     sum(model([{"image": image, "instances": inst}]).values()).backward()
@@ -176,7 +179,9 @@ def test_object_part_inference_hand_built():
     assert labels.tolist() == [2, 6]
     expected = torch.softmax(objectness[0], 0)[0] * torch.softmax(part_logits[0], 0)[2]
     assert torch.isclose(scores[0], expected)
-    assert masks[0].any(0).nonzero().flatten().tolist() == [0, 1, 2] and masks[1].any(0).nonzero().flatten().tolist() == [3]
+    assert masks[0].any(0).nonzero().flatten().tolist() == [0, 1, 2] and masks[1].any(
+        0
+    ).nonzero().flatten().tolist() == [3]
     # the same part class on two queries merges into one mask with the best score
     _, _, _, queries = object_part_inference(objectness, part_logits, logits, obj, topk=3, return_queries=True)
     assert queries.tolist() == [0, 2]  # query 1 lies outside the object

@@ -23,9 +23,7 @@ except ImportError:
     # module on its own (it only imports torch and detectron2).
     effnet = sys.modules.get(_MODULE)
     if effnet is None:
-        _path = os.path.join(
-            os.path.dirname(__file__), "..", "..", *_MODULE.split(".")[:-1], "efficientnet_lite.py"
-        )
+        _path = os.path.join(os.path.dirname(__file__), "..", "..", *_MODULE.split(".")[:-1], "efficientnet_lite.py")
         _spec = importlib.util.spec_from_file_location(_MODULE, _path)
         effnet = importlib.util.module_from_spec(_spec)
         sys.modules[_MODULE] = effnet
@@ -176,9 +174,7 @@ def test_imagenet_predictions_prove_pretrained_weights():
 
     model = EfficientNetLite0(with_classifier=True, weights="").eval()
     with torch.no_grad():
-        logits = model.classify(
-            torch.cat([_preprocess(data.chelsea()), _preprocess(data.coffee())])
-        )
+        logits = model.classify(torch.cat([_preprocess(data.chelsea()), _preprocess(data.coffee())]))
     top5 = logits.topk(5, dim=1).indices.tolist()
     assert CAT_CLASSES & set(top5[0]), top5[0]
     assert top5[0][0] in CAT_CLASSES, top5[0]
@@ -228,17 +224,13 @@ def test_build_from_config(weights, checkpoint):
     cfg.MODEL.BACKBONE.FREEZE_AT = 2
     cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["res3", "res4", "res5"]
     cfg.MODEL.EFFICIENTNET.PRETRAINED = True
-    cfg.MODEL.EFFICIENTNET.WEIGHTS = (
-        effnet.default_efficientnet_lite0_weights_path() if weights else ""
-    )
+    cfg.MODEL.EFFICIENTNET.WEIGHTS = effnet.default_efficientnet_lite0_weights_path() if weights else ""
     backbone = build_backbone(cfg)
     assert isinstance(backbone, EfficientNetLite0)
     assert {k: (v.channels, v.stride) for k, v in backbone.output_shape().items()} == {
         k: EXPECTED_FEATURES[k] for k in ["res3", "res4", "res5"]
     }
-    assert torch.equal(
-        backbone._blocks[9]._depthwise_conv.weight, checkpoint["_blocks.9._depthwise_conv.weight"]
-    )
+    assert torch.equal(backbone._blocks[9]._depthwise_conv.weight, checkpoint["_blocks.9._depthwise_conv.weight"])
     assert not backbone._blocks[2]._project_conv.weight.requires_grad
     assert backbone._blocks[3]._project_conv.weight.requires_grad
 

@@ -1,4 +1,5 @@
 """Tests of the batched torch K-means (clustering.kmeans, .kmeans_lloyd): sklearn parity, edge cases, metrics."""
+
 import math
 
 import numpy as np

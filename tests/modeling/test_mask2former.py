@@ -1,4 +1,5 @@
 """Our buildable Mask2Former, point-sampling switch, and the MSDeformAttn CUDA-op/PyTorch dispatch."""
+
 import sys
 import types
 

@@ -36,7 +36,6 @@ K = 4
 SIZE = 128
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Losses on hand-computable inputs
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +190,14 @@ def test_losses_and_inference_of_the_head():
         images2 = None
 
     losses = head.losses(feats, Batch)
-    assert set(losses) == {"loss_rec", "loss_tv", "loss_entropy", "loss_presence_bg", "loss_presence_fg", "loss_semantic"}
+    assert set(losses) == {
+        "loss_rec",
+        "loss_tv",
+        "loss_entropy",
+        "loss_presence_bg",
+        "loss_presence_fg",
+        "loss_semantic",
+    }
     sum(losses.values()).backward()
     assert head.proj.weight.grad is not None and head.descriptor.part_tokens.grad is not None
     scores = head.inference(feats, Batch)

@@ -45,7 +45,10 @@ K = 4
 
 def _cfg(name, opts=()):
     # REQUIRE_FG_MASK False: the fixtures mix inputs with and without fg masks on purpose
-    return load_cfg(CONFIGS[name], ["INPUT.PAIRED_VIEW.IMAGE_SIZE", str(SIZE), "MODEL.PART_DISCOVERY.REQUIRE_FG_MASK", "False", *opts])
+    return load_cfg(
+        CONFIGS[name],
+        ["INPUT.PAIRED_VIEW.IMAGE_SIZE", str(SIZE), "MODEL.PART_DISCOVERY.REQUIRE_FG_MASK", "False", *opts],
+    )
 
 
 @pytest.fixture(scope="module")

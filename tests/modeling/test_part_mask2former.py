@@ -1,5 +1,6 @@
 """PartMask2Former base: the query-feature decoder equals Mask2Former's decoder, the pure post-processing
 functions on hand-built cases, and mIoU-clustered on the ranking model's per-part query features."""
+
 import itertools
 import os
 

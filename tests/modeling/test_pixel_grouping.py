@@ -1,4 +1,5 @@
 """PixelGroupingModel: grouping semantics, object filtering, and every object-mask source."""
+
 import json
 import os
 
@@ -40,7 +41,9 @@ def test_group_pixels_two_textures():
     feats[0, 1, :, 4:] = 1.0
     mask = torch.zeros(1, 32, 32, dtype=torch.bool)
     mask[0, 4:28, 4:28] = True
-    labels, k = group_pixels(feats, mask, torch.tensor([0]), 2, "dot", {"n_init": 3, "max_iter": 50, "tol": 1e-4, "seed": 0})
+    labels, k = group_pixels(
+        feats, mask, torch.tensor([0]), 2, "dot", {"n_init": 3, "max_iter": 50, "tol": 1e-4, "seed": 0}
+    )
     assert k.tolist() == [2]
     assert (labels[0][~mask[0]] == 0).all()
     left, right = labels[0, 10, 6], labels[0, 10, 25]
@@ -58,7 +61,9 @@ def test_upsampled_window_equals_the_full_upsampling():
     full = F.interpolate(sim[None], size=(80, 96), mode="bilinear", align_corners=False)[0]
     for y0, y1, x0, x1 in [(0, 80, 0, 96), (3, 9, 50, 51), (17, 64, 8, 95), (79, 80, 0, 5), (40, 41, 40, 41)]:
         window, (oy, ox) = _upsampled_window(sim, (y0, y1, x0, x1), (80, 96))
-        torch.testing.assert_close(window[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox], full[:, y0:y1, x0:x1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            window[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox], full[:, y0:y1, x0:x1], rtol=0, atol=1e-6
+        )
     window, offset = _upsampled_window(sim, (3, 9, 50, 51), (77, 96))  # not a multiple of the grid: full map
     assert offset == (0, 0)
     torch.testing.assert_close(window, F.interpolate(sim[None], size=(77, 96), mode="bilinear", align_corners=False)[0])
@@ -94,10 +99,19 @@ def test_json_source(datasets_root, tmp_path):
     results = []
     for r in DatasetCatalog.get("toyparts_val")[:3]:
         for a in r["annotations"][:1]:  # one object per image in the "detector" output
-            results.append({"image_id": r["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"], "score": 0.9})
+            results.append(
+                {
+                    "image_id": r["image_id"],
+                    "category_id": a["category_id"],
+                    "segmentation": a["segmentation"],
+                    "score": 0.9,
+                }
+            )
     path = tmp_path / "objects.json"
     path.write_text(json.dumps(results))
-    records, outputs = _run(_cfg("MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "json", "MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON", str(path)))
+    records, outputs = _run(
+        _cfg("MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "json", "MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON", str(path))
+    )
     for r, out in zip(records, outputs):
         assert len(out["instances"]) == 1
         gt = mask_util.decode(r["annotations"][0]["segmentation"]).astype(bool)
@@ -108,7 +122,9 @@ def test_bad_json_source_is_a_config_error(datasets_root, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('{"not": "a list"}')
     with pytest.raises(ConfigError, match="OBJECT_MASKS_JSON|COCO results"):
-        _run(_cfg("MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "json", "MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON", str(path)))
+        _run(
+            _cfg("MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "json", "MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON", str(path))
+        )
 
 
 def test_model_source_uses_a_stage0_checkpoint(datasets_root, tmp_path):

@@ -1,5 +1,6 @@
 """Stage 2: ProposalModel builds with one class, trains on a pseudo-label store, loads a stage-0 decoder,
 conditions its proposals on objects; the part-evaluation mapper and the evaluator-type switch."""
+
 import logging
 import os
 import pickle
@@ -27,7 +28,6 @@ from conftest import QUICK_STAGE0, REPO_ROOT, tiny_quick_opts
 
 QUICK_STAGE2 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_proposals_toyparts.yaml")
 STORE_NAME = "toyparts_train_pseudo_grouping"
-
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,9 @@ def test_model_forward_conditions_on_objects(model):
     assert free.image_size == inst.image_size == (64, 48)
     assert len(free) == model.test_topk_per_image and len(inst) > 0
     pred = inst.pred_masks.bool()
-    union = torch.nn.functional.interpolate(masks.any(0)[None, None].float(), size=(64, 48), mode="bilinear")[0, 0] >= 0.5
+    union = (
+        torch.nn.functional.interpolate(masks.any(0)[None, None].float(), size=(64, 48), mode="bilinear")[0, 0] >= 0.5
+    )
     assert pred.flatten(1).any(1).all()  # empty predictions were dropped
     assert not (pred & ~union).any() and (pred.sum(0) <= 1).all()
     model.per_pixel_assignment = False
@@ -252,7 +254,9 @@ def test_part_eval_mapper_objects(stage2_cfg):
     square[10:50, 20:90] = True
     from part_distillation.data.pseudo_labels import encode_mask
 
-    with_objects = dict(record, object_annotations=[{"object_id": 7, "category_id": 3, "segmentation": encode_mask(square)}])
+    with_objects = dict(
+        record, object_annotations=[{"object_id": 7, "category_id": 3, "segmentation": encode_mask(square)}]
+    )
     out = build_dataset_mapper(stage2_cfg(), is_train=False)(with_objects)
     assert np.array_equal(out["objects"].gt_masks.numpy(), square[None])
     assert out["objects"].gt_classes.tolist() == [3]

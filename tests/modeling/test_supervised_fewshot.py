@@ -1,6 +1,7 @@
 """Supervised and few-shot baselines on the stage-4 model: GT parts → within-object part classes (data/gt_parts.py),
 PartSupervisedDatasetMapper, the DATASETS.TRAIN_LABEL_PERCENTAGE subset, part mIoU mode "within_object" on a
 hand-computed case, and both quick schedules training through the Trainer (few-shot from a stage-4 checkpoint)."""
+
 import logging
 import os
 
@@ -37,7 +38,6 @@ SUPERVISED = os.path.join(QUICK, "supervised_toyparts.yaml")
 FEWSHOT = os.path.join(QUICK, "fewshot_toyparts.yaml")
 STAGE4 = os.path.join(QUICK, "stage4_distillation_toyparts.yaml")
 TRAIN = "toyparts_parts_train"
-
 
 
 # ------------------------------------------------------------------------------------------ GT parts
@@ -179,7 +179,8 @@ def test_within_object_miou_hand_computed():
     name = "within_object_miou_case"
     gt = {0: _box(0, 2, 0, 3), 1: _box(2, 4, 0, 3), 2: _box(0, 4, 3, 4), 3: _box(0, 4, 4, 6)}
     annotations = [
-        {"segmentation": _rle(m), "category_id": c, "object_id": 10 if c < 2 else 20, "iscrowd": 0} for c, m in gt.items()
+        {"segmentation": _rle(m), "category_id": c, "object_id": 10 if c < 2 else 20, "iscrowd": 0}
+        for c, m in gt.items()
     ]
     records = [{"image_id": 0, "height": H, "width": W, "annotations": annotations}]
     if name in DatasetCatalog.list():
@@ -258,7 +259,9 @@ def test_fewshot_loads_stage4_checkpoint_and_evaluates(datasets_root, tmp_path, 
                 value.add_(0.25)
     DetectionCheckpointer(stage4, save_dir=str(tmp_path)).save("stage4")
     weights = str(tmp_path / "stage4.pth")
-    cfg = _cfg(tmp_path, FEWSHOT, max_iter=2, extra=["MODEL.WEIGHTS", weights, "DATASETS.TRAIN_LABEL_PERCENTAGE", "25.0"])
+    cfg = _cfg(
+        tmp_path, FEWSHOT, max_iter=2, extra=["MODEL.WEIGHTS", weights, "DATASETS.TRAIN_LABEL_PERCENTAGE", "25.0"]
+    )
     assert cfg.SOLVER.BASE_LR == pytest.approx(3e-5)
     with caplog.at_level(logging.INFO, logger="part_distillation.data.build"):
         trainer = Trainer(cfg)
@@ -268,7 +271,9 @@ def test_fewshot_loads_stage4_checkpoint_and_evaluates(datasets_root, tmp_path, 
     ours, theirs = trainer.model.state_dict(), stage4.state_dict()
     name = "sem_seg_head.predictor.class_embed.weight"  # the objectness head: loaded
     assert torch.equal(ours[name], theirs[name])
-    assert torch.equal(ours["sem_seg_head.predictor.query_feat.weight"], theirs["sem_seg_head.predictor.query_feat.weight"])
+    assert torch.equal(
+        ours["sem_seg_head.predictor.query_feat.weight"], theirs["sem_seg_head.predictor.query_feat.weight"]
+    )
     # the 5 × 8 stage-4 part classifier does not fit the 5 × 4 one: skipped by shape, restarts at random
     assert theirs["part_classifier.bias.weight"].shape == (5, 8) and ours["part_classifier.bias.weight"].shape == (5, 4)
     with torch.jit.optimized_execution(False):

@@ -17,7 +17,6 @@ MPAE_BASE = os.path.join(REPO_ROOT, "configs", "discovery", "mpae", "Base-MPAE.y
 D, DEPTH, HEADS, P, PRE = 32, 2, 2, 4, 32  # a tiny ViT: width 32, 2 blocks, patch 4, pos grid 8×8
 
 
-
 def _tiny(**kw):
     args = dict(patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS, pretrain_image_size=PRE, layer_scale=False)
     args.update(kw)

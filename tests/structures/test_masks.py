@@ -1,5 +1,6 @@
 """part_distillation.structures.masks: every segmentation form decodes to the same mask, RLE areas without
 decoding, feature-grid masks of small objects, and box slices."""
+
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest

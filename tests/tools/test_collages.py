@@ -1,4 +1,5 @@
 """tools/make_collages.py, tools/summarize_collages.py and the object-like-part filter; the page in headless Chromium."""
+
 import csv
 import os
 import re
@@ -89,7 +90,11 @@ def test_make_and_summarize_collages(collages, tmp_path, repo_script):
         collage = cv2.imread(str(out / r["collage"]))
         assert collage.shape == (3 * 64 + 4 * 4,) * 2 + (3,)
         # 5 instances in the first 5 cells, each with red part pixels; the rest of the grid stays white
-        cells = [collage[4 + rr * 68 : 4 + rr * 68 + 64, 4 + cc * 68 : 4 + cc * 68 + 64] for rr in range(3) for cc in range(3)]
+        cells = [
+            collage[4 + rr * 68 : 4 + rr * 68 + 64, 4 + cc * 68 : 4 + cc * 68 + 64]
+            for rr in range(3)
+            for cc in range(3)
+        ]
         red = [((c[..., 2] > 150) & (c[..., 1] < 80) & (c[..., 0] < 80)).sum() for c in cells]
         assert all(n > 20 for n in red[:NUM_IMAGES]) and all((c == 255).all() for c in cells[NUM_IMAGES:])
         assert f'src="{r["collage"]}"' in page
@@ -98,7 +103,14 @@ def test_make_and_summarize_collages(collages, tmp_path, repo_script):
                             str(tmp_path / "all"), "--tile-size", "64"])  # fmt: skip
     assert unfiltered["collages"] == 8 and unfiltered["dropped_object_like"] == 0
     # annotate: class 0 has 3 consistent parts, class 1 one
-    answers = {("0", "0"): "yes", ("0", "1"): "Y", ("0", "2"): "yes", ("1", "0"): "no", ("1", "1"): "yes", ("1", "2"): "n"}
+    answers = {
+        ("0", "0"): "yes",
+        ("0", "1"): "Y",
+        ("0", "2"): "yes",
+        ("1", "0"): "no",
+        ("1", "1"): "yes",
+        ("1", "2"): "n",
+    }
     for r in rows:
         r["consistent"] = answers[(r["object_class"], r["part_class"])]
     filled = tmp_path / "filled.csv"
@@ -144,7 +156,9 @@ def test_collage_page_in_headless_chromium(collages, tmp_path):
     _browser(["--screenshot=" + str(shot), "--window-size=1000,900", url], tmp_path)
     picture = cv2.imread(str(shot))
     assert picture is not None and picture.shape[:2] == (900, 1000) and picture.std() > 10
-    assert ((picture[..., 2] > 150) & (picture[..., 1] < 80) & (picture[..., 0] < 80)).sum() > 100  # red parts on screen
+    assert (
+        (picture[..., 2] > 150) & (picture[..., 1] < 80) & (picture[..., 0] < 80)
+    ).sum() > 100  # red parts on screen
     # the page notices a missing collage
     os.remove(out / "collages" / os.listdir(out / "collages")[0] / "part_00.png")
     dom = _browser(["--dump-dom", url], tmp_path).stdout

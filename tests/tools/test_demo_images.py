@@ -1,4 +1,5 @@
 """demo/demo.py + PartPredictor on scikit-image's real photographs (stage-1 pixel grouping, no trained weights)."""
+
 import json
 import os
 
@@ -62,7 +63,9 @@ def test_demo_on_real_photos(photos, tmp_path, repo_script):
         assert picture is not None and picture.shape[0] >= photo_bgr.shape[0] and picture.shape[1] > photo_bgr.shape[1]
         # objects: the given ones (stated), or the whole image when the JSON lacks the photo
         if name in given:
-            assert record["object_source"].startswith("given object masks") and "objects.json" in record["object_source"]
+            assert (
+                record["object_source"].startswith("given object masks") and "objects.json" in record["object_source"]
+            )
             assert len(record["objects"]) == len(given[name])
             for obj, m in zip(record["objects"], given[name]):
                 decoded = mask_util.decode(obj["segmentation"]).astype(bool)
@@ -156,7 +159,9 @@ def test_stage4_model_on_photos_then_collages(photos, tmp_path, repo_script):
     collages = repo_script("tools/make_collages.py").main(
         ["--predictions", str(out / "predictions.json"), "--output", str(tmp_path / "collages"), "--tile-size", "32"]
     )
-    n_keys = len({(r["objects"][p["object_id"]]["category_id"], p["part_class"]) for r in result["images"] for p in r["parts"]})
+    n_keys = len(
+        {(r["objects"][p["object_id"]]["category_id"], p["part_class"]) for r in result["images"] for p in r["parts"]}
+    )
     assert collages["collages"] == n_keys and collages["classes"] == 2
     assert "cat (id 3)" in (tmp_path / "collages" / "index.html").read_text()
 
@@ -174,7 +179,12 @@ def test_object_model_source(photos, tmp_path):
     _, images, _ = photos
     stage0 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage0_instance_toyparts.yaml")
     demo = os.path.join(REPO_ROOT, "configs", "demo", "pixel_grouping_lite0.yaml")
-    model_opts = ["MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "model", "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG", stage0]
+    model_opts = [
+        "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE",
+        "model",
+        "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG",
+        stage0,
+    ]
     with pytest.raises(ConfigError, match="OBJECT_MODEL_WEIGHTS"):
         PartPredictor(load_cfg(demo, FAST + model_opts))
     torch.manual_seed(0)
@@ -228,7 +238,9 @@ def test_one_stage_labels_need_prototypes_and_give_part_classes(photos, tmp_path
     torch.manual_seed(0)
     torch.save({"prototypes": torch.randn(5, 8, 152), "num_clusters": torch.full((5,), 8)}, tmp_path / "protos.pth")
     predictor = PartPredictor(load_cfg(config, FAST + ["MODEL.ONE_STAGE.PROTOTYPES", str(tmp_path / "protos.pth")]))
-    out = predictor(np.ascontiguousarray(images["chelsea"][:, :, ::-1]), object_masks=np.stack(given["chelsea"]), object_classes=[3])
+    out = predictor(
+        np.ascontiguousarray(images["chelsea"][:, :, ::-1]), object_masks=np.stack(given["chelsea"]), object_classes=[3]
+    )
     parts = out["parts"]
     assert not out["class_agnostic"] and len(parts) >= 2 and parts.pred_classes.max() < 8
     assert len(set(parts.pred_classes.tolist())) == len(parts)  # one part per prototype used in the object

@@ -1,5 +1,6 @@
 """tools/discovery_table.py: heads trained and evaluated through one engine, PartDistillation scored by the same
 evaluator, one table + JSON (tiny data, 2 iterations)."""
+
 import json
 import os
 import sys

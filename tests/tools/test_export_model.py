@@ -1,4 +1,5 @@
 """tools/export_model.py: TorchScript of the proposal and distillation networks matches eager within 1e-4."""
+
 import json
 import os
 
@@ -29,7 +30,9 @@ def test_torchscript_parity_on_toyparts(config, datasets_root, tmp_path, repo_sc
     with open(tmp_path / "export" / "export.json") as f:
         assert json.load(f)["outputs"] == info["outputs"]
     distill = "stage4" in config
-    assert info["outputs"] == (["part_logits", "pred_logits", "pred_masks", "query_feats"] if distill else ["pred_logits", "pred_masks"])
+    assert info["outputs"] == (
+        ["part_logits", "pred_logits", "pred_masks", "query_feats"] if distill else ["pred_logits", "pred_masks"]
+    )
     # the saved graph on a different toyparts image (and object class) than the one it was traced on
     loaded = torch.jit.load(str(tmp_path / "export" / "model.ts"))
     images, _ = tool._sample(cfg, DatasetCatalog.get("toyparts_parts_val")[3]["file_name"])

@@ -1,5 +1,6 @@
 """Stage 1 end to end: labelling writes a complete store, survives SIGKILL + --resume byte for byte,
 splits over 2 processes identically, and counts unreadable images instead of crashing."""
+
 import os
 import signal
 import subprocess
@@ -59,7 +60,9 @@ def _parse(argv):
 
 
 def test_labels_toyparts_and_reports(datasets_root, tmp_path):
-    args = _parse(["--config-file", CONFIG, "--shard-size", "2", "--vis", "2", *_opts(tmp_path / "pl", tmp_path / "out", 2)])
+    args = _parse(
+        ["--config-file", CONFIG, "--shard-size", "2", "--vis", "2", *_opts(tmp_path / "pl", tmp_path / "out", 2)]
+    )
     summary = make_pseudo_labels.main(args)
     n = len(DatasetCatalog.get("toyparts_val"))
     assert summary["images"] == n and summary["skipped"] == 0 and summary["complete"]
@@ -90,7 +93,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(datasets_root, tmp_path):
     done = [f for f in os.listdir(shards) if f.endswith(".jsonl.gz")]
     assert 2 <= len(done) < len([k for k in expected if k.endswith(".jsonl.gz")])
 
-    resumed = _run_cli(["--shard-size", "1", "--resume", *_opts(tmp_path / "killed", tmp_path / "o3")], env, timeout=300)
+    resumed = _run_cli(
+        ["--shard-size", "1", "--resume", *_opts(tmp_path / "killed", tmp_path / "o3")], env, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _store_files(tmp_path / "killed") == expected
 
@@ -99,7 +104,19 @@ def test_two_processes_equal_one(datasets_root, tmp_path):
     env = dict(os.environ)
     one = _run_cli(["--shard-size", "2", *_opts(tmp_path / "one", tmp_path / "o1", 2)], env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run_cli(["--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--shard-size", "2", *_opts(tmp_path / "two", tmp_path / "o2", 2)], env, timeout=300)
+    two = _run_cli(
+        [
+            "--num-gpus",
+            "2",
+            "--dist-url",
+            f"tcp://127.0.0.1:{_free_port()}",
+            "--shard-size",
+            "2",
+            *_opts(tmp_path / "two", tmp_path / "o2", 2),
+        ],
+        env,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert _store_files(tmp_path / "two") == _store_files(tmp_path / "one")
 
@@ -110,7 +127,10 @@ def test_unreadable_images_are_skipped_counted_and_named(datasets_root, tmp_path
     broken.write_bytes(b"\xff\xd8\xff\xe0garbage")
     empty = tmp_path / "empty.JPEG"
     empty.write_bytes(b"")
-    bad = [dict(good[0], file_name=str(broken), image_id=10**6), dict(good[0], file_name=str(empty), image_id=10**6 + 1)]
+    bad = [
+        dict(good[0], file_name=str(broken), image_id=10**6),
+        dict(good[0], file_name=str(empty), image_id=10**6 + 1),
+    ]
     name = "toyparts_val_with_bad_images"
     if name not in DatasetCatalog.list():
         DatasetCatalog.register(name, lambda: good + bad)

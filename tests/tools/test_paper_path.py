@@ -7,6 +7,7 @@ EfficientNet-Lite0 for the absent Swin-L weights), chained by the configs' own d
 (output/stage0_instance/..., output/stage2_proposals/...), then stage 4 is evaluated zero-shot on a PartImageNet-layout
 and a Pascal-Part-layout dataset. Stage 0 trains on toyparts, the miniature's stand-in for COCO.
 """
+
 import json
 import math
 import os
@@ -82,7 +83,9 @@ def _write_part_imagenet(d2root, toy_images):
             m[y0:y1, 12:52] = True
             annotations.append({"id": 10 * i + k, "image_id": i, "category_id": k, "iscrowd": 0, "area": int(m.sum()),
                                 "bbox": [12, y0, 40, y1 - y0], "segmentation": _rle(m)})  # fmt: skip
-    categories = [{"id": i, "name": n, "supercategory": n.split(" ")[0]} for i, n in enumerate(PART_IMAGENET_PART_CLASSES)]
+    categories = [
+        {"id": i, "name": n, "supercategory": n.split(" ")[0]} for i, n in enumerate(PART_IMAGENET_PART_CLASSES)
+    ]
     os.makedirs(os.path.join(pin, "annotations"), exist_ok=True)
     with open(os.path.join(pin, "annotations", "val.json"), "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
@@ -106,7 +109,12 @@ def _write_pascal_part(d2root, toy_images):
     for j, (n, m) in enumerate((("head", head), ("torso", torso))):
         parts[0, j]["part_name"], parts[0, j]["mask"] = n, m
     objects = np.zeros((1, 1), dtype=[("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")])
-    objects[0, 0]["class"], objects[0, 0]["class_ind"], objects[0, 0]["mask"], objects[0, 0]["parts"] = "dog", 12, obj, parts
+    objects[0, 0]["class"], objects[0, 0]["class_ind"], objects[0, 0]["mask"], objects[0, 0]["parts"] = (
+        "dog",
+        12,
+        obj,
+        parts,
+    )
     scipy.io.savemat(os.path.join(base, "Annotations_Part", "2008_000004.mat"),
                      {"anno": {"imname": "2008_000004", "objects": objects}})  # fmt: skip
 
@@ -173,14 +181,28 @@ def test_paper_path_rehearsal(datasets_root, tmp_path, monkeypatch, repo_script)
     rank_parts = repo_script("tools/rank_parts.py")
 
     # stage 0 (the COCO instance model's stand-in: toyparts objects)
-    coco = ["DATASETS.TRAIN", "('toyparts_train',)", "DATASETS.TEST", "('toyparts_val',)",
-            "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "5", "MODEL.WEIGHTS", ""]  # COCO → toyparts; Lite0 brings its weights
+    coco = [
+        "DATASETS.TRAIN",
+        "('toyparts_train',)",
+        "DATASETS.TEST",
+        "('toyparts_val',)",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "5",
+        "MODEL.WEIGHTS",
+        "",
+    ]  # COCO → toyparts; Lite0 brings its weights
     res0 = train_net.main(_args("stage0_instance", SIZES + coco + ["SOLVER.MAX_ITER", "100"]))
-    assert os.path.isfile("output/stage0_instance/model_final.pth") and os.path.isfile("output/stage0_instance/config.yaml")
+    assert os.path.isfile("output/stage0_instance/model_final.pth") and os.path.isfile(
+        "output/stage0_instance/config.yaml"
+    )
 
     # stage 1: objects of the stage-0 model (as documented), every object with its image's synset class
     low = ["MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH", "0.0"]  # a 100-iteration detector's scores are low
-    make_pseudo_labels.main(make_pseudo_labels.parse_args(["--config-file", CFG["stage1_pixel_grouping"], "--shard-size", "4"] + SIZES + low))
+    make_pseudo_labels.main(
+        make_pseudo_labels.parse_args(
+            ["--config-file", CFG["stage1_pixel_grouping"], "--shard-size", "4"] + SIZES + low
+        )
+    )
     codes = read_store_classes("pseudo_labels/imagenet_21k_train/grouping")["class_codes"]
     assert codes == sorted(KEPT)
     records = list(PseudoLabelReader("pseudo_labels", "imagenet_21k_train", "grouping"))
@@ -227,12 +249,21 @@ def test_supervised_baselines_as_the_paper_defines_them(datasets_root, tmp_path,
     proposal model trained on GT parts (AR@k), from their PartImageNet configs with sizes and data swapped in."""
     monkeypatch.chdir(tmp_path)
     train_net = repo_script("tools/train_net.py")
-    data = ["DATASETS.TRAIN", "('toyparts_parts_train',)", "DATASETS.TEST", "('toyparts_parts_val',)", "MODEL.WEIGHTS", ""]
+    data = [
+        "DATASETS.TRAIN",
+        "('toyparts_parts_train',)",
+        "DATASETS.TEST",
+        "('toyparts_parts_val',)",
+        "MODEL.WEIGHTS",
+        "",
+    ]
     base = os.path.join(REPO_ROOT, "configs", "baselines")
     from part_distillation.engine import default_argument_parser
 
     def run(config, extra):
-        args = default_argument_parser().parse_args(["--config-file", os.path.join(base, config)] + SIZES + data + extra)
+        args = default_argument_parser().parse_args(
+            ["--config-file", os.path.join(base, config)] + SIZES + data + extra
+        )
         return train_net.main(args)
 
     res = run("supervised_m2f_part_imagenet.yaml", ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "19", "SOLVER.MAX_ITER", "10"])

@@ -6,6 +6,7 @@ The stage-2 checkpoint is an untrained ProposalModel built with a fixed seed (ra
 deterministic model); objects are the GT objects of toyparts_parts_train (the images and objects of the
 GT-part store that stage 2 trains on), their classes from the metadata's part_to_object.
 """
+
 import os
 import subprocess
 import sys
@@ -29,7 +30,6 @@ DATASET = "toyparts_parts_train"
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import rank_parts  # noqa: E402
-
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_prototypes_per_object_class(ranked):
     # at most min(8, #parts) clusters (fewer when a class has fewer distinct features), one at least
     assert (nc <= counts.clamp(max=8)).all() and ((nc > 0) == (counts > 0)).all()
     for c in range(num_classes):
-        assert torch.all(protos[c, nc[c]:] == 0)
+        assert torch.all(protos[c, nc[c] :] == 0)
         if nc[c]:
             assert torch.isfinite(protos[c, : nc[c]]).all()
 
@@ -118,10 +118,10 @@ def test_area_and_score_filters_hand_built():
     obj = torch.zeros(h, w, dtype=torch.bool)
     obj[:, :5] = True  # 50 pixels
     logits = torch.full((4, h, w), -5.0)
-    logits[0, :, :2] = 5.0   # 20 px of the object: r = 0.4, s = 0.9 → kept
+    logits[0, :, :2] = 5.0  # 20 px of the object: r = 0.4, s = 0.9 → kept
     logits[1, :, 2:5] = 5.0  # 30 px: r = 0.6 but s = 0.2 ≤ τs → dropped
-    logits[2, 0, 2] = 10.0   # steals 1 px from query 1: r = 0.02 ≤ τr → dropped
-    logits[3, :, 5:] = 5.0   # outside the object only → empty → dropped
+    logits[2, 0, 2] = 10.0  # steals 1 px from query 1: r = 0.02 ≤ τr → dropped
+    logits[3, :, 5:] = 5.0  # outside the object only → empty → dropped
     prob = torch.tensor([0.9, 0.2, 0.95, 0.99])
     index, masks, ratios = rank_object_parts(prob, logits, obj, 0.05, 0.3)
     assert index.tolist() == [0] and masks[0].sum() == 20 and torch.allclose(ratios, torch.tensor([0.4]))

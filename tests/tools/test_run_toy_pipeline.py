@@ -1,4 +1,5 @@
 """`make demo`'s entry point runs the whole pipeline end to end (tiny schedules) and reports every stage."""
+
 import os
 import sys
 

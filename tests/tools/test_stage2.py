@@ -7,6 +7,7 @@ its own augmentations and matcher points from a rank-dependent seed and the grad
 another order. (Multi-process training on CPU also needs the Trainer to build DDP without ``device_ids``:
 detectron2's ``create_ddp_model`` passes ``[local_rank]``, which DDP rejects for CPU modules.)
 """
+
 import importlib.util
 import os
 import re
@@ -30,7 +31,6 @@ QUICK_STAGE2 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_pro
 TRAIN_NET = os.path.join(REPO_ROOT, "tools", "train_net.py")
 AR_KEYS = ["AR@1", "AR@10", "AR@50", "AR@100", "AR@200"]
 ITERS = 100  # enough for non-zero AR on toyparts at 128 px (~10 s on 2 cores)
-
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,9 @@ def test_launch_slurm_parameters_and_task_arguments(launch_slurm, monkeypatch, t
     assert (slurm["partition"], slurm["account"], slurm["time"]) == ("learn", "acct", 600)
 
     # task 11 of 16 runs on the second node: local rank 3 of 8, rendezvous on the first node
-    env = types.SimpleNamespace(num_nodes=2, num_tasks=16, node=1, local_rank=3, hostnames=["gpu-a", "gpu-b"], job_id="4242")
+    env = types.SimpleNamespace(
+        num_nodes=2, num_tasks=16, node=1, local_rank=3, hostnames=["gpu-a", "gpu-b"], job_id="4242"
+    )
     task = launch_slurm.task_args(args, env)
     port = launch_slurm.rendezvous_port("4242")
     assert (task.num_machines, task.num_gpus, task.machine_rank) == (2, 8, 1)

@@ -5,6 +5,7 @@ The comparison runs with ``DATALOADER.STORE_SHUFFLE global`` (detectron2's Train
 order); the default shard-window order is another order by design, tested for its own properties in
 tests/data/test_store_dataset.py and run here once end to end with --resume.
 """
+
 import json
 import os
 import socket

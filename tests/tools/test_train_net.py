@@ -1,4 +1,5 @@
 """Stage 0 end to end on CPU: training lowers the loss, checkpoints evaluate and resume."""
+
 import json
 import os
 import subprocess

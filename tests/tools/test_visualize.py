@@ -1,4 +1,5 @@
 """tools/visualize_data.py and the TensorBoard prediction pictures (PredictionImagesHook)."""
+
 import os
 
 import cv2

@@ -1,4 +1,5 @@
 """Dataset mappers (registered in DATASET_MAPPER_REGISTRY)."""
+
 from .registry import DATASET_MAPPER_REGISTRY, build_dataset_mapper  # noqa: F401
 from .instance_lsj import InstanceLSJDatasetMapper  # noqa: F401
 from .keypoints import KeypointDatasetMapper  # noqa: F401

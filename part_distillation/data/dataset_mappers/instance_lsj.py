@@ -6,6 +6,7 @@ rasterised (as RLE) at the image's own size *before* augmentation, so COCO RLE a
 (PartImageNet ships polygons) take the same path: detectron2 crops polygons with shapely, which is not a
 dependency here and fails on the self-intersecting polygons real annotations contain.
 """
+
 import copy
 import logging
 
@@ -116,10 +117,14 @@ class InstanceLSJDatasetMapper:
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
-        rasterized = [_rasterized(obj, height, width) for obj in dataset_dict.pop("annotations", []) if not obj.get("iscrowd", 0)]
+        rasterized = [
+            _rasterized(obj, height, width) for obj in dataset_dict.pop("annotations", []) if not obj.get("iscrowd", 0)
+        ]
         empty = [obj for obj in rasterized if "segmentation" in obj and not mask_util.area(obj["segmentation"])]
         for _ in empty:  # empty or entirely outside the image before any augmentation: a data problem, counted
-            note_skip("empty_object_mask", dataset_dict["file_name"], "annotation dropped", what="Dropping an object of")
+            note_skip(
+                "empty_object_mask", dataset_dict["file_name"], "annotation dropped", what="Dropping an object of"
+            )
         annos = [
             utils.transform_instance_annotations(obj, transforms, image_shape)
             for obj in rasterized
@@ -156,7 +161,9 @@ def build_lsj_augmentations(cfg, is_train: bool) -> list:
     if cfg.INPUT.RANDOM_FLIP_PROB > 0:
         augs.append(T.RandomFlip(prob=cfg.INPUT.RANDOM_FLIP_PROB, horizontal=True))
     augs += [
-        T.ResizeScale(min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size),
+        T.ResizeScale(
+            min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size
+        ),
         # masks are padded with 0 (background), not detectron2's default 255 which would read as "object"
         T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),
     ]

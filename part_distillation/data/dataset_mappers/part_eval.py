@@ -22,6 +22,7 @@ Crowd annotations are ignored, as the AR evaluator ignores them. Output::
 :func:`part_distillation.data.gt_parts.gt_part_records` turns the same records into pseudo-label store
 records (objects with their GT parts), e.g. for a GT-part "oracle" stage-2 training set.
 """
+
 import copy
 import logging
 from collections import OrderedDict
@@ -135,10 +136,12 @@ class PartEvalDatasetMapper:
         self.part_to_object = list(part_to_object) if part_to_object else None
         if object_class_map not in ("", "synset", "predicted"):
             raise ConfigError(
-                f"TEST.OBJECT_CLASS_MAP={object_class_map!r}: use \"\" (the dataset's ids), \"synset\" or \"predicted\"."
+                f'TEST.OBJECT_CLASS_MAP={object_class_map!r}: use "" (the dataset\'s ids), "synset" or "predicted".'
             )
         if object_class_map == "predicted" and not object_predictions:
-            raise ConfigError("TEST.OBJECT_CLASS_MAP 'predicted' needs TEST.OBJECT_PREDICTIONS_JSON (a COCO results file).")
+            raise ConfigError(
+                "TEST.OBJECT_CLASS_MAP 'predicted' needs TEST.OBJECT_PREDICTIONS_JSON (a COCO results file)."
+            )
         self._predictions_path = object_predictions
         self._predictions = None
         self.object_class_map = object_class_map

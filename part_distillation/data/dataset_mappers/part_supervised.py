@@ -24,6 +24,7 @@ Evaluation uses :class:`~part_distillation.data.dataset_mappers.part_eval.PartEv
 for conditioning) and the ``part_miou`` evaluator in mode "within_object", which maps the predicted
 (object class, within-object index) back to the dataset's part ids.
 """
+
 import logging
 
 from detectron2.config import configurable
@@ -69,7 +70,9 @@ class PartSupervisedDatasetMapper(PseudoLabelDatasetMapper):
     """GT part-dataset dict → the pseudo-label mapper's ``{"image", "instances", "object_masks"}`` (module doc)."""
 
     @configurable
-    def __init__(self, *, part_to_object, is_train: bool, augmentations: list, image_format: str, max_retries: int = 10):
+    def __init__(
+        self, *, part_to_object, is_train: bool, augmentations: list, image_format: str, max_retries: int = 10
+    ):
         """
         Args:
             part_to_object: the training datasets' part category → object class table (metadata).

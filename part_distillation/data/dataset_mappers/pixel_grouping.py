@@ -4,6 +4,7 @@ COCO-format results JSON, or from the ``objects`` of a pseudo-label store record
 stage 3 ranks the parts inside the objects stage 1 stored, with their ``category_id``). With an object *model* as the source the model finds the objects
 and this mapper only prepares the image.
 """
+
 import copy
 import json
 import logging
@@ -56,7 +57,9 @@ class PixelGroupingDatasetMapper:
     """
 
     @configurable
-    def __init__(self, *, image_size: int, image_format: str, object_source: str, object_results=None, object_filter=None):
+    def __init__(
+        self, *, image_size: int, image_format: str, object_source: str, object_results=None, object_filter=None
+    ):
         """``object_filter``: ``{score_thresh, min_area_ratio, topk}`` of the grouping model, only to *count*
         the objects it will drop, by reason (the model does the dropping)."""
         self.image_size = image_size
@@ -75,7 +78,9 @@ class PixelGroupingDatasetMapper:
             "object_source": pg.OBJECT_MASK_SOURCE,
             "object_results": pg.OBJECT_MASKS_JSON or None,
             "object_filter": {
-                "score_thresh": pg.OBJECT_SCORE_THRESH, "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO, "topk": pg.OBJECT_TOPK,
+                "score_thresh": pg.OBJECT_SCORE_THRESH,
+                "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
+                "topk": pg.OBJECT_TOPK,
             },
         }
 

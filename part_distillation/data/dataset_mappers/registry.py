@@ -4,6 +4,7 @@ A mapper turns a dataset dict into the model's input (augmented image tensor plu
 build targets themselves; mappers do. Each registered class is ``@configurable`` with
 ``from_config(cls, cfg, is_train)``.
 """
+
 from detectron2.utils.registry import Registry
 
 from ...utils.errors import ConfigError

@@ -94,9 +94,7 @@ def _record(image_dir, file_name, coords):
     return {
         "file_name": os.path.join(image_dir, file_name),
         "image_id": _image_id(file_name),
-        "keypoints": [
-            [coords[2 * i], coords[2 * i + 1], 1] for i in range(len(CELEBA_KEYPOINT_NAMES))
-        ],
+        "keypoints": [[coords[2 * i], coords[2 * i + 1], 1] for i in range(len(CELEBA_KEYPOINT_NAMES))],
     }
 
 
@@ -119,17 +117,11 @@ def _read_aligned_landmarks(path):
 def _load_aligned(name, root):
     root = root or default_celeba_root()
     image_dir = _find(root, "img_align_celeba", ["", "Img"])
-    landmarks = _read_aligned_landmarks(
-        _find(root, "list_landmarks_align_celeba.txt", ["", "Anno"])
-    )
+    landmarks = _read_aligned_landmarks(_find(root, "list_landmarks_align_celeba.txt", ["", "Anno"]))
     mafl_dirs = ["MAFL", ""]
     mafl_test = _read_names(_find(root, "testing.txt", mafl_dirs))
     if name.startswith("mafl_"):
-        names = (
-            mafl_test
-            if name == "mafl_test"
-            else _read_names(_find(root, "training.txt", mafl_dirs))
-        )
+        names = mafl_test if name == "mafl_test" else _read_names(_find(root, "training.txt", mafl_dirs))
     else:
         partition = {}
         with open(_find(root, "list_eval_partition.txt", ["", "Eval"])) as f:

@@ -148,9 +148,7 @@ def _load(name, split, root):
                     "bbox_mode": BoxMode.XYWH_ABS,
                     "category_id": 0,
                     "iscrowd": 0,
-                    "keypoints": [
-                        v for x, y, vis in kps for v in ((x, y, 2) if vis else (0.0, 0.0, 0))
-                    ],
+                    "keypoints": [v for x, y, vis in kps for v in ((x, y, 2) if vis else (0.0, 0.0, 0))],
                 }
             ],
         }

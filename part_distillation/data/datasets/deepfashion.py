@@ -64,12 +64,8 @@ def default_deepfashion_root():
 def colors_to_labels(rgb):
     """H×W×3 uint8 colours → H×W uint8 labels (index in the palette; 255 for any other colour)."""
     rgb = np.asarray(rgb)
-    packed = (
-        (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    )
-    keys = np.array(
-        [(r << 16) | (g << 8) | b for r, g, b in DEEPFASHION_PARSING_COLORS], dtype=np.int64
-    )
+    packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    keys = np.array([(r << 16) | (g << 8) | b for r, g, b in DEEPFASHION_PARSING_COLORS], dtype=np.int64)
     order = np.argsort(keys)
     pos = np.clip(np.searchsorted(keys[order], packed), 0, len(keys) - 1)
     labels = order[pos].astype(np.uint8)

@@ -131,9 +131,7 @@ def read_manifest(manifest, image_root):
             if with_size is None:
                 with_size = len(fields) >= 4
             if len(fields) < (4 if with_size else 2):
-                raise ValueError(
-                    f"{manifest}:{line_no}: expected path, synset{', width, height' if with_size else ''}"
-                )
+                raise ValueError(f"{manifest}:{line_no}: expected path, synset{', width, height' if with_size else ''}")
             paths += fields[0]
             offsets.append(len(paths))
             synset_ids.append(synset_index.setdefault(fields[1], len(synset_index)))
@@ -145,11 +143,7 @@ def read_manifest(manifest, image_root):
     remap = np.empty(len(by_name), dtype=np.int32)
     for new, name in enumerate(by_name):
         remap[synset_index[name]] = new
-    ids = (
-        remap[np.frombuffer(synset_ids, dtype=np.int32)]
-        if len(synset_ids)
-        else np.zeros(0, np.int32)
-    )
+    ids = remap[np.frombuffer(synset_ids, dtype=np.int32)] if len(synset_ids) else np.zeros(0, np.int32)
     del synset_ids
     return ImageListDataset(
         image_root,

@@ -14,6 +14,7 @@ dict, duplicate image or annotation ids, a ``category_id`` not in ``categories``
 the file, and polygons with fewer than 3 points, are dropped and *counted* (metadata ``load_drops``,
 reported by tools/validate_dataset.py).
 """
+
 import functools
 import json
 import logging
@@ -70,9 +71,12 @@ def _bad_bbox(bbox):
 
 def _problems(coco, json_file):
     """Fatal problems of a parsed COCO dict (a list of strings), and the per-reason drop counts."""
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) or not isinstance(
-        coco.get("annotations", []), list
-    ) or not isinstance(coco.get("categories"), list):
+    if (
+        not isinstance(coco, dict)
+        or not isinstance(coco.get("images"), list)
+        or not isinstance(coco.get("annotations", []), list)
+        or not isinstance(coco.get("categories"), list)
+    ):
         return ["not a COCO dict with 'images', 'annotations' and 'categories' lists"], Counter()
     problems, drops = [], Counter()
     image_ids = Counter(img.get("id") for img in coco["images"])
@@ -104,8 +108,9 @@ def _valid_polygons(segmentation):
     return [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
 
 
-def load_checked_coco_json(json_file, image_root, dataset_name=None, extra_annotation_keys=("id", "object_id"),
-                           drops_out=None):
+def load_checked_coco_json(
+    json_file, image_root, dataset_name=None, extra_annotation_keys=("id", "object_id"), drops_out=None
+):
     """COCO JSON → detectron2 dataset dicts (as ``load_coco_json`` makes them), checked first.
 
     Category ids are mapped to 0..C-1 in increasing id order (``thing_dataset_id_to_contiguous_id``) and
@@ -120,8 +125,12 @@ def load_checked_coco_json(json_file, image_root, dataset_name=None, extra_annot
     coco = _read_json(json_file)
     problems, drops = _problems(coco, json_file)
     if problems:
-        listed = "; ".join(problems[:_MAX_LISTED]) + (f"; ... ({len(problems)} problems)" if len(problems) > _MAX_LISTED else "")
-        raise DatasetFormatError(f"{json_file}: {listed}; fix the annotation file (tools/validate_dataset.py lists them)")
+        listed = "; ".join(problems[:_MAX_LISTED]) + (
+            f"; ... ({len(problems)} problems)" if len(problems) > _MAX_LISTED else ""
+        )
+        raise DatasetFormatError(
+            f"{json_file}: {listed}; fix the annotation file (tools/validate_dataset.py lists them)"
+        )
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     id_map = {c["id"]: i for i, c in enumerate(categories)}
     by_image = OrderedDict((img["id"], []) for img in coco["images"])
@@ -248,7 +257,7 @@ def register_part_coco_specs(specs, key="DATASETS.PART_COCO"):
         fields = [f.strip() for f in str(spec).split(",")]
         if len(fields) not in (3, 4) or not all(fields):
             raise ConfigError(
-                f"{key} entry {spec!r} must be \"name,json_file,image_root\" or \"name,json_file,image_root,objects_name\""
+                f'{key} entry {spec!r} must be "name,json_file,image_root" or "name,json_file,image_root,objects_name"'
             )
         register_part_coco(fields[0], fields[1], fields[2], objects_name=fields[3] if len(fields) == 4 else None)
         names += fields[:1] + fields[3:]

@@ -104,18 +104,14 @@ def _metadata(root, split, parts, image_root, json_file=None):
     if parts:
         # What load_coco_json sets from the official JSON (category ids 0..39 map to themselves).
         meta["thing_classes"] = list(PART_IMAGENET_PART_CLASSES)
-        meta["thing_dataset_id_to_contiguous_id"] = {
-            i: i for i in range(len(PART_IMAGENET_PART_CLASSES))
-        }
+        meta["thing_dataset_id_to_contiguous_id"] = {i: i for i in range(len(PART_IMAGENET_PART_CLASSES))}
         meta["json_file"] = json_file
         meta["is_part_dataset"] = True
     else:
         # No "json_file": the part JSON is not the object ground truth, so detectron2's COCOEvaluator
         # must build it from these records instead (it does so when json_file is absent).
         meta["thing_classes"] = list(PART_IMAGENET_OBJECT_CLASSES)
-        meta["thing_dataset_id_to_contiguous_id"] = {
-            i + 1: i for i in range(len(PART_IMAGENET_OBJECT_CLASSES))
-        }
+        meta["thing_dataset_id_to_contiguous_id"] = {i + 1: i for i in range(len(PART_IMAGENET_OBJECT_CLASSES))}
         meta["parts_json_file"] = json_file
     return meta
 
@@ -191,9 +187,7 @@ def _object_annotation(record):
             sorted(set(objects)),
             PART_IMAGENET_OBJECT_CLASSES[category],
         )
-    boxes = np.array(
-        [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in parts], dtype=float
-    )
+    boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in parts], dtype=float)
     x0, y0 = boxes[:, 0].min(), boxes[:, 1].min()
     x1, y1 = boxes[:, 2].max(), boxes[:, 3].max()
     anno = {

@@ -52,9 +52,7 @@ def default_partimagenet_seg_root():
 def _base(root):
     """``root`` itself, or the ``PartImageNet/`` folder the release zip extracts into it."""
     nested = os.path.join(root, "PartImageNet")
-    if not os.path.isdir(os.path.join(root, "annotations")) and os.path.isdir(
-        os.path.join(nested, "annotations")
-    ):
+    if not os.path.isdir(os.path.join(root, "annotations")) and os.path.isdir(os.path.join(nested, "annotations")):
         return nested
     return root
 
@@ -99,9 +97,7 @@ def _image_resolver(image_dir, stem):
     name = os.path.basename(stem)
     layouts = (
         lambda s, ext: os.path.join(image_dir, s + ext),
-        lambda s, ext: os.path.join(
-            image_dir, os.path.basename(s).split("_")[0], os.path.basename(s) + ext
-        ),
+        lambda s, ext: os.path.join(image_dir, os.path.basename(s).split("_")[0], os.path.basename(s) + ext),
         lambda s, ext: os.path.join(image_dir, os.path.basename(s) + ext),
     )
     tried = []

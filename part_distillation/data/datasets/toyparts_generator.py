@@ -290,9 +290,7 @@ def _draw_object(img, label, inst, obj_idx, num_objects, rng):
             continue
         kind, period, tex_angle = _PART_TEXTURES[name][part]
         texture = (kind, period * rng.uniform(0.85, 1.2), tex_angle)
-        _paint(
-            img, ys[sel] + y0, xs[sel] + x0, u[sel], v[sel], texture, _part_colours(rng, hue), rng
-        )
+        _paint(img, ys[sel] + y0, xs[sel] + x0, u[sel], v[sel], texture, _part_colours(rng, hue), rng)
     label[ys + y0, xs + x0] = inst * _PART_SLOTS + parts_at
 
 
@@ -369,16 +367,11 @@ def _encode_mask(mask):
 
 
 def _image_rng(seed, split, index):
-    return np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([seed, _SPLIT_IDS[split], index]))
-    )
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _SPLIT_IDS[split], index])))
 
 
 def _categories():
-    objects = [
-        {"id": i + 1, "name": n, "supercategory": "object"}
-        for i, n in enumerate(TOYPARTS_OBJECT_CLASSES)
-    ]
+    objects = [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(TOYPARTS_OBJECT_CLASSES)]
     parts = [
         {"id": i + 1, "name": n, "supercategory": TOYPARTS_OBJECT_CLASSES[o]}
         for i, (n, o) in enumerate(zip(TOYPARTS_PART_CLASSES, TOYPARTS_PART_TO_OBJECT))

@@ -199,9 +199,7 @@ class MBConvBlock(nn.Module):
         else:
             self._expand_conv = None
             self._bn0 = None
-        self._depthwise_conv = _conv(
-            mid_channels, mid_channels, kernel_size, stride=stride, groups=mid_channels
-        )
+        self._depthwise_conv = _conv(mid_channels, mid_channels, kernel_size, stride=stride, groups=mid_channels)
         self._bn1 = _make_norm(norm, mid_channels)
         self._project_conv = nn.Conv2d(mid_channels, out_channels, 1, bias=False)
         self._bn2 = _make_norm(norm, out_channels)
@@ -259,10 +257,7 @@ class EfficientNetLite0(Backbone):
             raise ValueError("EfficientNetLite0 needs at least one output feature")
         for name in out_features:
             if name not in _FEATURE_NAMES:
-                raise ValueError(
-                    f"Unknown EfficientNetLite0 output feature {name!r}; "
-                    f"available: {_FEATURE_NAMES}"
-                )
+                raise ValueError(f"Unknown EfficientNetLite0 output feature {name!r}; available: {_FEATURE_NAMES}")
         if not 0 <= int(freeze_at) <= len(_STAGE_BLOCKS):
             raise ValueError(f"freeze_at must be in [0, {len(_STAGE_BLOCKS)}], got {freeze_at}")
 
@@ -355,9 +350,7 @@ class EfficientNetLite0(Backbone):
         Returns:
             dict of the requested "res2".."res5" feature maps.
         """
-        assert (
-            x.dim() == 4
-        ), f"EfficientNetLite0 takes an input of shape (N, C, H, W). Got {x.shape}"
+        assert x.dim() == 4, f"EfficientNetLite0 takes an input of shape (N, C, H, W). Got {x.shape}"
         outputs = {}
         x = self._stem(x)
         for idx in range(self._num_blocks_needed):
@@ -418,8 +411,7 @@ def _check_state_dict(model: nn.Module, state_dict: Mapping, source: str) -> Lis
         if key in UNUSED_CLASSIFIER_KEYS:
             ignored.append(key)
         elif (
-            key.endswith(".num_batches_tracked")
-            and key[: -len("num_batches_tracked")] + "running_mean" in model_state
+            key.endswith(".num_batches_tracked") and key[: -len("num_batches_tracked")] + "running_mean" in model_state
         ):
             # FrozenBatchNorm2d has no batch counter; the statistics themselves
             # (running_mean/var) are still required and loaded.
@@ -434,17 +426,13 @@ def _check_state_dict(model: nn.Module, state_dict: Mapping, source: str) -> Lis
         if not isinstance(value, torch.Tensor):
             mismatched.append(f"{key}: checkpoint has {type(value).__name__}, not a tensor")
         elif tuple(value.shape) != tuple(target.shape):
-            mismatched.append(
-                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}"
-            )
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
     if missing or unexpected or mismatched:
         lines = [f"EfficientNet-Lite0 checkpoint {source} does not match the model:"]
         if missing:
             lines.append(f"  missing keys (in the model, not in the checkpoint): {missing}")
         if unexpected:
-            lines.append(
-                f"  unexpected keys (in the checkpoint, unused by the model): {sorted(unexpected)}"
-            )
+            lines.append(f"  unexpected keys (in the checkpoint, unused by the model): {sorted(unexpected)}")
         if mismatched:
             lines.append(f"  shape mismatches: {mismatched}")
         raise RuntimeError("\n".join(lines))
@@ -474,8 +462,7 @@ def load_efficientnet_lite0_weights(model: EfficientNetLite0, path: Optional[str
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
         raise RuntimeError(
-            f"EfficientNet-Lite0 checkpoint {path} is a {type(state_dict).__name__}, "
-            "expected a state dict"
+            f"EfficientNet-Lite0 checkpoint {path} is a {type(state_dict).__name__}, expected a state dict"
         )
     ignored = _check_state_dict(model, state_dict, source=str(path))
     model_keys = model.state_dict().keys()
@@ -505,9 +492,7 @@ def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec):
     on RGB input.
     """
     if input_shape is not None and input_shape.channels not in (None, 3):
-        raise ValueError(
-            f"EfficientNet-Lite0 takes 3-channel RGB input, got {input_shape.channels} channels"
-        )
+        raise ValueError(f"EfficientNet-Lite0 takes 3-channel RGB input, got {input_shape.channels} channels")
     ecfg = cfg.MODEL.EFFICIENTNET
     weights = None
     if ecfg.PRETRAINED:

@@ -3,6 +3,7 @@
 It is the raw-RGB baseline of pixel grouping (and of the discovery evaluations): the same K-means,
 CRF and evaluation as with a learned backbone, but clustering colours instead of learned features.
 """
+
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import Backbone

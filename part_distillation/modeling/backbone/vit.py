@@ -181,7 +181,9 @@ class DinoViT(Backbone):
         super().__init__()
         bad = [f for f in out_features if f not in VIT_OUTPUTS]
         if bad or not out_features:
-            raise ConfigError(f"MODEL.VIT.OUT_FEATURES={list(out_features)!r}: use a non-empty subset of {VIT_OUTPUTS}.")
+            raise ConfigError(
+                f"MODEL.VIT.OUT_FEATURES={list(out_features)!r}: use a non-empty subset of {VIT_OUTPUTS}."
+            )
         if int(patch_size) < 1 or int(depth) < 1 or int(pretrain_image_size) < int(patch_size):
             raise ConfigError(
                 f"MODEL.VIT: PATCH_SIZE={patch_size}, DEPTH={depth}, PRETRAIN_IMAGE_SIZE={pretrain_image_size} "
@@ -279,7 +281,7 @@ def _unwrap_checkpoint(state) -> Dict[str, torch.Tensor]:
         raise ConfigError(f"{_WEIGHTS_KEY}: the file does not hold a state dict of tensors.")
     for prefix in ("module.", "backbone."):
         if state and all(k.startswith(prefix) for k in state if not k.startswith("head.")):
-            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+            state = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
     return state
 
 
@@ -318,6 +320,7 @@ def load_vit_weights(model: DinoViT, path: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
+
         def show(keys):
             return f"{keys[:5]}{' …' if len(keys) > 5 else ''}"
 

@@ -5,6 +5,7 @@ submodules are aliases of :mod:`part_distillation.clustering.kmeans` and ``.crf`
 so patching one patches the other). New code imports :mod:`part_distillation.clustering`. The old files are
 not kept as shims so that git follows the moved files (a file left at the old path stops rename detection).
 """
+
 import sys
 
 from ...clustering import crf, kmeans  # noqa: F401

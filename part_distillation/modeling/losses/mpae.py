@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def arc_margin_logits(cos: torch.Tensor, target: torch.Tensor, scale: float = 20.0, margin: float = 0.5) -> torch.Tensor:
+def arc_margin_logits(
+    cos: torch.Tensor, target: torch.Tensor, scale: float = 20.0, margin: float = 0.5
+) -> torch.Tensor:
     """ArcFace logits: ``s·cos θ`` for every class, ``s·cos(θ + m)`` for the target class.
 
     Args:

@@ -1,4 +1,5 @@
 """Meta-architectures registered in detectron2's META_ARCH_REGISTRY."""
+
 from .mask2former import Mask2Former  # noqa: F401
 from .query_decoder import QueryFeatureTransformerDecoder  # noqa: F401
 from .part_mask2former import PartMask2Former  # noqa: F401

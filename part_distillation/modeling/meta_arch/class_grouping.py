@@ -22,6 +22,7 @@ and the two-pass prototype protocol of ``tools/rank_parts.py``:
    part's mean feature f̄ (so the store writer records ``part_class``) and ``features`` = f̄ (for
    mIoU-clustered). Objects whose class has no prototypes get no parts.
 """
+
 import logging
 
 import torch
@@ -103,7 +104,9 @@ class ClassPixelGroupingModel(PixelGroupingModel):
     @torch.no_grad()
     def forward(self, batched_inputs):
         if self.training:
-            raise RuntimeError("ClassPixelGroupingModel has nothing to train; run it with tools/rank_parts.py or --eval-only.")
+            raise RuntimeError(
+                "ClassPixelGroupingModel has nothing to train; run it with tools/rank_parts.py or --eval-only."
+            )
         raw = [x["image"].to(self.device) for x in batched_inputs]
         images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
         feats = self.features(images.tensor)
@@ -142,7 +145,10 @@ class ClassPixelGroupingModel(PixelGroupingModel):
             index.append(torch.full((len(cells),), j, dtype=torch.long, device=feats.device))
         features = torch.cat(chosen) if chosen else feats.new_zeros((0, feats.shape[0]))
         index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=feats.device)
-        return {"instances": self._objects_out(obj, obj.image_size), "cluster_features": {"object_index": index, "features": features}}
+        return {
+            "instances": self._objects_out(obj, obj.image_size),
+            "cluster_features": {"object_index": index, "features": features},
+        }
 
     def _label(self, image, feats, masks, grid, obj, image_size, inp):
         k = self.prototypes.shape[1]
@@ -194,7 +200,9 @@ class ClassPixelGroupingModel(PixelGroupingModel):
                 means.append(mean)
         device = labels.device
         parts = Instances((height, width))
-        parts.pred_masks = torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.bool, device=device)
+        parts.pred_masks = (
+            torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.bool, device=device)
+        )
         parts.scores = torch.ones(len(masks), device=device)
         parts.object_index = torch.tensor(owner, dtype=torch.long, device=device)
         parts.pred_classes = torch.tensor(ids, dtype=torch.long, device=device)

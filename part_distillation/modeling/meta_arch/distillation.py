@@ -58,6 +58,7 @@ class is outside [0, N_c^o) are skipped (warning). Without ``objects`` the outpu
 inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with the GT object
 class (PartDistillation supp. §2 says the predicted one): here the class is whatever ``objects.gt_classes`` holds.
 """
+
 import logging
 import math
 
@@ -182,7 +183,13 @@ def load_shared_tensors(model: nn.Module, path: str, prefixes=DISTILLATION_INIT_
 
 
 def object_part_inference(
-    objectness_logits, part_logits, mask_pred, object_mask, topk: int, per_pixel_assignment=True, merge_same_class=True,
+    objectness_logits,
+    part_logits,
+    mask_pred,
+    object_mask,
+    topk: int,
+    per_pixel_assignment=True,
+    merge_same_class=True,
     return_queries=False,
 ):
     """Part predictions inside one object (module doc, inference steps 1-3).

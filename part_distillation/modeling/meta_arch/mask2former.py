@@ -5,6 +5,7 @@ The released ``maskformer2`` package's ``MaskFormer.from_config`` passes ``weigh
 be built. This subclass owns a ``from_config`` that matches the installed criterion and adds the
 switches our stages need (uniform point sampling, boxes from masks, a safe top-k).
 """
+
 import logging
 
 from detectron2.config import configurable
@@ -39,9 +40,7 @@ def build_set_criterion(cfg, num_classes: int) -> SetCriterion:
     elif mf.POINT_SAMPLING == "importance":
         oversample_ratio, importance_ratio = mf.OVERSAMPLE_RATIO, mf.IMPORTANCE_SAMPLE_RATIO
     else:
-        raise ValueError(
-            f"MODEL.MASK_FORMER.POINT_SAMPLING={mf.POINT_SAMPLING!r}: use 'importance' or 'uniform'."
-        )
+        raise ValueError(f"MODEL.MASK_FORMER.POINT_SAMPLING={mf.POINT_SAMPLING!r}: use 'importance' or 'uniform'.")
     matcher = HungarianMatcher(
         cost_class=mf.CLASS_WEIGHT,
         cost_mask=mf.MASK_WEIGHT,
@@ -111,4 +110,3 @@ class Mask2Former(MaskFormer):
         # Upstream leaves all-zero boxes, which makes box AP and box-based filtering meaningless.
         result.pred_boxes = BitMasks(result.pred_masks > 0).get_bounding_boxes().to(result.scores.device)
         return result
-

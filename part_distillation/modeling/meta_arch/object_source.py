@@ -4,6 +4,7 @@ Ground-truth and JSON object masks arrive through the mapper (``objects`` in eac
 run a detector inside the grouping model on the same batch, so no intermediate object-mask files are
 needed (the reference writes and re-reads one file per image).
 """
+
 import logging
 
 import torch
@@ -85,7 +86,9 @@ def _object_model_cfg(cfg, source: str):
 
     pg = cfg.MODEL.PIXEL_GROUPING
     if not pg.OBJECT_MODEL_CONFIG:
-        raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={source!r} needs MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG.")
+        raise ConfigError(
+            f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={source!r} needs MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG."
+        )
     if source == "model":
         obj_cfg = load_cfg(pg.OBJECT_MODEL_CONFIG)
     else:  # detic
@@ -154,7 +157,9 @@ def _set_detic_vocabulary(model, cfg) -> bool:
         from detic.modeling.utils import reset_cls_test
         from detic.predictor import get_clip_embeddings
     except ImportError as e:
-        raise ConfigError(f"OBJECT_MASK_SOURCE 'detic' needs Detic's CLIP text encoder ({e}); `WITH_DETIC=1 make setup`.")
+        raise ConfigError(
+            f"OBJECT_MASK_SOURCE 'detic' needs Detic's CLIP text encoder ({e}); `WITH_DETIC=1 make setup`."
+        )
     reset_cls_test(model, get_clip_embeddings(names), len(names))
     logger.info("Detic vocabulary: the %d class names of %s", len(names), name)
     return True

@@ -17,6 +17,7 @@ their targets or losses differ, ``prepare_targets`` / :meth:`PartMask2Former.los
 post-processing functions are in :mod:`.postprocessing` (which also documents the ``part_instances``
 output). The state-dict names are Mask2Former's: checkpoints of the previous classes load unchanged.
 """
+
 import torch
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
@@ -42,7 +43,7 @@ class PartMask2Former(Mask2Former):
         if not isinstance(self.sem_seg_head.predictor, QueryFeatureTransformerDecoder):
             raise ConfigError(
                 f"{type(self).__name__} reads the decoder's query features: set "
-                "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME \"QueryFeatureTransformerDecoder\" (got "
+                'MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME "QueryFeatureTransformerDecoder" (got '
                 f"{type(self.sem_seg_head.predictor).__name__}; same parameters, checkpoints load unchanged)."
             )
 

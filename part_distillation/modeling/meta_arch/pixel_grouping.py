@@ -11,6 +11,7 @@ Inference only. Output per image (at the input's original height/width):
 ``{"instances": objects (pred_masks, scores, pred_classes), "part_instances": part segments
 (pred_masks, scores = 1, pred_classes = 0, object_index)}``.
 """
+
 import logging
 import math
 
@@ -237,13 +238,17 @@ class PixelGroupingModel(nn.Module):
     @torch.no_grad()
     def forward(self, batched_inputs):
         if self.training:
-            raise RuntimeError("PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py.")
+            raise RuntimeError(
+                "PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py."
+            )
         raw = [x["image"].to(self.device) for x in batched_inputs]
         images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
         same_vocabulary = getattr(self.object_model, "dataset_vocabulary", False)
         objects = [
             # an image-level label (ImageNet folders: record "class_id") is every object's class
-            filter_objects(assign_image_class(o.to(self.device), x.get("class_id"), same_vocabulary), **self.object_filter)
+            filter_objects(
+                assign_image_class(o.to(self.device), x.get("class_id"), same_vocabulary), **self.object_filter
+            )
             for o, x in zip(self._objects(batched_inputs), batched_inputs)
         ]
         padded_hw = images.tensor.shape[-2:]
@@ -275,7 +280,9 @@ class PixelGroupingModel(nn.Module):
         H, W = labels.shape[-2:]
         margin = 16
         boxes = [
-            (max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W)) if y1 > y0 else (0,) * 4
+            (max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W))
+            if y1 > y0
+            else (0,) * 4
             for y0, y1, x0, x1 in mask_box_slices(masks)
         ]
         out = self.crf.refine_boxes(image, labels, boxes, self.num_parts + 1)
@@ -287,7 +294,9 @@ class PixelGroupingModel(nn.Module):
         """Label maps [M, h, w] → object and part Instances at the original resolution."""
         if labels.shape[-2:] != (height, width):
             labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
-            obj_masks = F.interpolate(objects.gt_masks[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
+            obj_masks = (
+                F.interpolate(objects.gt_masks[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
+            )
         else:
             obj_masks = objects.gt_masks
         obj_inst = Instances((height, width))
@@ -303,7 +312,9 @@ class PixelGroupingModel(nn.Module):
                     part_owner.append(j)
         parts = Instances((height, width))
         parts.pred_masks = (
-            torch.stack(part_masks) if part_masks else torch.zeros((0, height, width), dtype=torch.bool, device=labels.device)
+            torch.stack(part_masks)
+            if part_masks
+            else torch.zeros((0, height, width), dtype=torch.bool, device=labels.device)
         )
         parts.scores = torch.ones(len(part_masks), device=labels.device)
         parts.pred_classes = torch.zeros(len(part_masks), dtype=torch.long, device=labels.device)

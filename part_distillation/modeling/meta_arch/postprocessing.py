@@ -33,6 +33,7 @@ soft_scores       float [P, K]    optional: the part's probability per prototype
 query, before the same-class merge, which is what mIoU-clustered clusters (PartDistillation, Cho et al.
 2023, supp. "Zero-shot evaluation": the predictions are clustered); with the merge off both hold the same parts.
 """
+
 import torch
 from detectron2.structures import Instances
 

@@ -31,6 +31,7 @@ with the pure functions of :mod:`.postprocessing`. The reference's
 evaluation-only shortcut that drops predictions not overlapping any GT part (reference code) is not
 implemented: the model never sees GT parts.
 """
+
 import logging
 import os
 import pickle
@@ -90,7 +91,7 @@ def load_decoder_weights(
         ConfigError: ``path`` does not exist, or no tensor could be loaded from it.
     """
     if not os.path.isfile(path):
-        raise ConfigError(f"{key}={path!r} does not exist; give {expected} or set it to \"\".")
+        raise ConfigError(f'{key}={path!r} does not exist; give {expected} or set it to "".')
     checkpoint = _read_checkpoint(path)
     own = model.state_dict()
     loaded, mismatch, missing, update = [], [], [], {}
@@ -114,7 +115,9 @@ def load_decoder_weights(
             own[name].copy_(value)  # state_dict() tensors share storage with the parameters/buffers
     logger.info("Initialised %d tensors from %s (%s).", len(loaded), path, key)
     for name, theirs, ours in mismatch:
-        logger.info("Skipped %s: shape %s in the checkpoint, %s in the model (kept its initialisation).", name, theirs, ours)
+        logger.info(
+            "Skipped %s: shape %s in the checkpoint, %s in the model (kept its initialisation).", name, theirs, ours
+        )
     if missing:
         logger.warning("%d tensors are not in %s and keep their initialisation: %s", len(missing), path, missing)
     return {"loaded": loaded, "shape_mismatch": mismatch, "missing": missing}
@@ -157,9 +160,7 @@ def proposal_inference(mask_cls, mask_pred, topk: int, object_mask=None, per_pix
 
 def _check_one_class(num_classes: int) -> None:
     if num_classes != 1:
-        raise ConfigError(
-            f"ProposalModel is class-agnostic: set MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 (got {num_classes})."
-        )
+        raise ConfigError(f"ProposalModel is class-agnostic: set MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 (got {num_classes}).")
 
 
 @META_ARCH_REGISTRY.register()
@@ -167,7 +168,9 @@ class ProposalModel(PartMask2Former):
     """Mask2Former with one class ("part") for class-agnostic part proposals (module doc)."""
 
     @configurable
-    def __init__(self, *, per_pixel_assignment: bool = True, apply_object_mask: bool = True, init_from: str = "", **kwargs):
+    def __init__(
+        self, *, per_pixel_assignment: bool = True, apply_object_mask: bool = True, init_from: str = "", **kwargs
+    ):
         """
         Args:
             per_pixel_assignment: ``MODEL.PROPOSAL.PER_PIXEL_ASSIGNMENT``.

@@ -10,6 +10,7 @@ modules, parameters and state-dict names (a checkpoint of one loads into the oth
 adds ``"query_feats"`` [B, Q, D] to the final prediction and to every ``aux_outputs`` entry. Select it
 with ``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME "QueryFeatureTransformerDecoder"`` (our default).
 """
+
 import torch
 from torch.nn import functional as F
 

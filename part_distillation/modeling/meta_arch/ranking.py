@@ -25,6 +25,7 @@ also carry ``soft_scores`` = softmax_k(−‖f_j − μ_k‖₂ / T) (supp. Eq. 
 T = ``MODEL.PART_RANKING.TEMPERATURE``; prototypes a class does not have, e.g. a class with fewer than K
 parts, get probability 0).
 """
+
 import logging
 
 import torch
@@ -60,7 +61,11 @@ def rank_object_parts(part_prob, logits, object_mask, min_area_ratio: float, min
     obj_area = obj.sum()
     if q == 0 or int(obj_area) == 0:
         empty = torch.zeros(0, dtype=torch.long, device=logits.device)
-        return empty, torch.zeros((0,) + tuple(logits.shape[-2:]), dtype=torch.bool, device=logits.device), empty.float()
+        return (
+            empty,
+            torch.zeros((0,) + tuple(logits.shape[-2:]), dtype=torch.bool, device=logits.device),
+            empty.float(),
+        )
     masked = logits.float() * obj.float()
     masks = assign_pixels(part_prob.float(), masked, per_pixel)
     ratios = masks.flatten(1).sum(dim=1).float() / obj_area.float()

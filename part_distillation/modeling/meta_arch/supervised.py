@@ -13,6 +13,7 @@ goes to ``argmax_j score_j · sigmoid(m_j(x))``; queries that win no pixel disap
 The class-agnostic version (paper Tab. 2, AR@200) is :class:`ProposalModel` (``SEM_SEG_HEAD.NUM_CLASSES 1``) trained on
 the GT parts with ``INPUT.CLASS_AGNOSTIC True``.
 """
+
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -52,7 +53,9 @@ def object_part_assignment(mask_cls, mask_pred, object_masks):
             owner.append(m)
     result = Instances(tuple(mask_pred.shape[-2:]))
     device = mask_pred.device
-    result.pred_masks = torch.stack(masks) if masks else torch.zeros((0, *mask_pred.shape[-2:]), dtype=torch.bool, device=device)
+    result.pred_masks = (
+        torch.stack(masks) if masks else torch.zeros((0, *mask_pred.shape[-2:]), dtype=torch.bool, device=device)
+    )
     result.pred_classes = torch.tensor(labels, dtype=torch.long, device=device)
     result.scores = torch.tensor(conf, dtype=torch.float32, device=device)
     result.object_index = torch.tensor(owner, dtype=torch.long, device=device)

@@ -5,6 +5,7 @@ a bare ``try/except`` and silently falls back to PyTorch on *any* error, which a
 failures and tries the CUDA kernel on CPU tensors first. We replace the autograd function it uses
 with a dispatcher: the compiled op for CUDA tensors when it is importable, PyTorch otherwise.
 """
+
 import importlib
 import logging
 

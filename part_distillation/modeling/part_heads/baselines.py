@@ -280,11 +280,11 @@ class DFFHead(PartHead):
         }
         self.bg_threshold = float(bg_threshold)
 
-
     @property
     def needs_fg_mask(self) -> bool:
         """With ``BG_THRESHOLD`` > 0 the loadings give the background, so inputs need no ``fg_mask``."""
         return self.bg_threshold <= 0
+
     @classmethod
     def from_config(cls, cfg, input_shape):
         pd = cfg.MODEL.PART_DISCOVERY

@@ -102,9 +102,7 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     minc, _ = rgb.min(-3)
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(
-        maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4)
-    )
+    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
     h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
     s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
     return torch.stack([h, s, maxc], dim=-3)
@@ -317,7 +315,9 @@ class Choudhury21Head(PartHead):
         if kl_mode not in _KL_MODES:
             raise ConfigError(f"MODEL.PART_DISCOVERY.CHOUDHURY21.KL_MODE={kl_mode!r}: use one of {_KL_MODES}.")
         if len(zoom) != 2 or not 0 < zoom[0] <= zoom[1]:
-            raise ConfigError(f"MODEL.PART_DISCOVERY.CHOUDHURY21.ZOOM={list(zoom)!r}: give [low, high], 0 < low ≤ high.")
+            raise ConfigError(
+                f"MODEL.PART_DISCOVERY.CHOUDHURY21.ZOOM={list(zoom)!r}: give [low, high], 0 < low ≤ high."
+            )
         lambdas = (lambda_eqv, lambda_feat, lambda_visual, lambda_contrastive)
         if min(lambdas) < 0 or max(lambdas) <= 0:
             raise ConfigError("MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_*: all ≥ 0 and at least one > 0.")
@@ -393,7 +393,9 @@ class Choudhury21Head(PartHead):
     def perceptual(self) -> PerceptualNetwork:
         net = self._perceptual[0]
         if net is None:
-            raise ConfigError("Choudhury21Head: λf or λc > 0 needs a perceptual network (MODEL.PART_DISCOVERY.PERCEPTUAL).")
+            raise ConfigError(
+                "Choudhury21Head: λf or λc > 0 needs a perceptual network (MODEL.PART_DISCOVERY.PERCEPTUAL)."
+            )
         if not isinstance(net, nn.Module):
             net = net()
             self._perceptual = (net,)
@@ -462,7 +464,9 @@ class Choudhury21Head(PartHead):
             colours = rgb_to_lab(rgb) if self.use_lab else rgb
             out["loss_visual"] = lam["visual"] * part_consistency_loss(probs, colours, fg).mean()
         if lam["eqv"] > 0:
-            out["loss_eqv"] = lam["eqv"] * self._equivariance(rgb, fg, batch, logits if self.losses_on_jittered else None)
+            out["loss_eqv"] = lam["eqv"] * self._equivariance(
+                rgb, fg, batch, logits if self.losses_on_jittered else None
+            )
         if not out:  # λc only, with a single image
             out["loss_contrastive"] = logits.sum() * 0.0
         return out

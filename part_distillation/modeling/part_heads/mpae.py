@@ -151,9 +151,7 @@ class MaskedRestorer(nn.Module):
         self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         heads = max(1, self.decoder_dim // 64)  # C/64 heads (reference code)
-        self.decoder = nn.ModuleList(
-            ViTBlock(decoder_dim, heads, 4 * decoder_dim) for _ in range(int(decoder_layers))
-        )
+        self.decoder = nn.ModuleList(ViTBlock(decoder_dim, heads, 4 * decoder_dim) for _ in range(int(decoder_layers)))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.rec_patch_size**2 * 3)
         _xavier_init(self)

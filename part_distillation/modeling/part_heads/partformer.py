@@ -102,7 +102,9 @@ class PartFormer(nn.Module):
         if width % heads:
             raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.WIDTH={width} is not divisible by HEADS={heads}.")
         if pos_embed == "sincos" and width % 4:
-            raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.WIDTH={width} must be a multiple of 4 (sin-cos embedding).")
+            raise ConfigError(
+                f"MODEL.PART_DISCOVERY.PARTFORMER.WIDTH={width} must be a multiple of 4 (sin-cos embedding)."
+            )
         self.patch_size, self.width, self.pos_embed_type = int(patch_size), int(width), pos_embed
         self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.part_tokens = nn.Parameter(torch.empty(num_tokens, width))
@@ -163,9 +165,13 @@ class PartFormerDecoder(nn.Module):
     ):  # fmt: skip
         super().__init__()
         if order not in ("conv_ln_relu", "conv_relu_ln"):
-            raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.DECODER_ORDER={order!r}: 'conv_ln_relu' or 'conv_relu_ln'.")
+            raise ConfigError(
+                f"MODEL.PART_DISCOVERY.PARTFORMER.DECODER_ORDER={order!r}: 'conv_ln_relu' or 'conv_relu_ln'."
+            )
         if upsample_mode not in ("bilinear", "nearest"):
-            raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.DECODER_UPSAMPLE={upsample_mode!r}: 'bilinear' or 'nearest'.")
+            raise ConfigError(
+                f"MODEL.PART_DISCOVERY.PARTFORMER.DECODER_UPSAMPLE={upsample_mode!r}: 'bilinear' or 'nearest'."
+            )
 
         def block():
             conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
@@ -196,7 +202,9 @@ def _compression_head(in_channels: int, dims: Sequence[int], order: str, kernel:
     them in ``order`` ("conv_relu_bn": CUB code, "conv_bn_relu": CelebA code); the last conv is plain. ``dims`` = []:
     identity."""
     if order not in ("conv_relu_bn", "conv_bn_relu"):
-        raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_ORDER={order!r}: 'conv_relu_bn' or 'conv_bn_relu'.")
+        raise ConfigError(
+            f"MODEL.PART_DISCOVERY.PARTFORMER.COMPRESS_ORDER={order!r}: 'conv_relu_bn' or 'conv_bn_relu'."
+        )
     layers, c = [], in_channels
     for i, d in enumerate(dims):
         layers.append(nn.Conv2d(c, d, kernel, padding=kernel // 2))
@@ -281,7 +289,9 @@ class PartFormerHead(PartHead):
             out_dim=c, num_tokens=num_parts * groups + 1, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
             patch_size=patch_size, pos_embed=pos_embed, pos_grid=pos_grid,
         )  # fmt: skip
-        self.decoder = PartFormerDecoder(c, decoder_upsamples, decoder_upsample_mode, decoder_order, decoder_final_kernel)
+        self.decoder = PartFormerDecoder(
+            c, decoder_upsamples, decoder_upsample_mode, decoder_order, decoder_final_kernel
+        )
         self.arcface_weight = nn.Parameter(torch.empty(num_parts * groups, c))
         nn.init.xavier_uniform_(self.arcface_weight)
         if similarity not in ("dot", "cosine"):
@@ -387,7 +397,9 @@ class PartFormerHead(PartHead):
         """One direction: parts ``g`` transferred onto features ``f``, decoded and compared with ``target_raw``."""
         v, s = transfer(g, f, self.logit_scale, self.similarity)
         recon = self.decoder(s)
-        target = F.interpolate(imagenet_normalize(target_raw.float(), input_format), size=recon.shape[-2:], mode="nearest")
+        target = F.interpolate(
+            imagenet_normalize(target_raw.float(), input_format), size=recon.shape[-2:], mode="nearest"
+        )
         fg = v[:, : self.num_parts]
         return {
             "rec": self.perceptual(recon, target),
