@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.part_distillation-installed
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): scripts/install_deps.sh requirements.txt requirements-dev.txt setup.py
 demo: setup
 	$(PY) tools/run_toy_pipeline.py --output output/demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
+
+# ruff.toml: pyflakes + pycodestyle at line length 120, and the formatter's style.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done

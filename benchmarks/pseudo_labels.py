@@ -270,15 +270,18 @@ def main():
         f"| reference-style (sklearn per object + pydensecrf + torch.save) | {result['reference_images_per_s']:.2f} |"
     )
     print(f"speed-up: {result['speedup']:.1f}x (target >= 5x); the shared backbone alone takes "
-          f"{result['backbone_s_per_image']:.3f} s/image; without it: {result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
+          f"{result['backbone_s_per_image']:.3f} s/image; without it: "
+          f"{result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
     print(f"with CRF.DOWNSAMPLE 2: {result['speedup_crf_x2']:.1f}x, without the backbone "
           f"{result['speedup_crf_x2_excluding_backbone']:.1f}x")  # fmt: skip
     print(f"config {result['config']}: ImageNet-21K ({IMAGENET_21K} images) at {n / ours_s:.2f} images/s per device "
           f"would take {result['imagenet_21k_hours_one_8_gpu_node']:.0f} h on one node of 8 such devices")  # fmt: skip
     if "long_run" in result:
         lr = result["long_run"]
-        print(f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
-              f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), growth {lr['rss_growth_mb']:+.0f} MB")  # fmt: skip
+        print(
+            f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
+            f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), growth {lr['rss_growth_mb']:+.0f} MB"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
     print(f"wrote {args.out}")

@@ -50,7 +50,8 @@ TARGET_OVERHEAD = 0.05
 NUM_CLASSES_BASELINE = 5
 
 VARIANTS = {
-    "mask2former": ["MODEL.META_ARCHITECTURE", "Mask2Former", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(NUM_CLASSES_BASELINE),
+    "mask2former": ["MODEL.META_ARCHITECTURE", "Mask2Former", "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+                    str(NUM_CLASSES_BASELINE),
                     "MODEL.MASK_FORMER.POINT_SAMPLING", "importance"],
     "proposal": ["MODEL.META_ARCHITECTURE", "ProposalModel", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1",
                  "MODEL.MASK_FORMER.POINT_SAMPLING", "uniform"],
@@ -160,8 +161,8 @@ def run(args):
             seconds = runner.step(inputs)
             if round_index >= args.warmup:
                 times[name].append(seconds)
-        print(f"round {round_index + 1}/{args.warmup + args.iters}" + (" (warm-up)" if round_index < args.warmup else ""),
-              file=sys.stderr, flush=True)  # fmt: skip
+        warm_up = " (warm-up)" if round_index < args.warmup else ""
+        print(f"round {round_index + 1}/{args.warmup + args.iters}{warm_up}", file=sys.stderr, flush=True)
     base = statistics.median(times["mask2former"]) if "mask2former" in times else None
     rows, variants = [], {}
     for name, runner in runners.items():

@@ -1,4 +1,4 @@
-"""Stage configs refuse to run with random frozen/labelling modules; image-level classes; synset maps; WordNet filter."""
+"""Stage configs refuse to run with random frozen/labelling modules; image-level classes, synset maps, WordNet."""
 
 import os
 import subprocess

@@ -84,9 +84,11 @@ def main(argv=None) -> dict:
     images, sample_path = _sample(cfg, args.sample_image)
     object_class = torch.tensor([args.object_class], dtype=torch.int64)
     os.makedirs(args.output, exist_ok=True)
-    info = {"config_file": args.config_file, "weights": cfg.MODEL.WEIGHTS, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+    info = {"config_file": args.config_file, "weights": cfg.MODEL.WEIGHTS,
+            "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
             "input_size": list(images.shape[-2:]), "input_format": cfg.INPUT.FORMAT, "sample_image": sample_path,
-            "inputs": ["images"] + (["object_class"] if head.part_classifier is not None else []), "files": {}}  # fmt: skip
+            "inputs": ["images"] + (["object_class"] if head.part_classifier is not None else []),
+            "files": {}}  # fmt: skip
     with torch.no_grad():
         eager = head(images, object_class)
     if "torchscript" in args.format:

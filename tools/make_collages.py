@@ -4,7 +4,8 @@ evaluation", Fig. 4).
 
     python tools/make_collages.py --root pseudo_labels --source imagenet_train --stage ranking --output out/collages
     python tools/make_collages.py --predictions out/demo/predictions.json --output out/collages
-    python tools/make_collages.py ... --drop-object-like 0.5     # the paper's filter: drop parts with IoU > 50 % with their object
+    python tools/make_collages.py ... --drop-object-like 0.5     # the paper's filter: drop parts with IoU > 50 % with
+    their object
 
 Writes, for every (object class, part class), a 3×3 collage of random instances with the part in red
 (``collages/<class>/part_<k>.png``), one ``index.html`` showing all collages per class, and

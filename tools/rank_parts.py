@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Stage 3: class-specific part ranking (PartDistillation, Cho et al. 2023, supp. "Class-specific part ranking") in two passes.
+"""Stage 3: class-specific part ranking in two passes (PartDistillation, Cho et al. 2023, supp. "Class-specific part
+ranking").
 
     python tools/rank_parts.py --config-file configs/quick_schedules/stage3_ranking_toyparts.yaml \
         MODEL.WEIGHTS output/quick_schedules/stage2_proposals_toyparts/model_final.pth

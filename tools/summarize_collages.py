@@ -43,7 +43,8 @@ def main(argv=None) -> dict:
         f"\nconsistent parts: {summary['consistent_parts']} / {summary['parts']} = {summary['consistent_share']:.1f} %"
     )
     print(
-        f"classes with >= {args.min_consistent} consistent parts: {summary['classes_with_min_consistent']} / {summary['classes']}"
+        f"classes with >= {args.min_consistent} consistent parts: {summary['classes_with_min_consistent']} / "
+        f"{summary['classes']}"
     )
     if args.output:
         atomic_write_bytes(os.path.abspath(args.output), json.dumps(summary, indent=1).encode("utf-8"))

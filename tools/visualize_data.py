@@ -4,7 +4,8 @@ tools/visualize_data.py).
 
     python tools/visualize_data.py --dataset toyparts_parts_val --output-dir out/vis
     python tools/visualize_data.py --store pseudo_labels toyparts_train ranking --output-dir out/vis
-    python tools/visualize_data.py --source dataloader --config-file configs/quick_schedules/stage2_proposals_toyparts.yaml --output-dir out/vis
+    python tools/visualize_data.py --source dataloader --config-file
+    configs/quick_schedules/stage2_proposals_toyparts.yaml --output-dir out/vis
 
 ``annotation`` (default) draws the records as stored (parts, objects outlined in white); ``dataloader``
 draws the training mapper's output (after augmentation) of the config's DATASETS.TRAIN.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """ImageNet-21K class subsets by WordNet (PartDistillation supp. "Manual evaluation"), as a manifest subset.
 
-    python datasets/prepare_image_list.py --root datasets/imagenet_21k/train --out datasets/imagenet_21k/manifest_all.tsv
+    python datasets/prepare_image_list.py --root datasets/imagenet_21k/train --out
+    datasets/imagenet_21k/manifest_all.tsv
     python tools/wordnet_filter.py --manifest datasets/imagenet_21k/manifest_all.tsv \
         --out datasets/imagenet_21k/train_manifest.tsv --num-classes 10000 [--balanced 300] [--seed 0]
 

@@ -102,7 +102,8 @@ def evaluate_store_ar(reader: PseudoLabelReader, parts_dataset: str) -> dict:
         if record["image_id"] not in gt_ids:
             raise ConfigError(
                 f"MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET={parts_dataset!r} has no image {record['image_id']!r} of the "
-                "labelled dataset; name the part view of the same images (e.g. toyparts_parts_train for toyparts_train) "
+                "labelled dataset; name the part view of the same images (e.g. toyparts_parts_train for "
+                "toyparts_train) "
                 'or set it to "" to skip the evaluation.'
             )
         parts = [p for obj in record["objects"] for p in obj["parts"]]

@@ -76,7 +76,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if not groups:
         raise ConfigError(
             "The model has no trainable parameters (check MODEL.MASK_FORMER.FREEZE_KEYS, MODEL.BACKBONE.FREEZE_AT, "
-            "MODEL.PART_DISCOVERY.FREEZE_BACKBONE); a model with nothing to learn is run with tools/train_net.py --eval-only."
+            "MODEL.PART_DISCOVERY.FREEZE_BACKBONE); a model with nothing to learn is run with tools/train_net.py "
+            "--eval-only."
         )
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":

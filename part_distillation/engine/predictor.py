@@ -66,7 +66,8 @@ class PartPredictor:
         elif not cfg.MODEL.WEIGHTS and arch not in TRAINING_FREE_META_ARCHS:
             raise ConfigError(
                 f"MODEL.WEIGHTS is empty but {arch} must be trained first: add `MODEL.WEIGHTS path/to/model_final.pth` "
-                "to the options, or use a stage-1 config (META_ARCHITECTURE PixelGroupingModel), which needs no weights."
+                "to the options, or use a stage-1 config (META_ARCHITECTURE PixelGroupingModel), which needs no "
+                "weights."
             )
         self.model = build_model(self.cfg).eval()
         if cfg.MODEL.WEIGHTS:

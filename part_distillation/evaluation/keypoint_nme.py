@@ -143,12 +143,12 @@ def fit_landmark_regressor(features: np.ndarray, landmarks: np.ndarray, visible:
         list over landmarks of (x_mean, x_scale, y_mean, y_scale, beta [F, 2]) or None (never visible).
     """
     regressors = []
-    for l in range(landmarks.shape[1]):
-        rows = visible[:, l]
+    for lm in range(landmarks.shape[1]):
+        rows = visible[:, lm]
         if not rows.any():
             regressors.append(None)
             continue
-        x, y = features[rows], landmarks[rows, l]
+        x, y = features[rows], landmarks[rows, lm]
         x_mean, x_scale = _standardise_fit(x)
         y_mean, y_scale = _standardise_fit(y)
         beta = np.linalg.lstsq((x - x_mean) / x_scale, (y - y_mean) / y_scale, rcond=None)[0]
@@ -159,11 +159,11 @@ def fit_landmark_regressor(features: np.ndarray, landmarks: np.ndarray, visible:
 def predict_landmarks(regressors, features: np.ndarray) -> np.ndarray:
     """[N, L, 2] landmark predictions (NaN for landmarks without a regressor)."""
     out = np.full((features.shape[0], len(regressors), 2), np.nan)
-    for l, reg in enumerate(regressors):
+    for lm, reg in enumerate(regressors):
         if reg is None:
             continue
         x_mean, x_scale, y_mean, y_scale, beta = reg
-        out[:, l] = ((features - x_mean) / x_scale) @ beta * y_scale + y_mean
+        out[:, lm] = ((features - x_mean) / x_scale) @ beta * y_scale + y_mean
     return out
 
 
@@ -378,11 +378,11 @@ class KeypointNMEEvaluator(DatasetEvaluator):
         valid = eval_visible & ~np.isnan(errors)
         results = OrderedDict()
         results["NME"] = 100.0 * float(errors[valid].mean()) if valid.any() else float("nan")
-        names = list(self._keypoint_names) if self._keypoint_names else [str(l) for l in range(num_landmarks)]
-        for l in range(num_landmarks):
-            sel = valid[:, l]
-            name = names[l] if l < len(names) else str(l)
-            results[f"NME-{name}"] = 100.0 * float(errors[sel, l].mean()) if sel.any() else float("nan")
+        names = list(self._keypoint_names) if self._keypoint_names else [str(lm) for lm in range(num_landmarks)]
+        for lm in range(num_landmarks):
+            sel = valid[:, lm]
+            name = names[lm] if lm < len(names) else str(lm)
+            results[f"NME-{name}"] = 100.0 * float(errors[sel, lm].mean()) if sel.any() else float("nan")
         results["num_images"] = len(images)
         results["num_fit_images"] = len(fit)
         results["num_parts"] = int(num_parts)

@@ -54,7 +54,8 @@ def records_from_predictions(path: str) -> list:
     if data["images"] and all(image.get("class_agnostic") for image in data["images"]):
         raise UserError(
             f"--predictions {path}: these are class-agnostic parts (stage 1/2, part_class is always 0); collages "
-            "need a stage-3/4 model's part classes (demo/demo.py --config-file <stage-4 config> --opts MODEL.WEIGHTS ...)."
+            "need a stage-3/4 model's part classes (demo/demo.py --config-file <stage-4 config> --opts MODEL.WEIGHTS "
+            "...)."
         )
     records = []
     for image in data["images"]:
@@ -62,7 +63,8 @@ def records_from_predictions(path: str) -> list:
         for part in image["parts"]:
             objects[part["object_id"]]["parts"].append(part)
         records.append({"file_name": image["file_name"], "height": image["height"], "width": image["width"],
-                        "objects": objects, "class_names": {o["category_id"]: o.get("category_name") for o in objects}})  # fmt: skip
+                        "objects": objects,
+                        "class_names": {o["category_id"]: o.get("category_name") for o in objects}})  # fmt: skip
     return records
 
 

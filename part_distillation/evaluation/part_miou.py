@@ -18,7 +18,8 @@ the evaluated split itself, and the mapped predictions are scored with the stand
 * ``mode="direct"``: the predicted ids already are GT part class ids (supervised models); no mapping.
 * ``mode="within_object"``: the predicted ids are part indices *within the object's class* — what
   :class:`~part_distillation.modeling.meta_arch.distillation.PartDistillationModel` predicts after supervised
-  or few-shot training on GT parts (:class:`~part_distillation.data.dataset_mappers.part_supervised.PartSupervisedDatasetMapper`).
+  or few-shot training on GT parts
+  (:class:`~part_distillation.data.dataset_mappers.part_supervised.PartSupervisedDatasetMapper`).
   Id k of an object of class o becomes the dataset part id ``object_part_lists(meta)[o][k]``, the k-th part
   category p (ascending) with ``part_to_object[p]`` = o (:mod:`part_distillation.data.gt_parts`); then it is
   scored as "direct". An index k that object class o does not have (k ≥ its number of parts, e.g. an
@@ -326,7 +327,8 @@ class PartMIoUEvaluator(DatasetEvaluator):
         per_object = [[] for _ in range(num_objects)]
         key = self.predictions_key
         if self.mode == "clustered" and key == "part_instances" and "part_query_instances" in output:
-            key = "part_query_instances"  # one part per query, before any same-class merge (modeling/meta_arch/postprocessing.py)
+            # one part per query, before any same-class merge (modeling/meta_arch/postprocessing.py)
+            key = "part_query_instances"
         if key in output:
             parts = output[key]
             masks = _resize_masks(_as_bool_masks(parts.pred_masks), size)
@@ -486,7 +488,8 @@ class PartMIoUEvaluator(DatasetEvaluator):
         mapping[: min(num_ids, len(parts))] = parts[:num_ids]
         if num_ids > len(parts):
             logger.info(
-                "within_object mIoU: object class %s has %d part classes; predicted indices %d..%d count as background.",
+                "within_object mIoU: object class %s has %d part classes; predicted indices %d..%d count as "
+                "background.",
                 self._object_name(object_class), len(parts), len(parts), num_ids - 1,
             )  # fmt: skip
         return mapping

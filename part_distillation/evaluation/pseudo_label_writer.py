@@ -200,9 +200,10 @@ def check_labelling_outcome(writer: PseudoLabelWriter, manifest: dict, summary: 
         dropped = ", ".join(f"{r}: {c}" for r, c in sorted(counts["dropped_by_reason"].items(), key=lambda x: -x[1]))
         first = "; ".join(f"{f}: {r}" for f, r in counts["first_skipped"][:3])
         failed += (
-            (f"; skipped by reason: {reasons}" if reasons else "") + (f"; objects dropped: {dropped}" if dropped else "")
+            (f"; skipped by reason: {reasons}" if reasons else "")
+            + (f"; objects dropped: {dropped}" if dropped else "")
             + (f"; first: {first}" if first else "")
-        )  # fmt: skip
+        )
     record_store_outcome(writer.dir, counts, failed)
     summary["store_counts"] = counts
     if failed:

@@ -140,10 +140,10 @@ def test_regressor_equals_sklearn_per_landmark():
     vis = rng.random((50, 3)) < 0.8
     x_test = rng.random((7, 8))
     ours = predict_landmarks(fit_landmark_regressor(x, y, vis), x_test)
-    for l in range(3):
-        sx, sy = StandardScaler().fit(x[vis[:, l]]), StandardScaler().fit(y[vis[:, l], l])
-        reg = LinearRegression(fit_intercept=False).fit(sx.transform(x[vis[:, l]]), sy.transform(y[vis[:, l], l]))
-        assert np.allclose(ours[:, l], sy.inverse_transform(reg.predict(sx.transform(x_test))))
+    for lm in range(3):
+        sx, sy = StandardScaler().fit(x[vis[:, lm]]), StandardScaler().fit(y[vis[:, lm], lm])
+        reg = LinearRegression(fit_intercept=False).fit(sx.transform(x[vis[:, lm]]), sy.transform(y[vis[:, lm], lm]))
+        assert np.allclose(ours[:, lm], sy.inverse_transform(reg.predict(sx.transform(x_test))))
 
 
 def test_missing_parts_filled_with_fit_mean():

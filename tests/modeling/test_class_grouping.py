@@ -96,7 +96,8 @@ def test_onestage_store_has_class_consistent_part_classes(onestage):
 def test_eval_only_with_train_prototypes(onestage, tmp_path):
     base, _ = onestage
     args = train_net.default_argument_parser().parse_args(
-        ["--config-file", CONFIG, "--eval-only", "MODEL.ONE_STAGE.PROTOTYPES", os.path.join(base, "out", "prototypes.pth"),
+        ["--config-file", CONFIG, "--eval-only", "MODEL.ONE_STAGE.PROTOTYPES", os.path.join(base, "out",
+                                                                                            "prototypes.pth"),
          "DATASETS.TEST", "('toyparts_parts_val',)", "OUTPUT_DIR", str(tmp_path), *SIZE]
     )  # fmt: skip
     results = train_net.main(args)

@@ -115,7 +115,10 @@ def test_lattice_filters_like_a_gaussian_and_keeps_groups_apart():
     response = lattice.filter(delta)[:, 0].view(24, 24)
     peak_y, peak_x = divmod(int(response.argmax()), 24)
     assert abs(peak_y - 12) <= 1 and abs(peak_x - 12) <= 1  # peaked at the source (the lattice is not exact)
-    ring = lambda r: response[12 - r : 13 + r, 12 - r : 13 + r].sum() - response[13 - r : 12 + r, 13 - r : 12 + r].sum()
+
+    def ring(r):
+        return response[12 - r : 13 + r, 12 - r : 13 + r].sum() - response[13 - r : 12 + r, 13 - r : 12 + r].sum()
+
     per_pixel = [float(ring(r)) / (8 * r) for r in range(1, 10)]
     assert all(a > b for a, b in zip(per_pixel, per_pixel[1:]))  # decaying with distance ...
     assert per_pixel[5] / per_pixel[0] == pytest.approx(math.exp(-(36 - 1) / (2 * 9)), rel=0.5)  # ... roughly as σ = 3

@@ -164,7 +164,8 @@ def test_head_from_plain_args_losses_and_inference():
     losses = head.losses(feats, batch)
     assert set(losses) == {"loss_rec", "loss_con", "loss_area", "loss_sc"}
     sum(losses.values()).backward()
-    for name in ("compress.0.weight", "partformer.part_tokens", "partformer.patch_embed.weight", "decoder.layers.0.0.weight",
+    for name in ("compress.0.weight", "partformer.part_tokens", "partformer.patch_embed.weight",
+                 "decoder.layers.0.0.weight",
                  "arcface_weight"):  # fmt: skip
         assert dict(head.named_parameters())[name].grad.abs().sum() > 0, name
     head.eval()

@@ -190,7 +190,8 @@ def test_within_object_miou_hand_computed():
     MetadataCatalog.get(name).set(part_classes=["A head", "A body", "B x", "B y"], object_classes=["A", "B"],
                                   part_to_object=[0, 0, 1, 1], is_part_dataset=True)  # fmt: skip
     # A: index 0 (→ part 0) on rows 0-1 cols 0-1 (4 px, all head); index 1 (→ part 1) on rows 1-3 cols 0-2
-    #    (9 px: 3 head, 6 body), painted after index 0. B: index 1 (→ part 3, "B y") on rows 0-3 col 3 (4 px, all "B x"), index 0
+    # (9 px: 3 head, 6 body), painted after index 0. B: index 1 (→ part 3, "B y") on rows 0-3 col 3 (4 px, all "B x"),
+    # index 0
     #    (→ part 2) on rows 0-1 cols 4-5 (4 px, all "B y"), index 2 (B has no third part → background) on rows
     #    2-3 cols 4-5 (4 px of "B y").
     preds = [(_box(0, 2, 0, 2), 0, 0), (_box(1, 4, 0, 3), 1, 0),

@@ -1,4 +1,4 @@
-"""The DINO / DINOv2 ViT backbone: shapes, position-embedding resizing, strict loading of both key layouts (CPU, seconds)."""
+"""The DINO / DINOv2 ViT backbone: shapes, position-embedding resizing, strict loading of both key layouts (CPU)."""
 
 import os
 
@@ -27,7 +27,8 @@ def _checkpoint(layout: str, registers: int = 0, gen=None):
     """A random state dict written with the published key names (independent of DinoViT's own names).
 
     DINO (facebookresearch/dino ``vision_transformer.py``): cls_token, pos_embed, patch_embed.proj, blocks.<i>.{norm1,
-    attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm. DINOv2 (``dinov2/models/vision_transformer.py``, block_chunks=0)
+    attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm. DINOv2 (``dinov2/models/vision_transformer.py``,
+    block_chunks=0)
     adds register_tokens, blocks.<i>.ls1.gamma / ls2.gamma and mask_token.
     """
     gen = gen or torch.Generator().manual_seed(0)

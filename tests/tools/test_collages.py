@@ -1,4 +1,4 @@
-"""tools/make_collages.py, tools/summarize_collages.py and the object-like-part filter; the page in headless Chromium."""
+"""tools/make_collages.py, tools/summarize_collages.py, the object-like-part filter; the page in headless Chromium."""
 
 import csv
 import os
@@ -36,7 +36,9 @@ def _store(tmp_path):
         cv2.imwrite(str(path), image)
         objects = []
         for cls, m in ((0, disc), (1, square)):
-            thirds = [m & (xx < np.percentile(xx[m], 33)), m & (xx >= np.percentile(xx[m], 33)) & (xx < np.percentile(xx[m], 66)),
+            thirds = [m & (xx < np.percentile(xx[m], 33)), m & (xx >= np.percentile(xx[m],
+                                                                                    33)) & (xx < np.percentile(xx[m],
+                                                                                                               66)),
                       m & (xx >= np.percentile(xx[m], 66))]  # fmt: skip
             parts = [make_part(t, 0.9, k) for k, t in enumerate(thirds)] + [make_part(m, 0.5, 3)]
             objects.append(make_object(m, parts, 1.0, cls))

@@ -51,7 +51,8 @@ def test_demo_on_real_photos(photos, tmp_path, repo_script):
     demo = repo_script("demo/demo.py")
     out = tmp_path / "out"
     result = demo.main(["--input", str(root / "chelsea.png"), str(root / "coffee.png"), str(root / "astro*.png"),
-                        "--output", str(out), "--object-masks", str(root / "objects.json"), "--opts", *FAST])  # fmt: skip
+                        "--output", str(out), "--object-masks", str(root / "objects.json"), "--opts",
+                        *FAST])  # fmt: skip
     with open(out / "predictions.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(result))
@@ -146,7 +147,8 @@ def test_stage4_model_on_photos_then_collages(photos, tmp_path, repo_script):
     out = tmp_path / "out"
     result = repo_script("demo/demo.py").main(
         ["--config-file", config, "--input", str(root / "chelsea.png"), str(root / "coffee.png"), "--output", str(out),
-         "--object-masks", str(tmp_path / "objects.json"), "--opts", *small, "MODEL.WEIGHTS", str(tmp_path / "stage4.pth")]
+         "--object-masks", str(tmp_path / "objects.json"), "--opts", *small, "MODEL.WEIGHTS",
+         str(tmp_path / "stage4.pth")]
     )  # fmt: skip
     for record in result["images"]:
         assert not record["class_agnostic"] and record["parts"]

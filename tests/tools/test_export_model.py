@@ -25,7 +25,8 @@ def test_torchscript_parity_on_toyparts(config, datasets_root, tmp_path, repo_sc
     DetectionCheckpointer(model, str(tmp_path)).save("weights")
     tool = repo_script("tools/export_model.py")
     info = tool.main(["--config-file", os.path.join(QUICK, config), "--output", str(tmp_path / "export"),
-                      "--object-class", "1", "--opts", *SMALL, "MODEL.WEIGHTS", str(tmp_path / "weights.pth")])  # fmt: skip
+                      "--object-class", "1", "--opts", *SMALL, "MODEL.WEIGHTS",
+                      str(tmp_path / "weights.pth")])  # fmt: skip
     assert info["input_size"] == [128, 128] and info["torchscript_max_abs_diff"] <= 1e-4
     with open(tmp_path / "export" / "export.json") as f:
         assert json.load(f)["outputs"] == info["outputs"]

@@ -21,7 +21,8 @@ from pycocotools import mask as mask_util
 from conftest import REPO_ROOT
 
 CFG = {name: os.path.join(REPO_ROOT, "configs", f"{name}.yaml") for name in (
-    "stage0_instance", "stage1_pixel_grouping", "stage2_proposals", "stage3_ranking", "stage4_distillation")}  # fmt: skip
+    "stage0_instance", "stage1_pixel_grouping", "stage2_proposals", "stage3_ranking",
+    "stage4_distillation")}  # fmt: skip
 # The miniature's classes: 4 object synsets and 2 the paper's WordNet filter removes (food, tree).
 KEPT = {"n02084071": "dog", "n02121808": "domestic cat", "n02691156": "airplane", "n02958343": "car"}
 REMOVED = ("n07707451", "n13104059")  # vegetable (food subtree), tree
@@ -173,7 +174,8 @@ def test_paper_path_rehearsal(datasets_root, tmp_path, monkeypatch, repo_script)
     assert prepare.main(["--root", train_root, "--out", manifest_all, "--no-progress"]) == 0
     wordnet_filter = repo_script("tools/wordnet_filter.py")
     sel = wordnet_filter.main(wordnet_filter.parse_args(
-        ["--manifest", manifest_all, "--out", str(d2root / "imagenet_21k" / "train_manifest.tsv"), "--num-classes", "0"]))  # fmt: skip
+        ["--manifest", manifest_all, "--out", str(d2root / "imagenet_21k" / "train_manifest.tsv"), "--num-classes",
+         "0"]))  # fmt: skip
     assert sel["selected"] == sorted(KEPT)  # the food and tree synsets are gone
 
     train_net = repo_script("tools/train_net.py")

@@ -10,7 +10,8 @@ import run_toy_pipeline as demo  # noqa: E402
 
 
 def test_demo_runs_all_stages(datasets_root, tmp_path, capsys):
-    # OUTPUT_DIR comes from --output; a 30-iteration proposal model scores below the reference code's score thresholds τs, so keep all parts
+    # OUTPUT_DIR comes from --output; a 30-iteration proposal model scores below the reference code's score thresholds
+    # τs, so keep all parts
     opts = tiny_quick_opts(tmp_path / "unused", max_iter=30)[2:] + ["MODEL.PART_RANKING.MIN_SCORE", "0.0"]
     results = demo.main(["--output", str(tmp_path / "demo"), "--num-vis", "2", *opts])
     assert 0.0 <= results["stage0"]["segm"]["AP"] <= 100.0

@@ -1,7 +1,8 @@
 """Mapper for stage 1 (pixel grouping): the image resized so its longer side is INPUT.IMAGE_SIZE, plus
 the object masks to group inside, taken from the record's annotations (an object-view dataset), from a
 COCO-format results JSON, or from the ``objects`` of a pseudo-label store record (source "store": e.g.
-stage 3 ranks the parts inside the objects stage 1 stored, with their ``category_id``). With an object *model* as the source the model finds the objects
+stage 3 ranks the parts inside the objects stage 1 stored, with their ``category_id``). With an object *model* as the
+source the model finds the objects
 and this mapper only prepares the image.
 """
 

@@ -1,6 +1,7 @@
 """Lazy detectron2 registration of unlabelled ImageNet-style image folders, from a manifest.
 
-Registers ``imagenet_1k_train``, ``imagenet_21k_train`` and ``imagenet_22k_train`` (the reference's name for 21K). Each reads only its manifest, written
+Registers ``imagenet_1k_train``, ``imagenet_21k_train`` and ``imagenet_22k_train`` (the reference's name for 21K). Each
+reads only its manifest, written
 beforehand by ``datasets/prepare_image_list.py`` (listing 14M files at every load would take hours)::
 
     imagenet_1k/                      (``$DETECTRON2_DATASETS/imagenet_1k``; same for imagenet_21k)

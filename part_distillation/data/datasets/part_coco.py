@@ -22,7 +22,7 @@ import math
 import os
 from collections import Counter, OrderedDict
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 
 from ...utils.errors import DatasetNotFoundError, UserError

@@ -151,7 +151,8 @@ class PartDiscovery(nn.Module):
         for x in batched_inputs:
             if x.get("fg_mask") is None:
                 raise ConfigError(
-                    f"{x.get('file_name', x.get('image_id'))!r}: MODEL.PART_DISCOVERY.HEAD={type(self.head).__name__!r} "
+                    f"{x.get('file_name', x.get('image_id'))!r}: "
+                    f"MODEL.PART_DISCOVERY.HEAD={type(self.head).__name__!r} "
                     "takes its background from a foreground mask, but the record gives none (fg_mask_file, "
                     "sem_seg_file_name, parsing_file_name or part annotations); add one to the records, or set "
                     "MODEL.PART_DISCOVERY.REQUIRE_FG_MASK False to treat every pixel as foreground."

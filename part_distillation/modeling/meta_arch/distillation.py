@@ -24,7 +24,8 @@ Loss (:class:`PartDistillationCriterion`, a subclass of Mask2Former's ``SetCrite
 
 The gradient of ``loss_part_ce`` therefore reaches only the classifier rows of object classes present in the
 batch (others get exactly zero gradient). The table is an ``nn.Embedding``, so the optimizer builder gives it
-``SOLVER.WEIGHT_DECAY_EMBED`` (0.0): classifiers of object classes absent from a batch are not decayed. This differs from the reference, which uses one (N_c^p+1)-way
+``SOLVER.WEIGHT_DECAY_EMBED`` (0.0): classifiers of object classes absent from a batch are not decayed. This differs
+from the reference, which uses one (N_c^p+1)-way
 softmax with a shared no-object row (reference code); here "no part" is the objectness head's job and the part
 softmax runs over the N_c^p parts only, as in PartDistillation supp. Eq. 6.
 

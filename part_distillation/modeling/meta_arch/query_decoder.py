@@ -2,7 +2,8 @@
 
 The part models need the embedding f_j of each query q_j that their heads read: the stage-3 ranking
 clusters it into prototypes and the stage-4 part classifiers classify it (PartDistillation, Cho et al.
-2023, supp. "Class-specific part ranking"). It is the decoder's LayerNorm-ed output, the input of both ``class_embed`` and
+2023, supp. "Class-specific part ranking"). It is the decoder's LayerNorm-ed output, the input of both ``class_embed``
+and
 ``mask_embed`` (the reference code's ``decoder_output``).
 
 :class:`QueryFeatureTransformerDecoder` is :class:`MultiScaleMaskedTransformerDecoder` with the same

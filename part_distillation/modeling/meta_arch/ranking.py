@@ -8,7 +8,8 @@ evaluation mapper with GT objects or a pseudo-label mapper with pseudo objects):
 2. Mask logits m_j resized to the input's ``height``×``width`` and multiplied by the object mask M_o.
 3. Per-pixel prediction: x ∈ M_o with some m_j(x) > 0 goes to argmax_j s_j·sigmoid(m_j(x)), giving the
    disjoint masks M̃_j (queries that win nothing disappear).
-4. Filters of PartDistillation supp. Eq. (3): keep j iff r_j = |M̃_j| / |M_o| > τr (``MODEL.PART_RANKING.MIN_AREA_RATIO``)
+4. Filters of PartDistillation supp. Eq. (3): keep j iff r_j = |M̃_j| / |M_o| > τr
+(``MODEL.PART_RANKING.MIN_AREA_RATIO``)
    and s_j > τs (``MODEL.PART_RANKING.MIN_SCORE``). The denominator is the object mask as in supp. Eq. (2)
    (the reference divides by the any-query-positive support instead; docs/differences.md); both filters are
    strict and applied as written (no "keep if nothing survives" fallback): an object may keep no part.
