@@ -10,7 +10,7 @@ per shard in the store (see ``evaluation/pseudo_label_writer.py``); training log
 import logging
 from collections import Counter
 
-__all__ = ["SKIP_REASONS", "note_skip", "skip_counts", "reason_key"]
+__all__ = ["SKIP_REASONS", "note_skip", "skip_counts", "reset_skip_counts", "reason_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +50,8 @@ def note_skip(reason: str, file_name: str, detail: str = "", what: str = "Skippi
 def skip_counts() -> dict:
     """Skips counted in this process so far, by reason."""
     return dict(_COUNTS)
+
+
+def reset_skip_counts() -> None:
+    """Forget the counts of this process (a new run in the same process logs its first skips again)."""
+    _COUNTS.clear()

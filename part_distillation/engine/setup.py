@@ -199,9 +199,10 @@ def launch_main(main, args):
     from .checks import check_object_source, check_stage_weights
 
     def check():
-        cfg = check_runtime(load_cfg(args.config_file, args.opts))
-        check_object_source(cfg)
+        cfg = load_cfg(args.config_file, args.opts)
+        check_object_source(cfg)  # what the stage reads comes first: no weights can fix a wrong object source
         check_stage_weights(cfg, eval_only=args.eval_only, resume=args.resume)
+        check_runtime(cfg)
 
     run_cli(check)
     return launch(

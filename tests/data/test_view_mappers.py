@@ -263,6 +263,9 @@ def test_annotation_union_as_foreground(scene):
 def test_bad_files_return_none_with_warning(scene, tmp_path, mapper_fn):
     record, _, _ = scene
     (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    from part_distillation.data.skips import reset_skip_counts
+
+    reset_skip_counts()  # skips are logged in full only for the first few of each reason in a process
     handler = _Records()
     loggers = [logging.getLogger(n) for n in ("part_distillation.data.skips", pvm.__name__)]
     for lg in loggers:
