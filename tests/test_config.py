@@ -108,3 +108,18 @@ def test_unregistered_model_pieces_are_named(key):
 
     with pytest.raises(ConfigError, match=f"{key}='NoSuchThing' is not registered; use one of: .*Mask2Former|{key}"):
         check_runtime(load_cfg(QUICK_STAGE0, [key, "NoSuchThing"]))
+
+
+def test_moved_key_names_its_new_home(tmp_path):
+    """Keys that moved (MODEL.PSEUDO_LABELS -> INPUT, the labelling batch -> DATALOADER) fail with one clear line."""
+    old = tmp_path / "old.yaml"
+    old.write_text(f'_BASE_: "{QUICK_STAGE0}"\nMODEL:\n  PSEUDO_LABELS:\n    USE_PART_CLASSES: True\n')
+    with pytest.raises(ConfigError, match=r"old.yaml: Key MODEL.PSEUDO_LABELS was renamed to INPUT.PSEUDO_LABELS") as e:
+        load_cfg(str(old))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="MODEL.PIXEL_GROUPING.IMS_PER_BATCH was renamed to DATALOADER.LABELLING_IMS"):
+        load_cfg(QUICK_STAGE0, ["MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "2"])
+    new = load_cfg(
+        QUICK_STAGE0, ["INPUT.PSEUDO_LABELS.USE_PART_CLASSES", "True", "DATALOADER.LABELLING_IMS_PER_BATCH", "2"]
+    )
+    assert new.INPUT.PSEUDO_LABELS.USE_PART_CLASSES is True and new.DATALOADER.LABELLING_IMS_PER_BATCH == 2

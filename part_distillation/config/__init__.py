@@ -57,6 +57,8 @@ def load_cfg(config_file: str, opts=()) -> CN:
         try:
             cfg.merge_from_file(config_file)
         except KeyError as e:
+            if "was renamed to" in str(e.args[0]):  # a key that moved (pipeline.RENAMED_KEYS)
+                raise ConfigError(f"{config_file}: {e.args[0]}") from None
             raise ConfigError(f"{config_file}: {e.args[0]}. Fix the key's spelling; valid keys are in {KEY_FILES}.")
         except yaml.YAMLError as e:  # malformed YAML (this file or a _BASE_)
             mark = getattr(e, "problem_mark", None)
@@ -69,5 +71,7 @@ def load_cfg(config_file: str, opts=()) -> CN:
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
+        if isinstance(e, KeyError) and "was renamed to" in str(e.args[0]):
+            raise ConfigError(f"command-line opts: {e.args[0]}") from None
         raise ConfigError(f"command-line opts: {e.args[0] if e.args else e}. Valid keys are in {KEY_FILES}.")
     return cfg

@@ -30,6 +30,25 @@ def add_pipeline_config(cfg: CN) -> None:
     _add_part_metrics_config(cfg)
     _add_bad_input_config(cfg)
     _add_visualization_config(cfg)
+    _register_renamed_keys(cfg)
+
+
+# Keys that moved to where a detectron2 user looks for them (mapper settings under INPUT, loader settings under
+# DATALOADER): old name -> new name. A config that still sets an old name fails with one line naming the new one.
+RENAMED_KEYS = {
+    "MODEL.PSEUDO_LABELS": "INPUT.PSEUDO_LABELS",
+    "MODEL.PSEUDO_LABELS.USE_PART_CLASSES": "INPUT.PSEUDO_LABELS.USE_PART_CLASSES",
+    "MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO": "INPUT.PSEUDO_LABELS.MIN_PART_AREA_RATIO",
+    "MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO": "INPUT.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO",
+    "MODEL.PIXEL_GROUPING.IMS_PER_BATCH": "DATALOADER.LABELLING_IMS_PER_BATCH",
+}
+
+
+def _register_renamed_keys(cfg: CN) -> None:
+    # yacs' renamed-key table: merging an old name raises KeyError("Key ... was renamed to ...").
+    for old, new in RENAMED_KEYS.items():
+        if not cfg.key_is_renamed(old):
+            cfg.register_renamed_key(old, new)
 
 
 def _add_input_config(cfg: CN) -> None:
@@ -124,7 +143,8 @@ def _add_pixel_grouping_config(cfg: CN) -> None:
     # Keep at most this many objects per image, by score (reference on ImageNet: the top-1 Detic mask).
     cfg.MODEL.PIXEL_GROUPING.OBJECT_TOPK = 10
     # Images per labelling batch; all their objects are clustered in one batched K-means (reference: 1).
-    cfg.MODEL.PIXEL_GROUPING.IMS_PER_BATCH = 4
+    # Formerly MODEL.PIXEL_GROUPING.IMS_PER_BATCH; used by engine/labelling.py (tools/make_pseudo_labels.py).
+    cfg.DATALOADER.LABELLING_IMS_PER_BATCH = 4
     # A dataset with GT parts for the same images (same image_id); "" = no AR@k evaluation of the labels.
     cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET = ""
     # Dense CRF refinement of the segments (PartDistillation supp. §2 "Method Details").
@@ -168,14 +188,15 @@ def _add_one_stage_config(cfg: CN) -> None:
 
 
 def _add_pseudo_label_config(cfg: CN) -> None:
-    # Training on a pseudo-label store (data/pseudo_labels.py) with PseudoLabelDatasetMapper.
-    cfg.MODEL.PSEUDO_LABELS = CN()
+    # Training on a pseudo-label store (data/pseudo_labels.py) with PseudoLabelDatasetMapper; its mapper settings
+    # (formerly MODEL.PSEUDO_LABELS).
+    cfg.INPUT.PSEUDO_LABELS = CN()
     # gt_classes = the stored part_class (stage-3 "ranking" stores; stage 4) instead of 0
     # (class-agnostic part proposals; stage 2).
-    cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES = False
+    cfg.INPUT.PSEUDO_LABELS.USE_PART_CLASSES = False
     # Keep a part only if its area after augmentation is > this fraction of its object's area
     # (reference code, stage-2 script: PROPOSAL_LEARNING.MIN_AREA_RATIO 0.05; not in the paper).
-    cfg.MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
+    cfg.INPUT.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
     # Root of the pseudo-label store; its stores register as "<source>_pseudo_<stage>" datasets.
     cfg.DATASETS.PSEUDO_LABEL_ROOT = "pseudo_labels"
     # Few-shot subset p (percent, float in (0, 100]; 100 = all): the train loader shuffles the training
@@ -282,7 +303,7 @@ def _add_paper_path_config(cfg: CN) -> None:
     cfg.TEST.MODEL_CLASS_CODES = ""
     # Stage 2: drop training objects whose mask covers at most this fraction of the image (reference code, stage-2
     # script: PROPOSAL_LEARNING.MIN_OBJECT_AREA_RATIO 0.05; the paper does not state it). 0 = keep every object.
-    cfg.MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO = 0.0
+    cfg.INPUT.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO = 0.0
     # InstanceLSJDatasetMapper: every annotation gets class 0 (class-agnostic supervised part proposals, paper Tab. 2).
     cfg.INPUT.CLASS_AGNOSTIC = False
 
