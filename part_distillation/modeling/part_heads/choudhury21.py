@@ -58,7 +58,8 @@ from ..losses.contrastive_reconstruction import (
     sample_positives,
 )
 from ..losses.perceptual import PerceptualNetwork, build_perceptual_network, imagenet_normalize
-from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead
+from .base import DiscoveryBatch, PartHead
+from .registry import PART_HEAD_REGISTRY
 
 __all__ = ["Choudhury21Head", "ASPPClassifier", "color_jitter", "random_warp_grid", "rgb_to_hsv", "hsv_to_rgb"]
 

@@ -57,7 +57,8 @@ from ..losses.mpae import (
     total_variation_loss,
 )
 from ..losses.perceptual import PerceptualLoss, imagenet_normalize
-from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead
+from .base import DiscoveryBatch, PartHead
+from .registry import PART_HEAD_REGISTRY
 
 __all__ = ["MPAEHead", "DescriptorViT", "MaskedRestorer"]
 
