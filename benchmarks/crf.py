@@ -55,6 +55,7 @@ SEED_PARAMS = dict(
     bilateral_weight=10.0,
     gt_prob=0.7,
     num_iters=10,
+    restrict_to_object=False,  # the reference's CRF: the object boundary may move
 )
 
 

@@ -78,7 +78,7 @@ def run_ours(out_dir, image_size, opts=(), device="cpu"):
 
     argv = ["--config-file", CONFIG, *EXTRA_OPTS,
             "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
-            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "4",
+            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "DATALOADER.LABELLING_IMS_PER_BATCH", "4",
             "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
     cfg = setup_cfg(default_argument_parser().parse_args(argv))  # what tools/make_pseudo_labels.py runs
     summary = label_dataset(cfg, shard_size=100)
@@ -270,18 +270,17 @@ def main():
         f"| reference-style (sklearn per object + pydensecrf + torch.save) | {result['reference_images_per_s']:.2f} |"
     )
     print(f"speed-up: {result['speedup']:.1f}x (target >= 5x); the shared backbone alone takes "
-          f"{result['backbone_s_per_image']:.3f} s/image; without it: "
-          f"{result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
+          f"{result['backbone_s_per_image']:.3f} s/image; "
+          f"without it: {result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
     print(f"with CRF.DOWNSAMPLE 2: {result['speedup_crf_x2']:.1f}x, without the backbone "
           f"{result['speedup_crf_x2_excluding_backbone']:.1f}x")  # fmt: skip
     print(f"config {result['config']}: ImageNet-21K ({IMAGENET_21K} images) at {n / ours_s:.2f} images/s per device "
           f"would take {result['imagenet_21k_hours_one_8_gpu_node']:.0f} h on one node of 8 such devices")  # fmt: skip
     if "long_run" in result:
         lr = result["long_run"]
-        print(
-            f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
-            f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), growth {lr['rss_growth_mb']:+.0f} MB"
-        )
+        print(f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
+              f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), "
+              f"growth {lr['rss_growth_mb']:+.0f} MB")  # fmt: skip
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
     print(f"wrote {args.out}")

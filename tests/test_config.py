@@ -33,11 +33,15 @@ def test_defaults_added():
 
 def test_every_key_is_commented():
     """Each key our config adds is documented by a comment right above it (paper symbol/default)."""
-    src = open(os.path.join(REPO_ROOT, "part_distillation", "config.py")).read().splitlines()
-    for i, line in enumerate(src):
-        stripped = line.strip()
-        if stripped.startswith("cfg.") and "=" in stripped and "CN()" not in stripped:
-            assert src[i - 1].strip().startswith("#"), f"config.py:{i + 1} has no comment: {stripped}"
+    files = sorted(glob.glob(os.path.join(REPO_ROOT, "part_distillation", "config", "*.py")))
+    assert len(files) == 3, files  # __init__.py, pipeline.py, discovery.py
+    for path in files:
+        src = open(path).read().splitlines()
+        for i, line in enumerate(src):
+            stripped = line.strip()
+            if stripped.startswith("cfg.") and "=" in stripped and "CN()" not in stripped:
+                where = f"{os.path.basename(path)}:{i + 1}"
+                assert src[i - 1].strip().startswith("#"), f"{where} has no comment: {stripped}"
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, REPO_ROOT))
@@ -104,3 +108,18 @@ def test_unregistered_model_pieces_are_named(key):
 
     with pytest.raises(ConfigError, match=f"{key}='NoSuchThing' is not registered; use one of: .*Mask2Former|{key}"):
         check_runtime(load_cfg(QUICK_STAGE0, [key, "NoSuchThing"]))
+
+
+def test_moved_key_names_its_new_home(tmp_path):
+    """Keys that moved (MODEL.PSEUDO_LABELS -> INPUT, the labelling batch -> DATALOADER) fail with one clear line."""
+    old = tmp_path / "old.yaml"
+    old.write_text(f'_BASE_: "{QUICK_STAGE0}"\nMODEL:\n  PSEUDO_LABELS:\n    USE_PART_CLASSES: True\n')
+    with pytest.raises(ConfigError, match=r"old.yaml: Key MODEL.PSEUDO_LABELS was renamed to INPUT.PSEUDO_LABELS") as e:
+        load_cfg(str(old))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="MODEL.PIXEL_GROUPING.IMS_PER_BATCH was renamed to DATALOADER.LABELLING_IMS"):
+        load_cfg(QUICK_STAGE0, ["MODEL.PIXEL_GROUPING.IMS_PER_BATCH", "2"])
+    new = load_cfg(
+        QUICK_STAGE0, ["INPUT.PSEUDO_LABELS.USE_PART_CLASSES", "True", "DATALOADER.LABELLING_IMS_PER_BATCH", "2"]
+    )
+    assert new.INPUT.PSEUDO_LABELS.USE_PART_CLASSES is True and new.DATALOADER.LABELLING_IMS_PER_BATCH == 2

@@ -44,13 +44,12 @@ machine with load above its core count) multi-threaded torch can be >10x slower 
 ``torch.set_num_threads(1)``, as each op waits for a descheduled OpenMP thread. CPU workers should
 run one thread each, as the reference runs one pydensecrf process per core; GPUs are unaffected.
 
-Object boundary: with ``restrict_to_object=False`` (this class's default) the CRF behaves like the reference
-code: the background is an ordinary label, so parts may grow into the background or lose pixels to it. With
-``restrict_to_object=True`` pixels outside the object (label 0) stay 0 and pixels inside choose
-among the part labels only (constrained mean-field: forbidden labels get a prohibitive unary in
-both backends), so only the boundaries *between* parts move. The config key
-``MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT`` defaults to True (our choice, not the reference's: stage-1 parts
-stay inside the object mask); set it False for the reference behaviour.
+Object boundary (``restrict_to_object``, a required argument: its one default is the config key
+``MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT``, which documents it; :meth:`DenseCRFRefiner.from_config`): False
+behaves like the reference code: the background is an ordinary label, so parts may grow into the background or lose
+pixels to it. True: pixels outside the object (label 0) stay 0 and pixels inside choose among the part labels only
+(constrained mean-field: forbidden labels get a prohibitive unary in both backends), so only the boundaries
+*between* parts move.
 
 Speed paths of the torch backend (stage 1 labels every object of every image):
 
@@ -172,8 +171,9 @@ class DenseCRFRefiner:
             kernel. A weight of 0 drops that kernel.
         gt_prob: p_gt of the unary built from hard labels.
         num_iters: mean-field iterations.
-        restrict_to_object: False = the reference (the object boundary may move); True = label-0
-            pixels stay 0 and object pixels choose among the part labels only.
+        restrict_to_object: required, no default (config: ``MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT``).
+            False = the reference (the object boundary may move); True = label-0 pixels stay 0 and object
+            pixels choose among the part labels only.
         device: torch backend only: where to run (default: the labels' device).
         max_chunk_pixels: torch backend only: images are processed in chunks of at most this many
             pixels (at least one image) to bound memory: ~0.7 kB per pixel at peak, so ~1.5 GB at
@@ -191,6 +191,8 @@ class DenseCRFRefiner:
     def __init__(
         self,
         backend: str = "torch",
+        *,
+        restrict_to_object: bool,
         spatial_sigma: float = 3.0,
         spatial_weight: float = 3.0,
         bilateral_sigma_xy: float = 20.0,
@@ -198,7 +200,6 @@ class DenseCRFRefiner:
         bilateral_weight: float = 10.0,
         gt_prob: float = 0.7,
         num_iters: int = 10,
-        restrict_to_object: bool = False,
         device: Optional[Union[str, torch.device]] = None,
         max_chunk_pixels: int = 2**21,
         downsample: int = 1,
@@ -237,6 +238,23 @@ class DenseCRFRefiner:
         self.device = torch.device(device) if device is not None else None
         self.max_chunk_pixels = int(max_chunk_pixels)
         self.downsample = int(downsample)
+
+    @classmethod
+    def from_config(cls, cfg) -> "DenseCRFRefiner":
+        """The refiner of stage 1: every parameter from ``MODEL.PIXEL_GROUPING.CRF`` (``ENABLED`` is the caller's)."""
+        crf = cfg.MODEL.PIXEL_GROUPING.CRF
+        return cls(
+            backend=crf.BACKEND,
+            restrict_to_object=crf.RESTRICT_TO_OBJECT,
+            spatial_sigma=crf.SPATIAL_SIGMA,
+            spatial_weight=crf.SPATIAL_WEIGHT,
+            bilateral_sigma_xy=crf.BILATERAL_SIGMA_XY,
+            bilateral_sigma_rgb=crf.BILATERAL_SIGMA_RGB,
+            bilateral_weight=crf.BILATERAL_WEIGHT,
+            gt_prob=crf.GT_PROB,
+            num_iters=crf.NUM_ITERS,
+            downsample=crf.DOWNSAMPLE,
+        )
 
     def __repr__(self):
         return (

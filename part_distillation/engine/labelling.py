@@ -101,10 +101,9 @@ def evaluate_store_ar(reader: PseudoLabelReader, parts_dataset: str) -> dict:
     for record in reader:
         if record["image_id"] not in gt_ids:
             raise ConfigError(
-                f"MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET={parts_dataset!r} has no image {record['image_id']!r} of the "
-                "labelled dataset; name the part view of the same images (e.g. toyparts_parts_train for "
-                "toyparts_train) "
-                'or set it to "" to skip the evaluation.'
+                f"MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET={parts_dataset!r} has no image {record['image_id']!r} of "
+                "the labelled dataset; name the part view of the same images (e.g. toyparts_parts_train for "
+                'toyparts_train) or set it to "" to skip the evaluation.'
             )
         parts = [p for obj in record["objects"] for p in obj["parts"]]
         h, w = record["height"], record["width"]
@@ -126,7 +125,7 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
 
     Args:
         stage: store name of this labelling stage.
-        shard_size: images per shard (fixed per store; a multiple of ``MODEL.PIXEL_GROUPING.IMS_PER_BATCH``).
+        shard_size: images per shard (fixed per store; a multiple of ``DATALOADER.LABELLING_IMS_PER_BATCH``).
         resume: keep the finished shards of an interrupted run with the same label config.
         vis: render this many overlays to ``OUTPUT_DIR/vis``.
     """
@@ -135,10 +134,10 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:  # e.g. a Mask2Former checkpoint: its backbone.* tensors load into our backbone
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    batch = cfg.MODEL.PIXEL_GROUPING.IMS_PER_BATCH
+    batch = cfg.DATALOADER.LABELLING_IMS_PER_BATCH
     if shard_size % batch:
         raise ConfigError(
-            f"--shard-size {shard_size} must be a multiple of MODEL.PIXEL_GROUPING.IMS_PER_BATCH={batch}, so "
+            f"--shard-size {shard_size} must be a multiple of DATALOADER.LABELLING_IMS_PER_BATCH={batch}, so "
             "that resumed and multi-process runs batch images exactly as one uninterrupted run does."
         )
     dicts = DatasetCatalog.get(dataset_name)

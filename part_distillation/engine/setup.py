@@ -121,7 +121,7 @@ def setup_cfg(args):
         from ..data.pseudo_labels import register_all_pseudo_label_datasets
 
         # stage 4 trains on part classes 0..P-1 (stage-3 stores); earlier stages are class-agnostic
-        num_parts = cfg.MODEL.PART_DISTILLATION.NUM_PART_CLASSES if cfg.MODEL.PSEUDO_LABELS.USE_PART_CLASSES else 0
+        num_parts = cfg.MODEL.PART_DISTILLATION.NUM_PART_CLASSES if cfg.INPUT.PSEUDO_LABELS.USE_PART_CLASSES else 0
         classes = [f"part {i}" for i in range(num_parts)] if num_parts else ["part"]
         register_all_pseudo_label_datasets(
             cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes, loader=cfg.DATASETS.PSEUDO_LABEL_LOADER

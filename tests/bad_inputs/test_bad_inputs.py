@@ -125,7 +125,7 @@ def _stage4_opts(store_root, case):
         f"('bi_{case}_parts',)",
         "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES",
         "1",
-        "MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO",
+        "INPUT.PSEUDO_LABELS.MIN_PART_AREA_RATIO",
         "0.0",
     ]  # the untrained ranking keeps small parts
 
@@ -326,9 +326,10 @@ def test_store_case(tmp_path, clean, case):
     damaged = _damage_store(clean["store"], store, case)
     row = {"validate": ep.Result("-", "reads no store"), "stage0": ep.Result("-", "reads no store")}
     row["stage2"] = ep.train(ep.STAGE2, str(tmp_path / "o2"), _stage2_opts(store, "clean"))
-    row["rank"] = ep.label("bi_clean_pseudo_grouping", store, str(tmp_path / "o3"), config=ep.STAGE3,
-                           module=ep.rank_parts, stage="ranking_new", extra=["MODEL.WEIGHTS",
-                                                                             clean["stage2"]])  # fmt: skip
+    row["rank"] = ep.label(
+        "bi_clean_pseudo_grouping", store, str(tmp_path / "o3"), config=ep.STAGE3,
+        module=ep.rank_parts, stage="ranking_new", extra=["MODEL.WEIGHTS", clean["stage2"]],
+    )  # fmt: skip
     row["stage4"] = ep.train(ep.STAGE4, str(tmp_path / "o4"), _stage4_opts(store, "clean"))
     for entry, shard in (("stage2", damaged[0]), ("rank", damaged[0]), ("stage4", damaged[1])):
         assert os.path.dirname(os.path.dirname(shard)) in row[entry].message, (entry, row[entry].message)

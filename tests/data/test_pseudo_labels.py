@@ -374,7 +374,7 @@ def test_mapper_resizes_the_image_to_the_labels_resolution_and_reads_the_config(
     cfg = quick_cfg()
     from detectron2.config import CfgNode
 
-    cfg.MODEL.PSEUDO_LABELS = CfgNode({"USE_PART_CLASSES": True, "MIN_PART_AREA_RATIO": 0.01})
+    cfg.INPUT.PSEUDO_LABELS = CfgNode({"USE_PART_CLASSES": True, "MIN_PART_AREA_RATIO": 0.01})
     mapper = PseudoLabelDatasetMapper(cfg, is_train=True)
     assert mapper.use_part_classes is True and mapper.min_part_area_ratio == 0.01
 

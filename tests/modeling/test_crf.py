@@ -136,8 +136,12 @@ def test_lattice_filters_like_a_gaussian_and_keeps_groups_apart():
 @pytest.mark.parametrize("height,width,parts,seed", FIXTURES)
 def test_torch_agrees_with_pydensecrf(height, width, parts, seed):
     image, _, noisy = make_fixture(height, width, parts, seed)
-    ours, q_ours = DenseCRFRefiner("torch").refine(image, noisy, parts + 1, return_marginals=True)
-    ref, q_ref = DenseCRFRefiner("pydensecrf").refine(image, noisy, parts + 1, return_marginals=True)
+    ours, q_ours = DenseCRFRefiner("torch", restrict_to_object=False).refine(
+        image, noisy, parts + 1, return_marginals=True
+    )
+    ref, q_ref = DenseCRFRefiner("pydensecrf", restrict_to_object=False).refine(
+        image, noisy, parts + 1, return_marginals=True
+    )
     changed = ref != noisy
     assert changed.float().mean() > 0.02  # the CRF did something to compare
     assert (ours == ref).float().mean() >= 0.95
@@ -151,15 +155,15 @@ def test_soft_probabilities_agree_with_pydensecrf():
     image, _, noisy = make_fixture(64, num_parts=3, seed=5)
     probs = 0.1 + F.one_hot(noisy, 4).permute(2, 0, 1).float()
     probs = probs / probs.sum(0, keepdim=True)
-    ours = DenseCRFRefiner("torch").refine(image, probs)
-    ref = DenseCRFRefiner("pydensecrf").refine(image, probs)
+    ours = DenseCRFRefiner("torch", restrict_to_object=False).refine(image, probs)
+    ref = DenseCRFRefiner("pydensecrf", restrict_to_object=False).refine(image, probs)
     assert ours.shape == (64, 64)
     assert (ours == ref).float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("backend", [pytest.param("pydensecrf", marks=needs_pydensecrf), "torch"])
 def test_crf_moves_noisy_labels_towards_ground_truth(backend):
-    refiner = DenseCRFRefiner(backend)
+    refiner = DenseCRFRefiner(backend, restrict_to_object=False)
     for height, width, parts, seed in FIXTURES[:3]:
         image, gt, noisy = make_fixture(height, width, parts, seed)
         refined = refiner.refine(image, noisy, parts + 1)
@@ -172,21 +176,21 @@ def test_batched_equals_per_image_and_chunks():
     samples = [make_fixture(64, num_parts=3, seed=s) for s in range(3)]
     images = torch.stack([s[0] for s in samples])
     labels = torch.stack([s[2] for s in samples])
-    refiner = DenseCRFRefiner("torch")
+    refiner = DenseCRFRefiner("torch", restrict_to_object=False)
     batched, q_batched = refiner.refine(images, labels, 4, return_marginals=True)
     assert batched.shape == (3, 64, 64) and q_batched.shape == (3, 4, 64, 64)
     for i in range(3):
         single, q_single = refiner.refine(images[i], labels[i], 4, return_marginals=True)
         assert torch.equal(batched[i], single)
         torch.testing.assert_close(q_batched[i], q_single, rtol=0, atol=1e-5)
-    chunked = DenseCRFRefiner("torch", max_chunk_pixels=64 * 64).refine(images, labels, 4)
+    chunked = DenseCRFRefiner("torch", restrict_to_object=False, max_chunk_pixels=64 * 64).refine(images, labels, 4)
     assert torch.equal(chunked, batched)
 
 
 def test_key_overflow_splits_the_batch(monkeypatch):
     samples = [make_fixture(48, num_parts=2, seed=s) for s in range(2)]
     images, labels = torch.stack([s[0] for s in samples]), torch.stack([s[2] for s in samples])
-    expected = DenseCRFRefiner("torch").refine(images, labels, 3)
+    expected = DenseCRFRefiner("torch", restrict_to_object=False).refine(images, labels, 3)
     real_strides = permutohedral._strides
 
     def strides_without_room_for_groups(radices):  # pretend two images' keys do not fit in int64
@@ -195,12 +199,12 @@ def test_key_overflow_splits_the_batch(monkeypatch):
         return real_strides(radices)
 
     monkeypatch.setattr(permutohedral, "_strides", strides_without_room_for_groups)
-    assert torch.equal(DenseCRFRefiner("torch").refine(images, labels, 3), expected)
+    assert torch.equal(DenseCRFRefiner("torch", restrict_to_object=False).refine(images, labels, 3), expected)
 
 
 def test_deterministic():
     image, _, noisy = make_fixture(80, num_parts=4, seed=1)
-    refiner = DenseCRFRefiner("torch")
+    refiner = DenseCRFRefiner("torch", restrict_to_object=False)
     a, qa = refiner.refine(image, noisy, 5, return_marginals=True)
     b, qb = refiner.refine(image, noisy, 5, return_marginals=True)
     permutohedral._spatial_cache.clear()  # a rebuilt position lattice gives the same result too
@@ -219,8 +223,8 @@ def test_sorted_columns_path_is_equivalent():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     image, _, noisy = make_fixture(96, num_parts=4, seed=2)
-    cpu = DenseCRFRefiner("torch").refine(image, noisy, 5)
-    gpu = DenseCRFRefiner("torch", device="cuda").refine(image.cuda(), noisy.cuda(), 5)
+    cpu = DenseCRFRefiner("torch", restrict_to_object=False).refine(image, noisy, 5)
+    gpu = DenseCRFRefiner("torch", restrict_to_object=False, device="cuda").refine(image.cuda(), noisy.cuda(), 5)
     assert gpu.device.type == "cuda"
     assert (gpu.cpu() == cpu).float().mean() >= 0.999
 
@@ -229,7 +233,7 @@ def test_cuda_matches_cpu():
 @pytest.mark.parametrize("backend", [pytest.param("pydensecrf", marks=needs_pydensecrf), "torch"])
 def test_trivial_inputs_pass_through(backend):
     image, gt, _ = make_fixture(48, num_parts=1, seed=4)
-    refiner = DenseCRFRefiner(backend)
+    refiner = DenseCRFRefiner(backend, restrict_to_object=False)
     background = torch.zeros(48, 48, dtype=torch.long)
     assert torch.equal(refiner.refine(image, background), background)  # num_labels defaults to 1
     assert torch.equal(refiner.refine(image, background, num_labels=3), background)
@@ -239,15 +243,15 @@ def test_trivial_inputs_pass_through(backend):
     restricted = DenseCRFRefiner(backend, restrict_to_object=True)
     assert torch.equal(restricted.refine(image, gt, 2), gt)
     # num_iters = 0 is the unary's argmax, i.e. the input
-    assert torch.equal(DenseCRFRefiner(backend, num_iters=0).refine(image, gt, 2), gt)
+    assert torch.equal(DenseCRFRefiner(backend, restrict_to_object=False, num_iters=0).refine(image, gt, 2), gt)
 
 
 @needs_pydensecrf
 def test_single_part_object_boundary_moves_like_the_reference():
     """Default (reference) mode: background is a normal label, so even K = 1 snaps the object boundary."""
     image, gt, noisy = make_fixture(64, num_parts=1, seed=6)
-    ours = DenseCRFRefiner("torch").refine(image, noisy, 2)
-    ref = DenseCRFRefiner("pydensecrf").refine(image, noisy, 2)
+    ours = DenseCRFRefiner("torch", restrict_to_object=False).refine(image, noisy, 2)
+    ref = DenseCRFRefiner("pydensecrf", restrict_to_object=False).refine(image, noisy, 2)
     assert set(ours.unique().tolist()) <= {0, 1}
     assert (ours == ref).float().mean() >= 0.95
     assert (ours == gt).float().mean() > (noisy == gt).float().mean()
@@ -278,7 +282,7 @@ def test_ignore_pixels_stay_ignored():
     image, _, noisy = make_fixture(64, num_parts=3, seed=0)
     labels = noisy.clone()
     labels[:, :8] = -1  # e.g. padding
-    refined = DenseCRFRefiner("torch").refine(image, labels, 4)
+    refined = DenseCRFRefiner("torch", restrict_to_object=False).refine(image, labels, 4)
     assert torch.equal(refined == -1, labels == -1)
     assert refined.min() >= -1 and refined.max() <= 3
 
@@ -302,7 +306,7 @@ def test_ignore_pixels_stay_ignored():
 def test_bad_inputs_raise_value_error_naming_the_argument(make, name):
     image, _, noisy = make_fixture(32, num_parts=3, seed=0)
     with pytest.raises(ValueError, match=name):
-        DenseCRFRefiner("torch").refine(*make(image, noisy))
+        DenseCRFRefiner("torch", restrict_to_object=False).refine(*make(image, noisy))
 
 
 @pytest.mark.parametrize(
@@ -321,14 +325,14 @@ def test_bad_inputs_raise_value_error_naming_the_argument(make, name):
 )
 def test_bad_parameters_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        DenseCRFRefiner(**kwargs)
+        DenseCRFRefiner(**kwargs, restrict_to_object=False)
 
 
 def test_missing_pydensecrf_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install pydensecrf2"):
-        DenseCRFRefiner("pydensecrf")
-    DenseCRFRefiner("torch")  # the torch backend does not need it
+        DenseCRFRefiner("pydensecrf", restrict_to_object=False)
+    DenseCRFRefiner("torch", restrict_to_object=False)  # the torch backend does not need it
 
 
 # ---- speed paths: restricted mean-field, boxes, downsampling ----------------------------------------
@@ -386,3 +390,17 @@ def test_downsampled_crf_keeps_object_mask_and_ignore_pixels(downsample):
     for restrict in (False, True):
         out = DenseCRFRefiner("torch", restrict_to_object=restrict, downsample=downsample).refine(image, labels, 5)
         assert torch.equal(out == -1, labels == -1) and out.max() <= 4
+
+
+def test_config_owns_restrict_to_object():
+    """MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT is the one default; the class has none of its own."""
+    from part_distillation.config import load_cfg
+
+    with pytest.raises(TypeError, match="restrict_to_object"):
+        DenseCRFRefiner("torch")
+    cfg = load_cfg("")
+    assert DenseCRFRefiner.from_config(cfg).restrict_to_object is True
+    cfg.MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT = False
+    cfg.MODEL.PIXEL_GROUPING.CRF.NUM_ITERS = 3
+    refiner = DenseCRFRefiner.from_config(cfg)
+    assert refiner.restrict_to_object is False and refiner.num_iters == 3

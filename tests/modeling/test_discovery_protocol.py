@@ -14,7 +14,7 @@ from part_distillation.engine.optimizer import build_optimizer
 from part_distillation.evaluation.nmi_ari import predicted_part_maps
 from part_distillation.modeling.meta_arch.discovery import PartDiscovery
 from part_distillation.modeling.part_heads import Choudhury21Head
-from part_distillation.modeling.part_heads.registry import PartHead
+from part_distillation.modeling.part_heads.base import PartHead
 from part_distillation.utils.errors import ConfigError
 
 

@@ -31,7 +31,7 @@ from part_distillation.modeling.part_heads import (
     build_part_head,
 )
 from part_distillation.modeling.part_heads.baselines import canonical_part_order, nmf
-from part_distillation.modeling.part_heads.registry import masks_to_grid
+from part_distillation.structures.masks import masks_to_grid
 from part_distillation.utils.errors import ConfigError
 
 from conftest import REPO_ROOT

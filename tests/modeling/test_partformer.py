@@ -26,7 +26,7 @@ from part_distillation.modeling.losses import (
     transfer,
 )
 from part_distillation.modeling.part_heads import PART_HEAD_REGISTRY, PartFormerHead
-from part_distillation.modeling.part_heads.registry import DiscoveryBatch
+from part_distillation.modeling.part_heads.base import DiscoveryBatch
 from part_distillation.modeling.backbone.vit import sincos_pos_embed_2d
 from part_distillation.utils.errors import ConfigError
 
@@ -165,8 +165,7 @@ def test_head_from_plain_args_losses_and_inference():
     assert set(losses) == {"loss_rec", "loss_con", "loss_area", "loss_sc"}
     sum(losses.values()).backward()
     for name in ("compress.0.weight", "partformer.part_tokens", "partformer.patch_embed.weight",
-                 "decoder.layers.0.0.weight",
-                 "arcface_weight"):  # fmt: skip
+                 "decoder.layers.0.0.weight", "arcface_weight"):  # fmt: skip
         assert dict(head.named_parameters())[name].grad.abs().sum() > 0, name
     head.eval()
     with torch.no_grad():

@@ -22,7 +22,7 @@ import make_pseudo_labels  # noqa: E402
 def _opts(root, out, batch=1):
     return [
         "DATASETS.PSEUDO_LABEL_ROOT", str(root), "OUTPUT_DIR", str(out), "INPUT.IMAGE_SIZE", "128",
-        "MODEL.PIXEL_GROUPING.IMS_PER_BATCH", str(batch), "MODEL.PIXEL_GROUPING.KMEANS_N_INIT", "3",
+        "DATALOADER.LABELLING_IMS_PER_BATCH", str(batch), "MODEL.PIXEL_GROUPING.KMEANS_N_INIT", "3",
     ]  # fmt: skip
 
 
@@ -147,5 +147,5 @@ def test_unreadable_images_are_skipped_counted_and_named(datasets_root, tmp_path
 def test_shard_size_must_align_with_batch(datasets_root, tmp_path):
     from part_distillation.utils.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="multiple of MODEL.PIXEL_GROUPING.IMS_PER_BATCH"):
+    with pytest.raises(ConfigError, match="multiple of DATALOADER.LABELLING_IMS_PER_BATCH"):
         make_pseudo_labels.main(_parse(["--config-file", CONFIG, "--shard-size", "3", *_opts(tmp_path, tmp_path, 2)]))

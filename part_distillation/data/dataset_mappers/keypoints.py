@@ -25,17 +25,16 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 
+from ...structures.geometry import apply_affine, invert_affine
 from ...utils.errors import ConfigError
 from .paired_view import (
-    _args_from_cfg,
-    _VIEW_KEYS,
-    _init_view_args,
-    _read_view_inputs,
-    _xyxy,
-    apply_affine,
+    VIEW_KEYS,
     build_view_transforms,
-    invert_affine,
+    init_view_args,
+    read_view_inputs,
     transforms_to_matrix,
+    view_args_from_cfg,
+    xywh_to_xyxy,
 )
 from .registry import DATASET_MAPPER_REGISTRY
 
@@ -59,8 +58,8 @@ CUB_KEYPOINT_FLIP_INDICES = (0, 1, 2, 3, 4, 5, 10, 11, 12, 9, 6, 7, 8, 13, 14)
 CELEBA_KEYPOINT_FLIP_INDICES = (1, 0, 2, 4, 3)
 
 # Constructor argument ← key under cfg.INPUT.KEYPOINT_VIEW (read only when the node exists).
-_KEYPOINT_VIEW_KEYS = {
-    **_VIEW_KEYS,
+KEYPOINT_VIEW_KEYS = {
+    **VIEW_KEYS,
     "resize_mode": "RESIZE_MODE",
     "size_divisibility": "SIZE_DIVISIBILITY",
     "flip_indices": "FLIP_INDICES",
@@ -148,7 +147,7 @@ class KeypointDatasetMapper:
             flip_indices: keypoint permutation applied on flips (e.g. ``CUB_KEYPOINT_FLIP_INDICES``);
                 None keeps the order (only right for symmetric-free keypoint sets).
         """
-        _init_view_args(
+        init_view_args(
             self, is_train=is_train, image_format=image_format, image_size=image_size, flip_prob=flip_prob,
             crop_to_bbox=crop_to_bbox, bbox_margin=bbox_margin, bbox_square=bbox_square, bbox_jitter=bbox_jitter,
             crop_fill=crop_fill, group="KEYPOINT_VIEW",
@@ -184,13 +183,13 @@ class KeypointDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        args = _args_from_cfg(cfg, is_train, "KEYPOINT_VIEW", _KEYPOINT_VIEW_KEYS)
+        args = view_args_from_cfg(cfg, is_train, "KEYPOINT_VIEW", KEYPOINT_VIEW_KEYS)
         if not args.get("flip_indices") and is_train:
             args["flip_indices"] = keypoint_flip_indices_from_metadata(cfg.DATASETS.TRAIN)
         return args
 
     def __call__(self, dataset_dict: dict):
-        inputs = _read_view_inputs(self, dataset_dict)
+        inputs = read_view_inputs(self, dataset_dict)
         if inputs is None:
             return None
         dataset_dict, image, mask, crop_box = inputs
@@ -217,7 +216,7 @@ class KeypointDatasetMapper:
                 "keypoints": torch.as_tensor(kps),
                 "transform": torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
                 "flipped": bool(flip),
-                "crop_box": _xyxy(crop_box),
+                "crop_box": xywh_to_xyxy(crop_box),
                 "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
                 "height": int(out_hw[0]),
                 "width": int(out_hw[1]),

@@ -11,23 +11,7 @@ equivariance warp (TPS around a similarity, rotation ±60°, zoom [0.7, 2], ±10
 the model; for that head use this mapper's view 1 (and fg mask) and ignore view 2, or set the ranges
 wide.
 
-Coordinate conventions (the same as detectron2's ``Transform.apply_coords``):
-
-* A point is ``(x, y)`` in *continuous pixel coordinates*: pixel ``(row i, col j)`` covers
-  ``[j, j+1) × [i, i+1)`` and its centre is ``(j + 0.5, i + 0.5)``; the image spans ``[0, W] × [0, H]``.
-  Flips map ``x → W − x`` and resizes scale ``x`` by ``W'/W`` (detectron2's ``HFlipTransform`` and
-  ``ResizeTransform``).
-* ``transform`` is the 2×3 matrix ``A`` with ``p2 = A @ [x1, y1, 1]``: the view-1 point ``p1`` shows the
-  same scene point as the view-2 point ``p2``. Hence ``view2(p2) = view1(A⁻¹ p2)``.
-* The warps sample with ``torch.nn.functional.grid_sample(..., align_corners=False)``, which is exactly
-  this convention after normalising by the image size (``x_n = 2x/W − 1``): ``±1`` are the outer image
-  edges, not the outer pixel centres. Because the normalised frame only depends on the field of view,
-  the same ``A`` (in image pixels) warps lower-resolution maps of the same image (logits, features at
-  stride 8, ...): pass ``image_size=(H, W)`` of the images to :func:`warp_to_view2`.
-* ``cv2.warpAffine`` uses pixel-centre coordinates (index ``j`` ↔ ``x = j + 0.5``); its matrix for
-  ``A`` is ``S(−0.5) · A · S(+0.5)`` (see :func:`affine_for_cv2`).
-* Rotation sign: a positive angle turns the content counter-clockwise on screen (y axis down), as
-  ``cv2.getRotationMatrix2D`` does.
+Coordinates, ``transform`` and the warps: see :mod:`part_distillation.structures.geometry`.
 
 Border handling of view 2: ``valid2`` marks view-2 pixels whose centre maps (by ``A⁻¹``) inside view 1's
 extent ``[0, W] × [0, H]``. Inside it the image is bilinearly sampled with the border clamped (so no fill
@@ -47,6 +31,19 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from PIL import Image
 
+from ...structures.geometry import (  # noqa: F401  (also this module's API, as before)
+    affine_for_cv2,
+    apply_affine,
+    as_affine,
+    invert_affine,
+    pixel_affine_to_theta,
+    random_similarity,
+    sampling_grid,
+    similarity_matrix,
+    to_3x3,
+    warp_to_view1,
+    warp_to_view2,
+)
 from ...utils.errors import ConfigError
 from .instance_lsj import read_image_or_none
 from .part_eval import decode_segmentation
@@ -59,6 +56,12 @@ __all__ = [
     "build_view_transforms",
     "transforms_to_matrix",
     "read_fg_mask",
+    "xywh_to_xyxy",
+    "VIEW_KEYS",
+    "PAIRED_VIEW_KEYS",
+    "view_args_from_cfg",
+    "read_view_inputs",
+    "init_view_args",
     "similarity_matrix",
     "random_similarity",
     "invert_affine",
@@ -234,7 +237,7 @@ def read_fg_mask(dataset_dict: dict, image_hw, sem_seg_ignore_value: int = 255):
     return np.ascontiguousarray(fg)
 
 
-def _xyxy(crop_box):
+def xywh_to_xyxy(crop_box):
     """XYWH crop box → (x0, y0, x1, y1) tuple; None stays None."""
     if crop_box is None:
         return None
@@ -252,127 +255,11 @@ def _read_fg_mask_or_skip(dataset_dict: dict, image_hw):
 
 
 # --------------------------------------------------------------------------------------------------
-# View-2 geometry: random similarity A and warps with grid_sample.
-# --------------------------------------------------------------------------------------------------
-def similarity_matrix(
-    image_hw, scale: float = 1.0, angle_deg: float = 0.0, tx: float = 0.0, ty: float = 0.0
-) -> np.ndarray:
-    """2×3 ``A``: scale by ``scale`` and rotate by ``angle_deg`` (counter-clockwise on screen) about the
-    image centre ``(W/2, H/2)``, then translate by ``(tx, ty)`` pixels. ``p2 = A @ [p1, 1]``."""
-    h, w = image_hw
-    t = math.radians(angle_deg)
-    a, b = scale * math.cos(t), scale * math.sin(t)
-    lin = np.array([[a, b], [-b, a]])
-    c = np.array([w / 2.0, h / 2.0])
-    return np.concatenate([lin, (c + np.array([tx, ty]) - lin @ c)[:, None]], axis=1)
-
-
-def random_similarity(image_hw, scale: float, rotation: float, translation: float) -> np.ndarray:
-    """``similarity_matrix`` with factor ~ U[1−scale, 1+scale], angle ~ U[−rotation, rotation] degrees,
-    shifts ~ U[−translation, translation] pixels each (drawn with ``np.random``)."""
-    s = 1.0 + np.random.uniform(-scale, scale) if scale > 0 else 1.0
-    angle = np.random.uniform(-rotation, rotation) if rotation > 0 else 0.0
-    tx, ty = np.random.uniform(-translation, translation, size=2) if translation > 0 else (0.0, 0.0)
-    return similarity_matrix(image_hw, s, angle, tx, ty)
-
-
-def _to3x3(a):
-    """(..., 2, 3) → (..., 3, 3) with the homogeneous row; numpy or torch."""
-    if isinstance(a, torch.Tensor):
-        row = torch.zeros(a.shape[:-2] + (1, 3), dtype=a.dtype, device=a.device)
-        row[..., 0, 2] = 1
-        return torch.cat([a, row], dim=-2)
-    a = np.asarray(a, dtype=np.float64)
-    row = np.zeros(a.shape[:-2] + (1, 3))
-    row[..., 0, 2] = 1
-    return np.concatenate([a, row], axis=-2)
-
-
-def invert_affine(a):
-    """Inverse of a (batch of) 2×3 affine matrix; numpy or torch in, same kind out."""
-    if isinstance(a, torch.Tensor):
-        return torch.linalg.inv(_to3x3(a.double()))[..., :2, :].to(a.dtype)
-    return np.linalg.inv(_to3x3(a))[..., :2, :]
-
-
-def apply_affine(a, points):
-    """Map N×2 points ``(x, y)`` by the 2×3 matrix ``a``: ``a[:, :2] @ p + a[:, 2]``."""
-    if isinstance(points, torch.Tensor):
-        a = torch.as_tensor(a, dtype=points.dtype, device=points.device)
-        return points @ a[:, :2].T + a[:, 2]
-    a = np.asarray(a, dtype=np.float64)
-    return np.asarray(points, dtype=np.float64) @ a[:, :2].T + a[:, 2]
-
-
-def affine_for_cv2(a) -> np.ndarray:
-    """The ``cv2.warpAffine`` matrix (pixel-centre coordinates) equivalent to ``a`` (continuous ones)."""
-    shift = lambda d: np.array([[1.0, 0.0, d], [0.0, 1.0, d], [0.0, 0.0, 1.0]])  # noqa: E731
-    return (shift(-0.5) @ _to3x3(np.asarray(a, dtype=np.float64)) @ shift(0.5))[:2]
-
-
-def pixel_affine_to_theta(m, image_size) -> torch.Tensor:
-    """``affine_grid`` theta (align_corners=False) for the pixel map ``m`` (output pixel → input pixel).
-
-    ``m``: (2, 3) or (N, 2, 3), numpy or torch, in the pixel frame of an image of ``image_size = (H, W)``
-    (both views share it). Returns float64 (N, 2, 3): ``theta = Nrm · m · Nrm⁻¹`` with
-    ``Nrm(x, y) = (2x/W − 1, 2y/H − 1)``.
-    """
-    h, w = float(image_size[0]), float(image_size[1])
-    m = _as_affine(m)
-    if m.ndim == 2:
-        m = m[None]
-    nrm = torch.tensor([[2.0 / w, 0.0, -1.0], [0.0, 2.0 / h, -1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    denrm = torch.tensor([[w / 2.0, 0.0, w / 2.0], [0.0, h / 2.0, h / 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    return (nrm @ _to3x3(m) @ denrm)[:, :2]
-
-
-def _sampling_grid(m, out_shape, image_size, dtype, device) -> torch.Tensor:
-    theta = pixel_affine_to_theta(m, image_size)
-    if theta.shape[0] == 1 and out_shape[0] > 1:
-        theta = theta.expand(out_shape[0], 2, 3)
-    return F.affine_grid(theta.to(device=device, dtype=dtype), list(out_shape), align_corners=False)
-
-
-def _warp(x: torch.Tensor, m, image_size, mode: str, padding_mode: str) -> torch.Tensor:
-    if x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(f"expected a floating N×C×H×W tensor, got {tuple(x.shape)} {x.dtype}")
-    image_size = tuple(x.shape[-2:]) if image_size is None else tuple(image_size)
-    grid = _sampling_grid(m, x.shape, image_size, x.dtype, x.device)
-    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
-
-
-def warp_to_view2(
-    x: torch.Tensor, a, image_size=None, mode: str = "bilinear", padding_mode: str = "zeros"
-) -> torch.Tensor:
-    """Resample a view-1 map ``x`` (float N×C×h×w) into view 2: ``out(p2) = x(A⁻¹ p2)``.
-
-    ``a``: the mapper's ``transform`` (2×3, or N×2×3 for per-sample transforms), in the pixel frame of
-    images of ``image_size = (H, W)`` (default: ``x``'s own size; pass the image size when ``x`` is a
-    lower-resolution map of the same field of view). Uses ``grid_sample(align_corners=False)``;
-    ``padding_mode`` as grid_sample (``"zeros"``: outside view 1 reads 0).
-    """
-    return _warp(x, invert_affine(_as_affine(a)), image_size, mode, padding_mode)
-
-
-def warp_to_view1(
-    x: torch.Tensor, a, image_size=None, mode: str = "bilinear", padding_mode: str = "zeros"
-) -> torch.Tensor:
-    """Inverse of :func:`warp_to_view2`: resample a view-2 map into view 1, ``out(p1) = x(A p1)``."""
-    return _warp(x, _as_affine(a), image_size, mode, padding_mode)
-
-
-def _as_affine(a):
-    if isinstance(a, torch.Tensor):
-        return a.detach().to("cpu", torch.float64)
-    return torch.as_tensor(np.asarray(a, dtype=np.float64))
-
-
-# --------------------------------------------------------------------------------------------------
 # The mapper.
 # --------------------------------------------------------------------------------------------------
 # Constructor argument ← config key, for the arguments every view mapper (this one and
 # KeypointDatasetMapper) takes; each mapper reads them under its own cfg.INPUT group.
-_VIEW_KEYS = {
+VIEW_KEYS = {
     "image_size": "IMAGE_SIZE",
     "flip_prob": "FLIP_PROB",
     "crop_to_bbox": "CROP_TO_BBOX",
@@ -382,8 +269,8 @@ _VIEW_KEYS = {
     "crop_fill": "CROP_FILL",
 }
 # Constructor argument ← key under cfg.INPUT.PAIRED_VIEW (read only when the node exists).
-_PAIRED_VIEW_KEYS = {
-    **_VIEW_KEYS,
+PAIRED_VIEW_KEYS = {
+    **VIEW_KEYS,
     "scale": "SCALE",
     "rotation": "ROTATION",
     "translation": "TRANSLATION",
@@ -392,7 +279,7 @@ _PAIRED_VIEW_KEYS = {
 }
 
 
-def _args_from_cfg(cfg, is_train: bool, group: str, keys: dict) -> dict:
+def view_args_from_cfg(cfg, is_train: bool, group: str, keys: dict) -> dict:
     """``from_config`` arguments of the view mappers: ``is_train``, ``image_format`` (cfg.INPUT.FORMAT) and
     each constructor argument of ``keys`` whose key exists under ``cfg.INPUT.<group>``; absent keys (or
     no node at all) leave the constructor defaults, so configs without the group still build."""
@@ -403,7 +290,7 @@ def _args_from_cfg(cfg, is_train: bool, group: str, keys: dict) -> dict:
     return args
 
 
-def _read_view_inputs(mapper, dataset_dict: dict):
+def read_view_inputs(mapper, dataset_dict: dict):
     """``(dataset_dict copy, image, fg mask or None, XYWH crop box or None)``, or None to skip the record.
 
     The first steps of the view mappers (:class:`PairedViewDatasetMapper`, ``KeypointDatasetMapper``),
@@ -425,11 +312,11 @@ def _read_view_inputs(mapper, dataset_dict: dict):
     return dataset_dict, image, mask, crop_box
 
 
-def _init_view_args(
+def init_view_args(
     mapper, *, is_train, image_format, image_size, flip_prob, crop_to_bbox, bbox_margin, bbox_square, bbox_jitter,
     crop_fill, group: str,
 ):  # fmt: skip
-    """Check the constructor arguments of :data:`_VIEW_KEYS` (errors name the key under
+    """Check the constructor arguments of :data:`VIEW_KEYS` (errors name the key under
     ``cfg.INPUT.<group>``) and set them, with ``is_train`` and ``image_format``, on ``mapper``.
 
     ``flip_prob`` is only checked: the mappers differ on whether evaluation keeps it.
@@ -509,7 +396,7 @@ class PairedViewDatasetMapper:
             warp_fill: grey level of view-2 pixels outside view 1 (PartFormer's cv2 border: black).
             independent_warps: warp both views, each by its own random similarity (module docstring).
         """
-        _init_view_args(
+        init_view_args(
             self, is_train=is_train, image_format=image_format, image_size=image_size, flip_prob=flip_prob,
             crop_to_bbox=crop_to_bbox, bbox_margin=bbox_margin, bbox_square=bbox_square, bbox_jitter=bbox_jitter,
             crop_fill=crop_fill, group="PAIRED_VIEW",
@@ -537,10 +424,10 @@ class PairedViewDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        return _args_from_cfg(cfg, is_train, "PAIRED_VIEW", _PAIRED_VIEW_KEYS)
+        return view_args_from_cfg(cfg, is_train, "PAIRED_VIEW", PAIRED_VIEW_KEYS)
 
     def __call__(self, dataset_dict: dict):
-        inputs = _read_view_inputs(self, dataset_dict)
+        inputs = read_view_inputs(self, dataset_dict)
         if inputs is None:
             return None
         dataset_dict, image, mask, crop_box = inputs
@@ -560,7 +447,7 @@ class PairedViewDatasetMapper:
                 "image": torch.as_tensor(view1.transpose(2, 0, 1).copy()),
                 "orig_transform": torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
                 "flipped": bool(flip),
-                "crop_box": _xyxy(crop_box),
+                "crop_box": xywh_to_xyxy(crop_box),
                 "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
                 "height": size,
                 "width": size,
@@ -583,7 +470,7 @@ class PairedViewDatasetMapper:
             dataset_dict.update({"image": image1, "valid1": valid1})
             if mask1 is not None:
                 dataset_dict["fg_mask"] = mask1
-            a = (_to3x3(a) @ _to3x3(invert_affine(a1)))[:2]
+            a = (to_3x3(a) @ to_3x3(invert_affine(a1)))[:2]
             # view-2 pixels must also come from a valid view-1 pixel
             back = warp_to_view2(valid1[None, None].float(), a, mode="nearest")[0, 0] > 0.5
             valid2 = valid2 & back
@@ -597,7 +484,7 @@ class PairedViewDatasetMapper:
     def warp_view(self, image: torch.Tensor, mask, a):
         """View 1 (uint8 C×H×W, optional bool H×W mask) → ``(image2, mask2, valid2)`` under ``a``."""
         c, h, w = image.shape
-        grid = _sampling_grid(invert_affine(_as_affine(a)), (1, c, h, w), (h, w), torch.float32, "cpu")
+        grid = sampling_grid(invert_affine(as_affine(a)), (1, c, h, w), (h, w), torch.float32, "cpu")
         valid2 = (grid[0].abs() <= 1).all(dim=-1)
         img = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
         img = torch.where(valid2, img, torch.tensor(float(self.warp_fill)))

@@ -60,9 +60,9 @@ class PseudoLabelDatasetMapper:
             use_part_classes: ``gt_classes`` = the stored ``part_class`` (stage-3 labels) instead of 0.
             min_part_area_ratio: keep a part only if its area after augmentation is more than this
                 fraction of its object's (reference code: 0.05, the reference's ``PROPOSAL_LEARNING.MIN_AREA_RATIO``;
-                config key ``MODEL.PSEUDO_LABELS.MIN_PART_AREA_RATIO``); <= 0 keeps all.
+                config key ``INPUT.PSEUDO_LABELS.MIN_PART_AREA_RATIO``); <= 0 keeps all.
             min_object_area_ratio: keep (in training) only the objects whose stored mask covers more than this
-                fraction of the image, with their parts (``MODEL.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO``; reference code,
+                fraction of the image, with their parts (``INPUT.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO``; reference code,
                 stage-2 script: 0.05); <= 0 keeps all.
             max_retries: redraws of the random augmentation when no part survives (reference: 100).
         """
@@ -82,9 +82,9 @@ class PseudoLabelDatasetMapper:
             "augmentations": build_lsj_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
         }
-        # Until config.py defines MODEL.PSEUDO_LABELS, the constructor defaults apply.
-        if "PSEUDO_LABELS" in cfg.MODEL:
-            group = cfg.MODEL.PSEUDO_LABELS
+        # Without INPUT.PSEUDO_LABELS (a bare detectron2 config), the constructor defaults apply.
+        if "PSEUDO_LABELS" in cfg.INPUT:
+            group = cfg.INPUT.PSEUDO_LABELS
             ret["use_part_classes"] = group.USE_PART_CLASSES
             if "MIN_PART_AREA_RATIO" in group:
                 ret["min_part_area_ratio"] = group.MIN_PART_AREA_RATIO
@@ -132,7 +132,7 @@ class PseudoLabelDatasetMapper:
             return dataset_dict
         if self.use_part_classes and any("part_class" not in p for p in parts):
             raise ConfigError(
-                f"MODEL.PSEUDO_LABELS.USE_PART_CLASSES is on, but the pseudo-labels of {dataset_dict['file_name']} "
+                f"INPUT.PSEUDO_LABELS.USE_PART_CLASSES is on, but the pseudo-labels of {dataset_dict['file_name']} "
                 "have parts without part_class (a class-agnostic stage such as 'grouping'); train on a store "
                 "with part classes (e.g. stage 'ranking') or turn the key off"
             )

@@ -1,7 +1,7 @@
 """Unsupervised part discovery: one meta-architecture, one head per method (PART_HEAD_REGISTRY).
 
 ``PartDiscovery`` = a detectron2 backbone (optionally frozen, ``MODEL.PART_DISCOVERY.FREEZE_BACKBONE``)
-+ the head named by ``MODEL.PART_DISCOVERY.HEAD`` (contract in ``part_heads/registry.py``). It trains
++ the head named by ``MODEL.PART_DISCOVERY.HEAD`` (contract in ``part_heads/base.py``). It trains
 and evaluates through the project's one Trainer and ``tools/train_net.py``, on the paired-view mapper's
 inputs (``image``, optional ``image2``, ``fg_mask``, ``transform``, ...).
 
@@ -41,7 +41,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import nn
 
 from ...utils.errors import ConfigError
-from ..part_heads.registry import DiscoveryBatch, PartHead, build_part_head
+from ..part_heads.base import DiscoveryBatch, PartHead
+from ..part_heads.registry import build_part_head
 from .part_mask2former import normalize_images
 
 __all__ = ["PartDiscovery"]

@@ -24,12 +24,12 @@ Loss (:class:`PartDistillationCriterion`, a subclass of Mask2Former's ``SetCrite
 
 The gradient of ``loss_part_ce`` therefore reaches only the classifier rows of object classes present in the
 batch (others get exactly zero gradient). The table is an ``nn.Embedding``, so the optimizer builder gives it
-``SOLVER.WEIGHT_DECAY_EMBED`` (0.0): classifiers of object classes absent from a batch are not decayed. This differs
-from the reference, which uses one (N_c^p+1)-way
-softmax with a shared no-object row (reference code); here "no part" is the objectness head's job and the part
-softmax runs over the N_c^p parts only, as in PartDistillation supp. Eq. 6.
+``SOLVER.WEIGHT_DECAY_EMBED`` (0.0): classifiers of object classes absent from a batch are not decayed. This
+differs from the reference, which uses one (N_c^p+1)-way softmax with a shared no-object row (reference code);
+here "no part" is the objectness head's job and the part softmax runs over the N_c^p parts only,
+as in PartDistillation supp. Eq. 6.
 
-Targets: ``instances.gt_classes`` = part class in [0, N_c^p) (``MODEL.PSEUDO_LABELS.USE_PART_CLASSES True``)
+Targets: ``instances.gt_classes`` = part class in [0, N_c^p) (``INPUT.PSEUDO_LABELS.USE_PART_CLASSES True``)
 and ``instances.gt_object_classes`` = the object class in [0, N_c^o) of each part's object (set by
 :class:`PseudoLabelDatasetMapper` from the store object's ``category_id``).
 
@@ -302,7 +302,7 @@ class PartDistillationModel(PartMask2Former):
             if len(parts) and (parts.min() < 0 or parts.max() >= num_p):
                 raise ConfigError(
                     f"part classes {parts.unique().tolist()} outside [0, {num_p}) (MODEL.PART_DISTILLATION."
-                    "NUM_PART_CLASSES; train with MODEL.PSEUDO_LABELS.USE_PART_CLASSES True on a store with part_class)"
+                    "NUM_PART_CLASSES; train with INPUT.PSEUDO_LABELS.USE_PART_CLASSES True on a store with part_class)"
                 )
             if len(objects) and (objects.min() < 0 or objects.max() >= num_o):
                 raise ConfigError(

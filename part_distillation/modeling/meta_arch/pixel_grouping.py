@@ -132,7 +132,6 @@ class PixelGroupingModel(nn.Module):
         distance: str,
         kmeans_kwargs: dict,
         crf: DenseCRFRefiner = None,
-        restrict_to_object: bool = True,
         object_model: nn.Module = None,
         object_filter: dict,
         pixel_mean,
@@ -153,7 +152,6 @@ class PixelGroupingModel(nn.Module):
         self.distance = distance
         self.kmeans_kwargs = kmeans_kwargs
         self.crf = crf
-        self.restrict_to_object = restrict_to_object
         self.object_model = object_model
         self.object_filter = object_filter
         self.size_divisibility = size_divisibility
@@ -163,20 +161,7 @@ class PixelGroupingModel(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         pg = cfg.MODEL.PIXEL_GROUPING
-        crf = None
-        if pg.CRF.ENABLED:
-            crf = DenseCRFRefiner(
-                backend=pg.CRF.BACKEND,
-                spatial_sigma=pg.CRF.SPATIAL_SIGMA,
-                spatial_weight=pg.CRF.SPATIAL_WEIGHT,
-                bilateral_sigma_xy=pg.CRF.BILATERAL_SIGMA_XY,
-                bilateral_sigma_rgb=pg.CRF.BILATERAL_SIGMA_RGB,
-                bilateral_weight=pg.CRF.BILATERAL_WEIGHT,
-                gt_prob=pg.CRF.GT_PROB,
-                num_iters=pg.CRF.NUM_ITERS,
-                restrict_to_object=pg.CRF.RESTRICT_TO_OBJECT,
-                downsample=pg.CRF.DOWNSAMPLE,
-            )
+        crf = DenseCRFRefiner.from_config(cfg) if pg.CRF.ENABLED else None
         return {
             "backbone": build_backbone(cfg),
             "feature_levels": pg.FEATURE_LEVELS,
@@ -191,7 +176,6 @@ class PixelGroupingModel(nn.Module):
                 "project_dim": pg.KMEANS_PROJECT_DIM,
             },
             "crf": crf,
-            "restrict_to_object": pg.CRF.RESTRICT_TO_OBJECT,
             "object_model": build_object_model(cfg),
             "object_filter": {
                 "score_thresh": pg.OBJECT_SCORE_THRESH,
@@ -286,7 +270,7 @@ class PixelGroupingModel(nn.Module):
             for y0, y1, x0, x1 in mask_box_slices(masks)
         ]
         out = self.crf.refine_boxes(image, labels, boxes, self.num_parts + 1)
-        if self.restrict_to_object:
+        if self.crf.restrict_to_object:  # the refiner's setting (MODEL.PIXEL_GROUPING.CRF.RESTRICT_TO_OBJECT)
             out = out * masks
         return out
 

@@ -1,6 +1,7 @@
 """Part-discovery heads for the PartDiscovery meta-architecture (registration on import)."""
 
-from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead, build_part_head  # noqa: F401
+from .base import DiscoveryBatch, PartHead  # noqa: F401
+from .registry import PART_HEAD_REGISTRY, build_part_head  # noqa: F401
 from .baselines import DFFHead, KMeansBaselineHead  # noqa: F401
 from .partformer import PartFormerHead  # noqa: F401
 from .mpae import MPAEHead  # noqa: F401

@@ -37,7 +37,9 @@ from detectron2.config import configurable
 
 from ...utils.errors import ConfigError
 from ...clustering.kmeans import batched_kmeans, pairwise_distance
-from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead, masks_to_grid
+from ...structures.masks import masks_to_grid
+from .base import DiscoveryBatch, PartHead
+from .registry import PART_HEAD_REGISTRY
 
 __all__ = ["KMeansBaselineHead", "DFFHead", "nmf", "canonical_part_order", "LABEL_ORDERS"]
 

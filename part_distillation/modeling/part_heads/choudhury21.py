@@ -37,7 +37,6 @@ with channel 0 = 0; the meta-architecture turns it into ``[1 − m, m·P]`` with
 """
 
 import logging
-import math
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -48,6 +47,7 @@ from torch import nn
 
 import detectron2.projects.deeplab  # noqa: F401  (registers build_resnet_deeplab_backbone: DeepLab-style dilated ResNets)
 
+from ...structures.geometry import random_warp_grid, sample_at
 from ...utils.errors import ConfigError
 from ..losses.contrastive_reconstruction import (
     contrastive_loss,
@@ -58,7 +58,8 @@ from ..losses.contrastive_reconstruction import (
     sample_positives,
 )
 from ..losses.perceptual import PerceptualNetwork, build_perceptual_network, imagenet_normalize
-from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead
+from .base import DiscoveryBatch, PartHead
+from .registry import PART_HEAD_REGISTRY
 
 __all__ = ["Choudhury21Head", "ASPPClassifier", "color_jitter", "random_warp_grid", "rgb_to_hsv", "hsv_to_rgb"]
 
@@ -168,75 +169,6 @@ def color_jitter(
             x = _gray(x).expand(3, -1, -1)
         out.append(x)
     return torch.stack(out)
-
-
-# ------------------------------------------------------------------------------------------------
-# Geometric warp T (TPS around a random similarity)
-# ------------------------------------------------------------------------------------------------
-def _tps_kernel(d2: torch.Tensor) -> torch.Tensor:
-    """U(r) = r² log r² from squared distances (0 at r = 0)."""
-    return d2 * torch.log(d2.clamp_min(1e-12))
-
-
-def _pixel_centres(h: int, w: int, device, dtype) -> torch.Tensor:
-    """[H·W, 2] (x, y) of the pixel centres in grid_sample's align_corners=False frame."""
-    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) * (2.0 / h) - 1
-    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) * (2.0 / w) - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([gx, gy], dim=-1).reshape(-1, 2)
-
-
-def random_warp_grid(
-    batch_size: int,
-    hw,
-    generator: torch.Generator,
-    rotation: float = 60.0,
-    zoom=(0.7, 2.0),
-    translation: float = 0.1,
-    tps_sigma: float = 0.01,
-    tps_grid: int = 5,
-    device=None,
-    dtype=torch.float32,
-) -> torch.Tensor:
-    """Sampling grids [B, H, W, 2] of random warps T for ``grid_sample(align_corners=False)``: T(x)(u) = x(grid(u)).
-
-    A ``tps_grid``² control grid P on [−1, 1]² is jittered by U(±``tps_sigma``) and mapped by a random similarity
-    S (rotation U(±``rotation``°), scale U(1/zoom[1], 1/zoom[0]), shift U(±``translation``)); the grid is the thin-plate
-    spline through P → S(P + jitter), which is exactly S when ``tps_sigma`` = 0 (a TPS reproduces affine maps).
-    """
-    h, w = int(hw[0]), int(hw[1])
-    angle = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(rotation)
-    lo, hi = 1.0 / float(zoom[1]), 1.0 / float(zoom[0])
-    scale = lo + torch.rand(batch_size, generator=generator, dtype=torch.float64) * (hi - lo)
-    shift = (torch.rand(batch_size, 2, generator=generator, dtype=torch.float64) * 2 - 1) * translation
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [B, 2, 2]
-    if tps_sigma <= 0:
-        theta = torch.cat([linear, shift[..., None]], dim=-1).to(device=device, dtype=dtype)
-        return F.affine_grid(theta, (batch_size, 1, h, w), align_corners=False)
-    g = torch.linspace(-1, 1, int(tps_grid), dtype=torch.float64)
-    gy, gx = torch.meshgrid(g, g, indexing="ij")
-    ctrl = torch.stack([gx, gy], -1).reshape(-1, 2)  # [n, 2] target-side control points
-    jitter = (torch.rand(batch_size, ctrl.shape[0], 2, generator=generator, dtype=torch.float64) * 2 - 1) * tps_sigma
-    source = torch.einsum("bij,bnj->bni", linear, ctrl + jitter) + shift[:, None]  # [B, n, 2]
-    n = ctrl.shape[0]
-    system = torch.zeros(n + 3, n + 3, dtype=torch.float64)
-    system[:n, :n] = _tps_kernel(torch.cdist(ctrl, ctrl).pow(2))
-    system[:n, n] = 1
-    system[:n, n + 1 :] = ctrl
-    system[n, :n] = 1
-    system[n + 1 :, :n] = ctrl.T
-    rhs = torch.cat([source, source.new_zeros(batch_size, 3, 2)], dim=1)  # [B, n + 3, 2]
-    coef = torch.linalg.solve(system, rhs).to(device=device, dtype=dtype)
-    pts = _pixel_centres(h, w, device, dtype)
-    basis = torch.cat(
-        [_tps_kernel(torch.cdist(pts, ctrl.to(device=device, dtype=dtype)).pow(2)), torch.ones_like(pts[:, :1]), pts], 1
-    )  # [H·W, n + 3]
-    return torch.einsum("pc,bcd->bpd", basis, coef).reshape(batch_size, h, w, 2)
-
-
-def _warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,14 +414,14 @@ class Choudhury21Head(PartHead):
         cj2 = self._normalize(color_jitter(rgb, self.generator, **self.jitter_args), fmt)
         grid = random_warp_grid(len(batch), hw, self.generator, device=rgb.device, **self.warp_args)
         if logits1 is not None:
-            target = _warp(logits1, grid)
+            target = sample_at(logits1, grid)
         else:
             with torch.set_grad_enabled(self.symmetric_kl and torch.is_grad_enabled()):
-                target = _warp(self.logits(batch.features_of(cj1), hw), grid)
+                target = sample_at(self.logits(batch.features_of(cj1), hw), grid)
         if not self.symmetric_kl:
             target = target.detach()
-        pred = self.logits(batch.features_of(_warp(cj2, grid)), hw)
-        mask = _warp(fg[:, None], grid)[:, 0]
+        pred = self.logits(batch.features_of(sample_at(cj2, grid)), hw)
+        mask = sample_at(fg[:, None], grid)[:, 0]
         return equivariance_loss(pred, target, mask, symmetric=self.symmetric_kl)
 
     # ------------------------------------------------------------------ inference

@@ -57,7 +57,8 @@ from ..losses.mpae import (
     total_variation_loss,
 )
 from ..losses.perceptual import PerceptualLoss, imagenet_normalize
-from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead
+from .base import DiscoveryBatch, PartHead
+from .registry import PART_HEAD_REGISTRY
 
 __all__ = ["MPAEHead", "DescriptorViT", "MaskedRestorer"]
 
@@ -233,7 +234,7 @@ class MPAEHead(PartHead):
             perceptual: the frozen VGG19 (or stand-in) feature-L1 loss of L_r; None drops the term.
             train_view: "view1" (the mapper's flipped view) or "view2" (its random similarity warp of view 1,
                 standing in for MPAE's RandomAffine; costs one more frozen-backbone pass).
-            Others: see ``_add_mpae_config`` in ``part_distillation/config.py``.
+            Others: see ``_add_mpae_config`` in ``part_distillation/config/discovery.py``.
         """
         super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
         if in_channels is None:

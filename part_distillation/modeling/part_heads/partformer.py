@@ -42,7 +42,8 @@ from ...utils.errors import ConfigError
 from ..losses.partformer import area_loss, arcface_loss, concentration_loss, transfer
 from ..losses.perceptual import EfficientNetFeatures, PerceptualLoss, imagenet_normalize
 from ..backbone.vit import QuickGELU, sincos_pos_embed_2d
-from .registry import PART_HEAD_REGISTRY, DiscoveryBatch, PartHead
+from .base import DiscoveryBatch, PartHead
+from .registry import PART_HEAD_REGISTRY
 
 __all__ = ["PartFormerHead", "PartFormer", "PartFormerDecoder", "LayerNorm2d"]
 
