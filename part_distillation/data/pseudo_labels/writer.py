@@ -63,9 +63,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_util
 
-from ..structures.masks import decode_rle as decode_mask  # noqa: F401  (re-exported)
-from ..structures.masks import encode_mask  # noqa: F401  (re-exported)
-from ..utils.errors import ConfigError, DatasetNotFoundError, UserError
+from ...structures.masks import decode_rle as decode_mask  # noqa: F401  (re-exported)
+from ...structures.masks import encode_mask  # noqa: F401  (re-exported)
+from ...utils.errors import ConfigError, DatasetNotFoundError, UserError
 
 __all__ = [
     "FORMAT_NAME",
@@ -1153,7 +1153,7 @@ def register_pseudo_label_dataset(
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     if loader == "store":
-        from .store_dataset import PseudoLabelStoreDataset
+        from ..store_dataset import PseudoLabelStoreDataset
 
         DatasetCatalog.register(name, functools.partial(PseudoLabelStoreDataset, root, source, stage))
     else:
