@@ -22,7 +22,6 @@ Prototypes file (``torch.save`` of a dict, written atomically, read with ``weigh
 
 import os
 import pickle
-import tempfile
 from typing import Dict, NamedTuple
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 
 from ..utils.errors import ConfigError
+from ..utils.io import atomic_file
 from .kmeans import batched_kmeans
 
 __all__ = [
@@ -142,17 +142,9 @@ def cluster_prototypes(classes, feats, num_classes: int, k: int, n_init: int, ma
 
 def save_prototypes(path: str, prototypes, num_clusters, counts) -> None:
     """Write the prototypes file (module doc) atomically: a temporary file in the same folder, then a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".prototypes-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"prototypes": prototypes, "num_clusters": num_clusters, "num_features": counts}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as f:
+        torch.save({"prototypes": prototypes, "num_clusters": num_clusters, "num_features": counts}, f)
 
 
 def load_prototypes(path: str, setting: str = "MODEL.ONE_STAGE.PROTOTYPES"):

@@ -190,7 +190,7 @@ def _add_one_stage_config(cfg: CN) -> None:
 
 
 def _add_pseudo_label_config(cfg: CN) -> None:
-    # Training on a pseudo-label store (data/pseudo_labels.py) with PseudoLabelDatasetMapper; its mapper settings
+    # Training on a pseudo-label store (data/pseudo_labels/) with PseudoLabelDatasetMapper; its mapper settings
     # (formerly MODEL.PSEUDO_LABELS).
     cfg.INPUT.PSEUDO_LABELS = CN()
     # gt_classes = the stored part_class (stage-3 "ranking" stores; stage 4) instead of 0

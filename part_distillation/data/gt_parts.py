@@ -13,7 +13,7 @@ So (o, k) ↔ p is a bijection per object class, used both ways: GT parts → tr
 (:func:`gt_part_records`, :class:`~part_distillation.data.dataset_mappers.part_supervised.PartSupervisedDatasetMapper`)
 and predicted within-object indices → dataset part ids (``part_miou`` mode "within_object").
 
-:func:`gt_part_records` turns part-dataset records into pseudo-label store records (``data/pseudo_labels.py``
+:func:`gt_part_records` turns part-dataset records into pseudo-label store records (``data/pseudo_labels/``
 schema): one store object per GT object
 (:func:`~part_distillation.data.dataset_mappers.part_eval.group_parts_by_object`),
 ``category_id`` = its object class, its mask = the dataset's object mask or else the union of its parts; one

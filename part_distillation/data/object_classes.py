@@ -102,7 +102,7 @@ def synset_of_name(name: str, wn=None) -> str:
 
 def write_store_classes(directory: str, class_codes, names=None) -> str:
     """Write ``<directory>/object_classes.json`` atomically: the synset of every contiguous class id."""
-    from .pseudo_labels import atomic_write_bytes
+    from ..utils.io import atomic_write_bytes
 
     payload = {"class_codes": list(class_codes)}
     if names is not None:

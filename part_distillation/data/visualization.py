@@ -3,7 +3,8 @@
 import cv2
 import numpy as np
 
-from .pseudo_labels import atomic_write_bytes, decode_mask
+from ..structures.masks import decode_rle as decode_mask
+from ..utils.io import atomic_write_bytes
 
 __all__ = ["render_pseudo_labels"]
 

@@ -23,8 +23,9 @@ import os
 import cv2
 import numpy as np
 
-from ..data.pseudo_labels import atomic_write_bytes, decode_mask
+from ..structures.masks import decode_rle as decode_mask
 from ..utils.errors import UserError
+from ..utils.io import atomic_write_bytes
 from .filters import drop_object_like_parts
 
 __all__ = [
@@ -54,17 +55,17 @@ def records_from_predictions(path: str) -> list:
     if data["images"] and all(image.get("class_agnostic") for image in data["images"]):
         raise UserError(
             f"--predictions {path}: these are class-agnostic parts (stage 1/2, part_class is always 0); collages "
-            "need a stage-3/4 model's part classes (demo/demo.py --config-file <stage-4 config> --opts MODEL.WEIGHTS "
-            "...)."
+            "need a stage-3/4 model's part classes "
+            "(demo/demo.py --config-file <stage-4 config> --opts MODEL.WEIGHTS ...)."
         )
     records = []
     for image in data["images"]:
         objects = [dict(o, parts=[]) for o in image["objects"]]
         for part in image["parts"]:
             objects[part["object_id"]]["parts"].append(part)
+        class_names = {o["category_id"]: o.get("category_name") for o in objects}
         records.append({"file_name": image["file_name"], "height": image["height"], "width": image["width"],
-                        "objects": objects,
-                        "class_names": {o["category_id"]: o.get("category_name") for o in objects}})  # fmt: skip
+                        "objects": objects, "class_names": class_names})  # fmt: skip
     return records
 
 

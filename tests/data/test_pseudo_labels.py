@@ -154,10 +154,10 @@ def test_crash_between_shards_leaves_complete_shards_and_resume_recomputes_the_r
             raise SimulatedCrash()
         return real_replace(src, dst)
 
-    monkeypatch.setattr(pl.os, "replace", crash_on_shard_1)
+    monkeypatch.setattr(os, "replace", crash_on_shard_1)
     with pytest.raises(SimulatedCrash):
         _write(root)
-    monkeypatch.setattr(pl.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     shard_dir = os.path.join(root, SRC, STAGE, "shards")
     # A writer killed by SIGKILL cannot clean up: leave what it would leave behind.
     with open(os.path.join(shard_dir, ".shard-00001.jsonl.gz.x1y2z3.tmp"), "wb") as f:

@@ -1,4 +1,4 @@
-"""Mapper for pseudo-label datasets (``<source>_pseudo_<stage>``, see data/pseudo_labels.py).
+"""Mapper for pseudo-label datasets (``<source>_pseudo_<stage>``, see data/pseudo_labels/).
 
 Training: the same Large-Scale Jittering as :class:`InstanceLSJDatasetMapper`, applied to the image,
 its part masks and the masks of the objects the parts belong to; then parts smaller than
