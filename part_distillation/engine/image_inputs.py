@@ -1,7 +1,6 @@
 """Inputs and outputs of ``demo/demo.py``: image lists, COCO object-mask files, prediction records."""
 
 import glob
-import json
 import logging
 import os
 
@@ -10,6 +9,7 @@ import pycocotools.mask as mask_util
 
 from ..data.pseudo_labels import encode_mask
 from ..utils.errors import ConfigError, UserError
+from ..utils.io import read_user_json
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "output_names", "CocoObjectMasks", "prediction_record"]
 
@@ -62,13 +62,7 @@ class CocoObjectMasks:
     ``categories``), looked up by image file name (the base name, so the JSON need not know our paths)."""
 
     def __init__(self, path: str):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"--object-masks {path!r} does not exist.")
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--object-masks {path!r} is not valid JSON ({e}).")
+        data = read_user_json(path, "--object-masks")
         if (
             not isinstance(data, dict)
             or not isinstance(data.get("images"), list)

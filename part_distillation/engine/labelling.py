@@ -119,6 +119,17 @@ def evaluate_store_ar(reader: PseudoLabelReader, parts_dataset: str) -> dict:
     return evaluator.evaluate()["part_proposals"]
 
 
+def _write_store(cfg, model, loader, writer):
+    """Run ``model`` over ``loader`` with the store writer as the evaluator; the run summary on the main process,
+    None elsewhere (skipped images are counted, not fatal, up to ``DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION``)."""
+    results = inference_on_dataset(
+        SkipAwareModel(model),
+        loader,
+        PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION),
+    )
+    return results["pseudo_labels"] if comm.is_main_process() else None
+
+
 def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resume: bool = False, vis: int = 0) -> dict:
     """Stage 1 (``tools/make_pseudo_labels.py``): label ``DATASETS.TEST[0]`` with the config's model into the store
     ``DATASETS.PSEUDO_LABEL_ROOT/<dataset>/<stage>`` (module doc). Returns rank 0's summary ({} on other ranks).
@@ -151,14 +162,9 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
         dicts, indices, build_dataset_mapper(cfg, is_train=False),
         batch_size=batch, num_workers=cfg.DATALOADER.NUM_WORKERS,
     )  # fmt: skip
-    results = inference_on_dataset(
-        SkipAwareModel(model),
-        loader,
-        PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION),
-    )
-    if not comm.is_main_process():
+    summary = _write_store(cfg, model, loader, writer)
+    if summary is None:
         return {}
-    summary = results["pseudo_labels"]
     reader = PseudoLabelReader(cfg.DATASETS.PSEUDO_LABEL_ROOT, dataset_name, stage)
     rows = [[k, v] for k, v in summary.items() if k not in ("skipped_files",)]
     if cfg.MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET:
@@ -299,14 +305,9 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
     )  # fmt: skip
     indices = writer.pending_indices(rank=rank, world_size=world)
     loader = build_labelling_loader(dicts, indices, mapper, 1, cfg.DATALOADER.NUM_WORKERS)
-    results = inference_on_dataset(
-        SkipAwareModel(model),
-        loader,
-        PseudoLabelWriterEvaluator(writer, max_skipped_fraction=cfg.DATASETS.PSEUDO_LABEL_MAX_SKIPPED_FRACTION),
-    )
-    if not comm.is_main_process():
+    summary = _write_store(cfg, model, loader, writer)
+    if summary is None:
         return {}
-    summary = results["pseudo_labels"]
     summary["prototypes"] = path
     rows = [[k, v] for k, v in summary.items() if k != "skipped_files"]
     print(tabulate(rows, headers=["part ranking", "value"], tablefmt="pipe"))

@@ -36,6 +36,20 @@ def read_json(path: str):
         return json.loads(f.read().decode("utf-8"))
 
 
+def read_user_json(path: str, what: str):
+    """A JSON file a user named (``what``: the config key or flag that named it); a missing file or invalid JSON
+    is a :class:`~part_distillation.utils.errors.ConfigError` naming ``what`` and the file."""
+    from .errors import ConfigError
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}={path!r} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}={path!r} is not valid JSON ({e}).") from None
+
+
 def sha256_file(path: str) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

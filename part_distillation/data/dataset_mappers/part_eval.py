@@ -61,15 +61,9 @@ def _model_codes(cfg):
 
 def load_object_predictions(path: str) -> dict:
     """image_id → predicted objects of a COCO results JSON (``TEST.OBJECT_PREDICTIONS_JSON``)."""
-    import json
+    from ...utils.io import read_user_json
 
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"TEST.OBJECT_PREDICTIONS_JSON={path!r} does not exist.")
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"TEST.OBJECT_PREDICTIONS_JSON={path!r} is not valid JSON ({e}).")
+    results = read_user_json(path, "TEST.OBJECT_PREDICTIONS_JSON")
     if not isinstance(results, list) or not all(isinstance(r, dict) and "image_id" in r and "segmentation" in r
                                                 for r in results):  # fmt: skip
         raise ConfigError(f"{path}: expected a COCO results list of {{image_id, segmentation, score, class_code or "

@@ -7,7 +7,6 @@ and this mapper only prepares the image.
 """
 
 import copy
-import json
 import logging
 from collections import defaultdict
 
@@ -19,6 +18,7 @@ from detectron2.structures import Instances
 
 from ...structures.masks import decode_segmentation
 from ...utils.errors import ConfigError
+from ...utils.io import read_user_json
 from ..skips import note_skip, reason_key
 from ..validation import MAX_ASPECT_RATIO
 from .instance_lsj import read_image_checked
@@ -31,13 +31,7 @@ logger = logging.getLogger(__name__)
 
 def load_object_results(path: str) -> dict:
     """image_id → list of {segmentation, score, category_id} from a COCO results JSON."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON={path!r} does not exist.")
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON={path!r} is not valid JSON ({e}).")
+    results = read_user_json(path, "MODEL.PIXEL_GROUPING.OBJECT_MASKS_JSON")
     if not isinstance(results, list) or not all("segmentation" in r and "image_id" in r for r in results):
         raise ConfigError(
             f"{path}: expected a COCO results list of {{image_id, category_id, segmentation, score}}, "
