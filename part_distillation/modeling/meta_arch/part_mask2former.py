@@ -18,6 +18,8 @@ post-processing functions are in :mod:`.postprocessing` (which also documents th
 output). The state-dict names are Mask2Former's: checkpoints of the previous classes load unchanged.
 """
 
+import abc
+
 import torch
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
@@ -35,7 +37,7 @@ def normalize_images(images, pixel_mean, pixel_std, size_divisibility: int = 0) 
     return ImageList.from_tensors([(x - pixel_mean) / pixel_std for x in images], size_divisibility)
 
 
-class PartMask2Former(Mask2Former):
+class PartMask2Former(Mask2Former, metaclass=abc.ABCMeta):
     """Mask2Former whose test-time output is built per image by :meth:`inference_single` (module doc)."""
 
     def __init__(self, **kwargs):
@@ -79,6 +81,7 @@ class PartMask2Former(Mask2Former):
             processed.append(self.inference_single(mask_cls, mask_pred, query_feats, inp.get("objects"), image_size))
         return processed
 
+    @abc.abstractmethod
     def inference_single(
         self, mask_cls: torch.Tensor, mask_pred: torch.Tensor, query_feats: torch.Tensor, objects, image_size
     ) -> dict:
@@ -92,4 +95,3 @@ class PartMask2Former(Mask2Former):
             image_size: (h, w) of the resized image inside the padded batch (the size of ``objects``' masks
                 when they come from an evaluation mapper).
         """
-        raise NotImplementedError
