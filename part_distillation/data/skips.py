@@ -24,6 +24,7 @@ SKIP_REASONS = {
     "object_below_min_area": "an object is smaller than MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO: dropped",
     "object_below_score": "an object scores below MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH: dropped",
     "object_beyond_topk": "an object is not among the MODEL.PIXEL_GROUPING.OBJECT_TOPK best: dropped",
+    "object_without_class": "(evaluation) an object has no class for a model with per-object-class part classifiers",
     "annotation_without_image": "(loader) an annotation's image_id is no image of the JSON: dropped",
     "invalid_polygon": "(loader) an annotation has no polygon of 3 or more points: dropped",
 }

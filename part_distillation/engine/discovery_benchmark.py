@@ -11,6 +11,10 @@ Used by ``benchmarks/discovery.py`` (and ``tools/discovery_table.py``). Per meth
    FG-NMI, FG-ARI, pooled over the split, background label 0) and :class:`KeypointNMEEvaluator` (part-centre
    landmarks, regressor fitted on the train split, NME in % of the image size).
 
+A model whose part predictions are conditioned on the object class (PartDistillation's per-object-class part
+classifiers) is checked first (:func:`check_object_classes`): objects without a class get no parts, so a split
+where no object has one is an error, not a score of 0; a few are a logged, counted skip.
+
 Summaries are mean ± population standard deviation (and min/max) over seeds.
 """
 
@@ -25,8 +29,10 @@ import torch
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.utils.env import seed_all_rng
 
+from ..data.skips import note_skip
 from ..evaluation.keypoint_nme import FIT_DATA, KeypointNMEEvaluator
 from ..evaluation.nmi_ari import PartNMIARIEvaluator
+from ..utils.errors import ConfigError
 
 __all__ = [
     "METHODS",
@@ -34,6 +40,9 @@ __all__ = [
     "METRICS",
     "method_cfg",
     "read_loss_curve",
+    "read_train_seconds",
+    "object_class_count",
+    "check_object_classes",
     "evaluate_discovery_model",
     "run_discovery_method",
     "summarize_runs",
@@ -100,11 +109,87 @@ def read_loss_curve(output_dir: str):
     return curve
 
 
+def read_train_seconds(output_dir: str) -> float:
+    """Training seconds of the latest run in the Trainer's ``metrics.json``, estimated as the sum over its logging
+    windows of (median iteration ``time`` × iterations in the window); 0.0 when there is none. Evaluation and
+    checkpointing are not included."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return 0.0
+    windows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                m = json.loads(line)
+            except ValueError:
+                continue
+            if "time" in m and "iteration" in m:
+                if windows and int(m["iteration"]) <= windows[-1][0]:
+                    windows = []  # a later run in the same folder
+                windows.append((int(m["iteration"]), float(m["time"])))
+    seconds, previous = 0.0, -1
+    for iteration, t in windows:
+        seconds += t * (iteration - previous)
+        previous = iteration
+    return seconds
+
+
+def object_class_count(model) -> int:
+    """N_c^o of a model whose part predictions need each object's class (:class:`PartDistillationModel`: one part
+    classifier per object class, PartDistillation supp. Eq. 6), else 0."""
+    from ..modeling.meta_arch.distillation import PartDistillationModel
+
+    if isinstance(model, PartDistillationModel):
+        return int(model.part_classifier.num_object_classes)
+    return 0
+
+
+def check_object_classes(cfg, dataset_name: str, num_object_classes: int):
+    """``(unclassed, total)`` objects of ``dataset_name``'s test inputs (the test mapper's ``objects.gt_classes``)
+    whose class is outside [0, ``num_object_classes``): a model conditioned on the object class predicts no part
+    for them.
+
+    Raises :class:`ConfigError` when no object has a class (the model would score 0 on every metric); a few
+    unclassed objects are one counted skip each (``object_without_class``), logged. Reads the images once, no
+    model.
+    """
+    from .trainer import Trainer
+
+    unclassed = total = 0
+    for batch in Trainer.build_test_loader(cfg, dataset_name):
+        for x in batch:
+            objects = x.get("objects") if x is not None else None
+            if objects is None:
+                continue
+            classes = objects.gt_classes if objects.has("gt_classes") else torch.full((len(objects),), -1)
+            total += len(classes)
+            unclassed += int(((classes < 0) | (classes >= num_object_classes)).sum())
+    if total and unclassed == total:
+        raise ConfigError(
+            f"{dataset_name}: none of its {total} objects has an object class in [0, {num_object_classes}), so a "
+            "model with per-object-class part classifiers predicts no part and would score 0: give the records "
+            "object_annotations with a category_id (as toyparts_landmarks_* have) or the dataset's metadata a "
+            "part_to_object table."
+        )
+    if unclassed:
+        note_skip(
+            "object_without_class", dataset_name,
+            f"{unclassed} of {total} objects have no class in [0, {num_object_classes}): no part predictions for them",
+            what="Scoring with skips on", count=unclassed,
+        )  # fmt: skip
+    return unclassed, total
+
+
 def evaluate_discovery_model(cfg, model, fit_dataset: str = FIT_DATASET, eval_dataset: str = EVAL_DATASET):
-    """NMI, ARI, FG-NMI, FG-ARI (×100) and NME (%) of ``model``'s part maps on ``eval_dataset``."""
+    """NMI, ARI, FG-NMI, FG-ARI (×100) and NME (%) of ``model``'s part maps on ``eval_dataset`` (a model that needs
+    object classes is checked first: :func:`check_object_classes`)."""
     from .trainer import Trainer
 
     model.eval()
+    num_object_classes = object_class_count(model)
+    if num_object_classes:
+        for name in dict.fromkeys((fit_dataset, eval_dataset)):
+            check_object_classes(cfg, name, num_object_classes)
     FIT_DATA.pop(fit_dataset, None)
     fit = KeypointNMEEvaluator(fit_dataset, fit_on_same_split=True, normalizer="image", distributed=False)
     inference_on_dataset(model, Trainer.build_test_loader(cfg, fit_dataset), fit)

@@ -75,9 +75,8 @@ def test_one_run_trains_scores_and_keeps_its_curves(datasets_root, tmp_path):
     assert run["metric_curve"][-1]["metrics"] == run["metrics"]
 
 
-def test_partdistillation_checkpoint_scored_by_the_same_evaluators(datasets_root, tmp_path):
-    """benchmarks/discovery.py --stage4-weights: a (random) stage-4 model's part_instances get every metric."""
-    import importlib.util
+def _stage4_model(tmp_path):
+    """(tiny overrides, a random stage-4 PartDistillationModel) of the stage-4 quick schedule."""
     import os
 
     import torch
@@ -86,17 +85,93 @@ def test_partdistillation_checkpoint_scored_by_the_same_evaluators(datasets_root
     from conftest import REPO_ROOT, tiny_quick_opts
 
     from part_distillation.engine import load_cfg
-    from part_distillation.engine.discovery_benchmark import METRICS
 
-    path = os.path.join(REPO_ROOT, "benchmarks", "discovery.py")
-    spec = importlib.util.spec_from_file_location("bench_discovery", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     opts = tiny_quick_opts(tmp_path, 1)
     stage4 = load_cfg(os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml"), opts)
     torch.manual_seed(0)
+    return opts, build_model(stage4)
+
+
+def test_partdistillation_checkpoint_scored_by_the_same_evaluators(datasets_root, tmp_path, repo_script):
+    """benchmarks/discovery.py --stage4-weights: the landmark view gives the objects their classes, so a (random)
+    stage-4 model predicts parts inside them and every metric is non-zero (all 0 when the objects had no class);
+    iterations come from the checkpoint, training seconds and loss curve from the metrics.json next to it."""
+    import torch
+
+    from part_distillation.engine.discovery_benchmark import METRICS
+
+    bench = repo_script("benchmarks/discovery.py")
+    opts, model = _stage4_model(tmp_path)
     weights = str(tmp_path / "stage4.pth")
-    torch.save({"model": build_model(stage4).state_dict()}, weights)
+    torch.save({"model": model.state_dict(), "iteration": 299}, weights)
+    lines = [{"iteration": 19, "time": 2.0, "total_loss": 5.0}, {"iteration": 39, "time": 3.0, "total_loss": 4.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     run = bench._stage4_run(weights, str(tmp_path / "work"), opts)
     assert run["method"] == "partdistillation" and set(run["metrics"]) == set(METRICS)
-    assert all(-100.0 <= run["metrics"][m] <= 100.0 for m in METRICS[:4])
+    assert all(0.0 < run["metrics"][m] <= 100.0 for m in ("NMI", "ARI", "FG-NMI")), run["metrics"]
+    assert run["metrics"]["NME"] > 0.0
+    assert run["iterations"] == 300 and run["seconds"] == 2.0 * 20 + 3.0 * 20
+    assert [c["iteration"] for c in run["loss_curve"]] == [19, 39]
+
+
+def _register_copy(name, records):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    meta = MetadataCatalog.get("toyparts_landmarks_val").as_dict()
+    MetadataCatalog.get(name).set(**{k: v for k, v in meta.items() if k not in ("name", "part_to_object")})
+
+
+def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(datasets_root, tmp_path):
+    """Records whose objects all lack a class (no object_annotations, no part_to_object table): PartDistillation
+    would predict no part and score 0 — an error naming the dataset, before any inference."""
+    import os
+
+    from conftest import REPO_ROOT
+
+    from part_distillation.engine.discovery_benchmark import evaluate_discovery_model, method_cfg
+    from part_distillation.utils.errors import ConfigError
+
+    records = [{k: v for k, v in r.items() if k != "object_annotations"}
+               for r in DatasetCatalog.get("toyparts_landmarks_val")]  # fmt: skip
+    name = "toyparts_landmarks_val_unclassed_test"
+    _register_copy(name, records)
+    opts, model = _stage4_model(tmp_path)
+    config = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml")
+    cfg = method_cfg(config, str(tmp_path / "eval"), 0, 0, opts)
+    try:
+        with pytest.raises(ConfigError, match=f"{name}: none of its \\d+ objects has an object class"):
+            evaluate_discovery_model(cfg, model, fit_dataset=name, eval_dataset=name)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_a_few_unclassed_objects_are_a_counted_skip(datasets_root, tmp_path):
+    """One image's objects without a class: counted (one skip per object), the rest scored; none on the real view."""
+    import os
+
+    from conftest import REPO_ROOT
+
+    from part_distillation.data.skips import skip_counts
+    from part_distillation.engine.discovery_benchmark import check_object_classes, method_cfg
+
+    records = [dict(r) for r in DatasetCatalog.get("toyparts_landmarks_val")]
+    records[0]["object_annotations"] = [dict(o, category_id=-1) for o in records[0]["object_annotations"]]
+    expected = len(records[0]["object_annotations"])
+    total = sum(len(r["object_annotations"]) for r in records)
+    name = "toyparts_landmarks_val_few_unclassed_test"
+    _register_copy(name, records)
+    config = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml")
+    cfg = method_cfg(config, str(tmp_path / "eval"), 0, 0, ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"])
+    before = skip_counts().get("object_without_class", 0)
+    try:
+        assert check_object_classes(cfg, name, 5) == (expected, total)
+        assert check_object_classes(cfg, "toyparts_landmarks_val", 5) == (0, total)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert skip_counts()["object_without_class"] - before == expected

@@ -8,8 +8,13 @@ else ``(0, 0, 0)``. Nothing is tuned: the positions are a deterministic function
 
 The records are those of ``toyparts_parts_<split>`` (same ``image_id``, ``annotations``) plus ``keypoints``
 (a flat ``[x, y, v] × 19`` list, original pixels), so the mask-based NMI/ARI evaluator and the landmark NME
-evaluator can score the same predictions. Metadata: the parts view's, plus ``keypoint_names`` (the part class
-names) and ``landmark_source = "part_centres"``.
+evaluator can score the same predictions, plus ``object_annotations``: the objects of the same image from the
+instance view ``toyparts_<split>`` (``object_id``, ``category_id`` = the object class in [0, 5), ``segmentation``
+= the union of its parts, ``bbox``), as Pascal-Part's ``*_parts_*`` views carry them. Models whose part
+predictions are conditioned on the object class (PartDistillation's per-object-class part classifiers, Cho et
+al. 2023 supp. Eq. 6) read it through :class:`PartEvalDatasetMapper`, whatever ``DATASETS.TEST`` names.
+Metadata: the parts view's, plus ``keypoint_names`` (the part class names) and ``landmark_source =
+"part_centres"``.
 """
 
 import functools
@@ -18,10 +23,11 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..dataset_mappers.part_eval import decode_segmentation
+from ...utils.errors import ConfigError
 from .common import replace_registration
 from .toyparts_meta import TOYPARTS_PART_CLASSES
 
-__all__ = ["register_toyparts_landmarks", "part_centre_keypoints"]
+__all__ = ["register_toyparts_landmarks", "part_centre_keypoints", "object_annotations_by_image"]
 
 _SPLITS = ("train", "val")
 
@@ -44,12 +50,32 @@ def part_centre_keypoints(record: dict, num_classes: int = len(TOYPARTS_PART_CLA
     return out
 
 
+_OBJECT_KEYS = ("object_id", "category_id", "segmentation", "bbox", "bbox_mode", "iscrowd")
+
+
+def object_annotations_by_image(object_records) -> dict:
+    """``image_id`` → the instance view's objects of that image (``object_id``, ``category_id``, mask, box)."""
+    return {
+        r["image_id"]: [{k: a[k] for k in _OBJECT_KEYS if k in a} for a in r.get("annotations", [])]
+        for r in object_records
+    }
+
+
 def _load(name, split):
     records = DatasetCatalog.get(f"toyparts_parts_{split}")
+    objects = object_annotations_by_image(DatasetCatalog.get(f"toyparts_{split}"))
     out = []
     for r in records:
         r = dict(r)
         r["keypoints"] = part_centre_keypoints(r)
+        r["object_annotations"] = objects.get(r["image_id"], [])
+        known = {o.get("object_id") for o in r["object_annotations"]}
+        missing = sorted({a.get("object_id") for a in r["annotations"]} - known, key=str)
+        if missing:
+            raise ConfigError(
+                f"{r['file_name']}: parts of object_id {missing} have no object in toyparts_{split} (the parts and "
+                f"instance JSONs of {split} differ): regenerate toyparts (datasets/prepare_toyparts.py)."
+            )
         out.append(r)
     meta = MetadataCatalog.get(f"toyparts_parts_{split}").as_dict()
     meta.pop("name", None)
