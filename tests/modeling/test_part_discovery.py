@@ -15,7 +15,7 @@ from pycocotools import mask as mask_util
 from sklearn.metrics import adjusted_rand_score
 
 from part_distillation.data.dataset_mappers import build_dataset_mapper
-from part_distillation.data.dataset_mappers.paired_view import warp_to_view2
+from part_distillation.structures.geometry import warp_to_view2
 from part_distillation.engine import Trainer, load_cfg
 from part_distillation.modeling.losses.perceptual import (
     PerceptualLoss,

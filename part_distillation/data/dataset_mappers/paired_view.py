@@ -31,17 +31,12 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from PIL import Image
 
-from ...structures.geometry import (  # noqa: F401  (also this module's API, as before)
-    affine_for_cv2,
-    apply_affine,
+from ...structures.geometry import (
     as_affine,
     invert_affine,
-    pixel_affine_to_theta,
     random_similarity,
     sampling_grid,
-    similarity_matrix,
     to_3x3,
-    warp_to_view1,
     warp_to_view2,
 )
 from ...utils.errors import ConfigError
@@ -62,14 +57,6 @@ __all__ = [
     "view_args_from_cfg",
     "read_view_inputs",
     "init_view_args",
-    "similarity_matrix",
-    "random_similarity",
-    "invert_affine",
-    "apply_affine",
-    "affine_for_cv2",
-    "pixel_affine_to_theta",
-    "warp_to_view2",
-    "warp_to_view1",
 ]
 
 logger = logging.getLogger(__name__)
