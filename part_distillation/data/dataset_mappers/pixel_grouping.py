@@ -66,17 +66,15 @@ class PixelGroupingDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = False):
+        from ...modeling.meta_arch.object_source import object_filter_args  # the model's own filter settings
+
         pg = cfg.MODEL.PIXEL_GROUPING
         return {
             "image_size": cfg.INPUT.IMAGE_SIZE,
             "image_format": cfg.INPUT.FORMAT,
             "object_source": pg.OBJECT_MASK_SOURCE,
             "object_results": pg.OBJECT_MASKS_JSON or None,
-            "object_filter": {
-                "score_thresh": pg.OBJECT_SCORE_THRESH,
-                "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
-                "topk": pg.OBJECT_TOPK,
-            },
+            "object_filter": object_filter_args(cfg),
         }
 
     def _objects_of(self, record, orig_hw):

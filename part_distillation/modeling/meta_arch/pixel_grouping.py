@@ -26,7 +26,7 @@ from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
 from ...clustering.crf import DenseCRFRefiner
 from ...clustering.kmeans import batched_kmeans
-from .object_source import assign_image_class, build_object_model, filter_objects
+from .object_source import assign_image_class, build_object_model, filter_objects, object_filter_args
 from .part_mask2former import normalize_images
 
 __all__ = ["PixelGroupingModel", "group_pixels"]
@@ -177,11 +177,7 @@ class PixelGroupingModel(nn.Module):
             },
             "crf": crf,
             "object_model": build_object_model(cfg),
-            "object_filter": {
-                "score_thresh": pg.OBJECT_SCORE_THRESH,
-                "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
-                "topk": pg.OBJECT_TOPK,
-            },
+            "object_filter": object_filter_args(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
