@@ -121,6 +121,8 @@ def kwargs_for_kmeans(kmeans_kwargs: dict) -> dict:
 
 @META_ARCH_REGISTRY.register()
 class PixelGroupingModel(nn.Module):
+    run_with = "--eval-only or make_pseudo_labels.py"  # how to run it (the error in training mode says)
+
     @configurable
     def __init__(
         self,
@@ -215,14 +217,17 @@ class PixelGroupingModel(nn.Module):
             )
         return [x["objects"] for x in batched_inputs]
 
+    def prepare_images(self, batched_inputs):
+        """``(raw images on the device, normalised padded ImageList)`` of a batch; RuntimeError in training mode
+        (the grouping models have nothing to train)."""
+        if self.training:
+            raise RuntimeError(f"{type(self).__name__} has nothing to train; run it with {self.run_with}.")
+        raw = [x["image"].to(self.device) for x in batched_inputs]
+        return raw, normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
+
     @torch.no_grad()
     def forward(self, batched_inputs):
-        if self.training:
-            raise RuntimeError(
-                "PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py."
-            )
-        raw = [x["image"].to(self.device) for x in batched_inputs]
-        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
+        raw, images = self.prepare_images(batched_inputs)
         same_vocabulary = getattr(self.object_model, "dataset_vocabulary", False)
         objects = [
             # an image-level label (ImageNet folders: record "class_id") is every object's class
