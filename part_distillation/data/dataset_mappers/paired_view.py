@@ -57,6 +57,7 @@ __all__ = [
     "view_args_from_cfg",
     "read_view_inputs",
     "init_view_args",
+    "set_view_fields",
 ]
 
 logger = logging.getLogger(__name__)
@@ -330,6 +331,32 @@ def init_view_args(
     mapper.crop_fill = int(crop_fill)
 
 
+def set_view_fields(dataset_dict: dict, view: np.ndarray, tfms, *, mask, flip, crop_box, orig_hw, transform_key: str):
+    """The output fields every view mapper sets on ``dataset_dict`` (in place; returned): ``image`` (``view``, H×W×C
+    uint8, as C×H×W), ``transform_key`` (the 2×3 matrix of ``tfms``, original → view pixels), ``flipped``,
+    ``crop_box`` (XYXY or None), ``orig_size``, the view's ``height``/``width``, ``image_id`` and, when ``mask``
+    (original resolution) is given, ``fg_mask`` (bool H×W, ``tfms`` applied). Fields in original coordinates
+    (``annotations``, ``keypoints``, ``bbox``) are dropped."""
+    for key in ("annotations", "keypoints", "bbox"):
+        dataset_dict.pop(key, None)
+    dataset_dict.update(
+        {
+            "image": torch.as_tensor(view.transpose(2, 0, 1).copy()),
+            transform_key: torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
+            "flipped": bool(flip),
+            "crop_box": xywh_to_xyxy(crop_box),
+            "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
+            "height": int(view.shape[0]),
+            "width": int(view.shape[1]),
+            "image_id": dataset_dict.get("image_id"),
+        }
+    )
+    if mask is not None:
+        fg = tfms.apply_segmentation(mask.astype(np.uint8)) > 0
+        dataset_dict["fg_mask"] = torch.as_tensor(np.ascontiguousarray(fg))
+    return dataset_dict
+
+
 @DATASET_MAPPER_REGISTRY.register()
 class PairedViewDatasetMapper:
     """Dataset dict → two geometrically related views for reconstruction / equivariance losses.
@@ -424,25 +451,11 @@ class PairedViewDatasetMapper:
             orig_hw, crop_box=crop_box, image_size=self.image_size, flip=flip, crop_fill=self.crop_fill
         )
         view1 = np.ascontiguousarray(tfms.apply_image(image))
-        mask1 = None if mask is None else tfms.apply_segmentation(mask.astype(np.uint8)) > 0
-
-        for key in ("annotations", "keypoints", "bbox"):
-            dataset_dict.pop(key, None)
-        size = self.image_size
-        dataset_dict.update(
-            {
-                "image": torch.as_tensor(view1.transpose(2, 0, 1).copy()),
-                "orig_transform": torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
-                "flipped": bool(flip),
-                "crop_box": xywh_to_xyxy(crop_box),
-                "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
-                "height": size,
-                "width": size,
-                "image_id": dataset_dict.get("image_id"),
-            }
+        set_view_fields(
+            dataset_dict, view1, tfms, mask=mask, flip=flip, crop_box=crop_box, orig_hw=orig_hw,
+            transform_key="orig_transform",
         )  # fmt: skip
-        if mask1 is not None:
-            dataset_dict["fg_mask"] = torch.as_tensor(np.ascontiguousarray(mask1))
+        size = self.image_size
         if not self.is_train:
             dataset_dict["transform"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
             return dataset_dict
