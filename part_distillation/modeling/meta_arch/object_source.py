@@ -15,20 +15,9 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 
-__all__ = ["filter_objects", "object_filter_args", "assign_image_class", "build_object_model", "ObjectModel"]
+__all__ = ["filter_objects", "assign_image_class", "build_object_model", "ObjectModel"]
 
 logger = logging.getLogger(__name__)
-
-
-def object_filter_args(cfg) -> dict:
-    """The keyword arguments of :func:`filter_objects` from ``MODEL.PIXEL_GROUPING`` (the grouping model filters
-    with them; its mapper counts what they drop)."""
-    pg = cfg.MODEL.PIXEL_GROUPING
-    return {
-        "score_thresh": pg.OBJECT_SCORE_THRESH,
-        "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
-        "topk": pg.OBJECT_TOPK,
-    }
 
 
 def filter_objects(objects: Instances, score_thresh: float, min_area_ratio: float, topk: int) -> Instances:

@@ -26,7 +26,8 @@ from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
 from ...clustering.crf import DenseCRFRefiner
 from ...clustering.kmeans import batched_kmeans
-from .object_source import assign_image_class, build_object_model, filter_objects, object_filter_args
+from ...data.dataset_mappers.pixel_grouping import object_filter_args
+from .object_source import assign_image_class, build_object_model, filter_objects
 from .part_mask2former import normalize_images
 
 __all__ = ["PixelGroupingModel", "group_pixels"]
