@@ -1,4 +1,5 @@
-"""Paired-view mapper for the reconstruction / equivariance part-discovery heads, plus its geometry.
+"""Paired-view mapper for the reconstruction / equivariance part-discovery heads, and what it shares with the keypoint
+view mapper (crop, resize, flip, the output fields).
 
 The base view is the (optionally bbox-cropped) image resized to a square ``image_size``, flipped at random
 when training. By default view 1 is the base view and view 2 the base view warped by a random similarity
