@@ -4,6 +4,7 @@
 import os
 
 import pytest
+from detectron2.engine import HookBase
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_STAGE0 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage0_instance_toyparts.yaml")
@@ -35,6 +36,16 @@ def datasets_root(tmp_path_factory):
         os.environ.pop("DETECTRON2_DATASETS", None)
     else:
         os.environ["DETECTRON2_DATASETS"] = old
+
+
+class RecordLoss(HookBase):
+    """Trainer hook: ``losses``, the ``total_loss`` of every step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def after_step(self):
+        self.losses.append(self.trainer.storage.history("total_loss").latest())
 
 
 def register_records(name, records=(), **meta):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
@@ -31,7 +30,7 @@ from part_distillation.engine import Trainer, load_cfg
 from part_distillation.evaluation.part_miou import PartMIoUEvaluator
 from part_distillation.utils.errors import ConfigError
 
-from conftest import REPO_ROOT, register_records, tiny_quick_opts
+from conftest import REPO_ROOT, RecordLoss, register_records, tiny_quick_opts
 
 QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedules")
 SUPERVISED = os.path.join(QUICK, "supervised_toyparts.yaml")
@@ -222,14 +221,6 @@ def test_within_object_miou_hand_computed():
 
 
 # ------------------------------------------------------------------------------------------ training
-
-
-class RecordLoss(HookBase):
-    def __init__(self):
-        self.losses = []
-
-    def after_step(self):
-        self.losses.append(self.trainer.storage.history("total_loss").latest())
 
 
 def test_supervised_quick_schedule_trains_and_evaluates(datasets_root, tmp_path):
