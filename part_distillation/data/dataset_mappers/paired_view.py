@@ -26,7 +26,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -36,6 +35,7 @@ from ...structures.geometry import (
     as_affine,
     invert_affine,
     random_similarity,
+    sample_at,
     sampling_grid,
     to_3x3,
     warp_to_view2,
@@ -487,11 +487,11 @@ class PairedViewDatasetMapper:
         c, h, w = image.shape
         grid = sampling_grid(invert_affine(as_affine(a)), (1, c, h, w), (h, w), torch.float32, "cpu")
         valid2 = (grid[0].abs() <= 1).all(dim=-1)
-        img = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        img = sample_at(image[None].float(), grid, "bilinear", "border")[0]
         img = torch.where(valid2, img, torch.tensor(float(self.warp_fill)))
         image2 = img.round_().clamp_(0, 255).to(torch.uint8)
         mask2 = None
         if mask is not None:
-            m = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            m = sample_at(mask[None, None].float(), grid, "nearest", "zeros")
             mask2 = (m[0, 0] > 0.5) & valid2
         return image2, mask2, valid2
