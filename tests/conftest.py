@@ -1,8 +1,10 @@
-"""Shared fixtures: one tiny toyparts dataset per test session, and a CPU quick-schedule config."""
+"""Shared fixtures: one tiny toyparts dataset per test session, and a CPU quick-schedule config; shared helpers
+(registering in-memory datasets, reading a folder's files)."""
 
 import os
 
 import pytest
+from detectron2.engine import HookBase
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_STAGE0 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage0_instance_toyparts.yaml")
@@ -34,6 +36,56 @@ def datasets_root(tmp_path_factory):
         os.environ.pop("DETECTRON2_DATASETS", None)
     else:
         os.environ["DETECTRON2_DATASETS"] = old
+
+
+class RecordLoss(HookBase):
+    """Trainer hook: ``losses``, the ``total_loss`` of every step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def after_step(self):
+        self.losses.append(self.trainer.storage.history("total_loss").latest())
+
+
+def register_records(name, records=(), **meta):
+    """(Re-)register ``name`` in detectron2's catalogs: a loader returning ``records`` (the same dicts every call) and
+    the metadata ``meta``; returns ``name``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    records = list(records)
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(**meta)
+    return name
+
+
+def read_tree(root) -> dict:
+    """``{path relative to root: bytes}`` of every file below ``root``."""
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files
+
+
+def train_frozen_backbone(trainer, head_key: str) -> dict:
+    """Run ``trainer`` (a part-discovery model with a frozen backbone) and check that the backbone stayed in eval mode
+    with its weights untouched while the head trained (its ``head_key`` tensor changed); the state dict after."""
+    import torch
+
+    model = trainer.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert not model.backbone.training and model.head.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    assert not torch.equal(before[head_key], after[head_key])
+    return after
 
 
 def tiny_quick_opts(output_dir, max_iter=20):

@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
 
-    from part_distillation.data.pseudo_labels import atomic_write_bytes
+    from part_distillation.utils.io import atomic_file, atomic_write_bytes
     from part_distillation.engine import check_runtime, load_cfg
     from part_distillation.engine.export import ExportableHead, export_onnx, export_torchscript, max_abs_diff
 
@@ -94,9 +94,8 @@ def main(argv=None) -> dict:
     if "torchscript" in args.format:
         traced, adapter = export_torchscript(head, images, object_class)
         path = os.path.join(args.output, "model.ts")
-        tmp = path + ".tmp"
-        traced.save(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            torch.jit.save(traced, f)
         loaded = torch.jit.load(path)
         with torch.no_grad():
             exported = adapter.outputs_schema(loaded(*adapter.flattened_inputs))

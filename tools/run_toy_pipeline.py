@@ -32,6 +32,7 @@ from part_distillation.data.datasets.toyparts import default_toyparts_root, ensu
 from part_distillation.data.pseudo_labels import register_all_pseudo_label_datasets
 from part_distillation.engine import Trainer, check_runtime, load_cfg, run_cli
 from part_distillation.utils.compat import quiet_upstream_warnings
+from part_distillation.utils.io import atomic_write_bytes
 
 quiet_upstream_warnings()  # upstream deprecation warnings at every step would bury the log
 
@@ -84,9 +85,10 @@ def label(tool, config, output_dir, opts, flags=()):
 
 def _write_picture(path, vis):
     """A Visualizer's picture as PNG, through a temporary file: no half-written pictures."""
-    tmp = path + ".tmp.png"
-    cv2.imwrite(tmp, vis.get_image()[:, :, ::-1])
-    os.replace(tmp, path)
+    ok, png = cv2.imencode(".png", vis.get_image()[:, :, ::-1])
+    if not ok:
+        raise RuntimeError(f"cannot encode the picture {path} as PNG")
+    atomic_write_bytes(path, png.tobytes())
 
 
 @torch.no_grad()

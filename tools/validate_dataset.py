@@ -22,7 +22,6 @@ import difflib
 import json
 import os
 import sys
-import tempfile
 
 
 def parse_args(argv=None):
@@ -47,17 +46,10 @@ def parse_args(argv=None):
 
 def write_json_atomic(path, payload):
     """Write ``payload`` as JSON to ``path`` via a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".validate_", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from part_distillation.utils.io import atomic_write_bytes
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, json.dumps(payload, indent=2).encode("utf-8"))
 
 
 def build_report(dataset, num_records, findings):

@@ -154,8 +154,9 @@ def model_class_codes(path: str, train_dataset: str = ""):
         elif os.path.isfile(path):
             data = read_store_classes(os.path.dirname(path) or ".") if os.path.basename(path) == CLASSES_FILE else None
             if data is None:
-                with open(path) as f:
-                    data = json.load(f)
+                from ..utils.io import read_user_json
+
+                data = read_user_json(path, "TEST.MODEL_CLASS_CODES")
         else:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("class_codes"), list):

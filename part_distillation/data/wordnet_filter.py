@@ -17,9 +17,9 @@ written atomically, so ``imagenet_21k_train`` reads it as its ``train_manifest.t
 import logging
 import os
 import random
-import tempfile
 
 from ..utils.errors import ConfigError
+from ..utils.io import atomic_file
 from .object_classes import _wordnet, synset_of_wnid, wnid_of
 
 __all__ = ["PAPER_REMOVED_SUBTREES", "PARTIMAGENET_ROOTS", "removed_synsets", "select_classes", "filter_manifest"]
@@ -126,27 +126,12 @@ def filter_manifest(manifest: str, out: str, keep) -> int:
         raise ConfigError("--out must differ from --manifest (the full manifest is the input of later subsets).")
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=out_dir)
     written = 0
-    try:
-        with (
-            os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as dst,
-            open(manifest, encoding="utf-8", errors="surrogateescape") as src,
-        ):
-            for line in src:
-                if line.startswith("#"):
-                    dst.write(line)
-                    continue
-                fields = line.split("\t", 2)
-                if len(fields) >= 2 and fields[1].rstrip("\n") in keep:
-                    dst.write(line)
-                    written += 1
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(out) as dst, open(manifest, encoding="utf-8", errors="surrogateescape") as src:
+        for line in src:
+            header = line.startswith("#")
+            fields = line.split("\t", 2)
+            if header or (len(fields) >= 2 and fields[1].rstrip("\n") in keep):
+                dst.write(line.encode("utf-8", "surrogateescape"))
+                written += 0 if header else 1
     return written

@@ -1,5 +1,8 @@
 """Checks that a stage's config can produce the model it documents, before anything heavy runs.
 
+Every checkpoint file a config names is checked here too (:func:`check_checkpoints`, run by ``check_runtime``
+for every tool): it must exist and look like a PyTorch/pickle file.
+
 A stage whose checkpoints would leave a *frozen* module random (PartDistillation, Cho et al. 2023, freezes the
 backbone and the pixel-decoder encoder from stage 2 on; stage 1 groups frozen backbone features; stage 3 ranks
 with the frozen stage-2 model) stops with one ``error:`` line naming the key and the file to give it. Each stage's
@@ -18,7 +21,14 @@ from detectron2.data import MetadataCatalog
 
 from ..utils.errors import ConfigError
 
-__all__ = ["check_stage_weights", "check_object_source", "resolve_stage_config", "PRODUCERS"]
+__all__ = [
+    "check_checkpoints",
+    "check_checkpoint_file",
+    "check_stage_weights",
+    "check_object_source",
+    "resolve_stage_config",
+    "PRODUCERS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +41,8 @@ PRODUCERS = {
 # Models whose forward pass is labelling (never trained): every module they use must be loaded.
 _LABELLING = ("PixelGroupingModel", "PartRankingModel")
 _MASK2FORMER_FAMILY = ("Mask2Former", "ProposalModel", "PartRankingModel", "PartDistillationModel")
+# Config keys naming a checkpoint file to load, whatever the model; checked before any model is built.
+_CHECKPOINT_KEYS = ("MODEL.WEIGHTS", "MODEL.PROPOSAL.INIT_FROM", "MODEL.PART_DISTILLATION.INIT_FROM")
 
 
 def _is_local(path: str) -> bool:
@@ -42,7 +54,50 @@ def _missing_file_message(key: str, path: str) -> str:
     for prefix, command in PRODUCERS.items():
         if norm.startswith(prefix + "/"):
             return f"{key}={path!r} does not exist: run that stage first ({command}) or set {key} to an existing file."
-    return f"{key}={path!r} does not exist: give an existing checkpoint file (see MODEL_ZOO.md)."
+    return f'{key}={path!r} does not exist: give an existing checkpoint file (see MODEL_ZOO.md) or set {key} "".'
+
+
+def _cfg_value(cfg, key):
+    node = cfg
+    for k in key.split("."):
+        node = node.get(k) if hasattr(node, "get") else None
+    return node
+
+
+def check_checkpoint_file(path: str, key: str) -> None:
+    """One-line :class:`ConfigError` if checkpoint ``path`` (given by config ``key``) is missing or is not a
+    checkpoint: a PyTorch file is a zip archive (``torch.save``) or a pickle (legacy ``torch.save``,
+    detectron2's model-zoo ``.pkl``), so the first bytes and the zip directory tell a truncated or
+    unrelated file apart without unpickling anything."""
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise ConfigError(_missing_file_message(key, path))
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        ok = zipfile.is_zipfile(path)
+    else:
+        ok = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # pickle protocol 2..5
+    if not ok:
+        what = (
+            "empty"
+            if not head
+            else ("a truncated zip archive" if head.startswith(b"PK") else "not a PyTorch/pickle file")
+        )
+        raise ConfigError(
+            f"{key}={path!r} is not a readable checkpoint ({what}); re-download it or point {key} at a "
+            "model_final.pth written by tools/train_net.py (or a model-zoo .pkl)."
+        )
+
+
+def check_checkpoints(cfg) -> None:
+    """:func:`check_checkpoint_file` for every local path in :data:`_CHECKPOINT_KEYS` (URLs are left to the
+    checkpointer)."""
+    for key in _CHECKPOINT_KEYS:
+        path = _cfg_value(cfg, key)
+        if isinstance(path, str) and _is_local(path):
+            check_checkpoint_file(path, key)
 
 
 def _backbone_self_initialised(cfg) -> bool:

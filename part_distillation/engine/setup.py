@@ -12,6 +12,7 @@ from detectron2.engine import default_setup
 
 from ..config import load_cfg
 from ..utils.errors import ConfigError, UserError
+from .checks import check_checkpoint_file, check_checkpoints, check_stage_weights, resolve_stage_config
 
 __all__ = [
     "default_argument_parser",
@@ -44,57 +45,6 @@ def _check_registered(cfg):
             raise ConfigError(f"{key}={name!r} is not registered; use one of: {known}.")
 
 
-# Config keys naming a checkpoint file to load; checked before any model is built.
-_CHECKPOINT_KEYS = ("MODEL.WEIGHTS", "MODEL.PROPOSAL.INIT_FROM", "MODEL.PART_DISTILLATION.INIT_FROM")
-_REMOTE_PREFIXES = ("detectron2://", "http://", "https://", "catalog://", "s3://", "gs://", "manifold://")
-
-
-def _cfg_value(cfg, key):
-    node = cfg
-    for k in key.split("."):
-        node = node.get(k) if hasattr(node, "get") else None
-    return node
-
-
-def check_checkpoint_file(path: str, key: str) -> None:
-    """One-line :class:`ConfigError` if checkpoint ``path`` (given by config ``key``) is missing or is not a
-    checkpoint: a PyTorch file is a zip archive (``torch.save``) or a pickle (legacy ``torch.save``,
-    detectron2's model-zoo ``.pkl``), so the first bytes and the zip directory tell a truncated or
-    unrelated file apart without unpickling anything."""
-    import zipfile
-
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"{key}={path!r} does not exist; train the stage that writes it (its OUTPUT_DIR/model_final.pth), "
-            f'fix the path, or set {key} "".'
-        )
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK"):
-        ok = zipfile.is_zipfile(path)
-    else:
-        ok = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # pickle protocol 2..5
-    if not ok:
-        what = (
-            "empty"
-            if not head
-            else ("a truncated zip archive" if head.startswith(b"PK") else "not a PyTorch/pickle file")
-        )
-        raise ConfigError(
-            f"{key}={path!r} is not a readable checkpoint ({what}); re-download it or point {key} at a "
-            "model_final.pth written by tools/train_net.py (or a model-zoo .pkl)."
-        )
-
-
-def check_checkpoints(cfg) -> None:
-    """:func:`check_checkpoint_file` for every local path in :data:`_CHECKPOINT_KEYS` (URLs are left to the
-    checkpointer)."""
-    for key in _CHECKPOINT_KEYS:
-        path = _cfg_value(cfg, key)
-        if isinstance(path, str) and path and not path.startswith(_REMOTE_PREFIXES):
-            check_checkpoint_file(path, key)
-
-
 def check_runtime(cfg):
     """Adapt/validate ``cfg`` for the machine it runs on (no GPU → clear error; AMP off on CPU) and check
     the checkpoint files it names."""
@@ -110,8 +60,6 @@ def check_runtime(cfg):
 
 def setup_cfg(args):
     """Frozen config for a tool run, with detectron2's logging/output-dir set-up done."""
-    from .checks import check_stage_weights, resolve_stage_config
-
     cfg = check_runtime(load_cfg(args.config_file, args.opts))
     if cfg.DATASETS.PART_COCO:
         from ..data.datasets.part_coco import register_part_coco_specs

@@ -49,10 +49,10 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
-from detectron2.utils import comm
 
 from ..utils.errors import ConfigError
 from .build import register_evaluator
+from .distributed import gather_on_main
 from .nmi_ari import input_keypoints, paint_part_instances
 
 __all__ = [
@@ -311,13 +311,7 @@ class KeypointNMEEvaluator(DatasetEvaluator):
     # ------------------------------------------------------------------ evaluation
 
     def _gathered(self):
-        images = self._images
-        if self.distributed:
-            comm.synchronize()
-            images = list(itertools.chain(*comm.gather(images, dst=0)))
-            if not comm.is_main_process():
-                return None
-        return images
+        return gather_on_main(self._images, self.distributed)
 
     def _fit_images(self, own):
         if self.fit_on_same_split:

@@ -17,7 +17,6 @@ holds 9 instances per (object class, part class) whatever the store's size, and 
 import csv
 import html
 import io
-import json
 import os
 
 import cv2
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..structures.masks import decode_rle as decode_mask
 from ..utils.errors import UserError
-from ..utils.io import atomic_write_bytes
+from ..utils.io import atomic_write_bytes, read_user_json
 from .filters import drop_object_like_parts
 
 __all__ = [
@@ -45,11 +44,7 @@ _RED_BGR = np.array([0, 0, 255], np.float32)
 
 def records_from_predictions(path: str) -> list:
     """``demo/demo.py``'s ``predictions.json`` → store-format records (parts nested in their objects)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise UserError(f"--predictions {path}: cannot read it as JSON ({e}); give demo/demo.py's predictions.json.")
+    data = read_user_json(path, "--predictions")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"--predictions {path}: expected demo/demo.py's predictions.json (a dict with 'images').")
     if data["images"] and all(image.get("class_agnostic") for image in data["images"]):

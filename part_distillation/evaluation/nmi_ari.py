@@ -56,7 +56,6 @@ record (original pixels; size ``orig_size`` / record height/width); points outsi
 Which crop/resize defines "FG" vs "full" (e.g. Choudhury's bbox crop for FG) is the mapper's choice.
 """
 
-import itertools
 import logging
 from collections import OrderedDict
 
@@ -65,12 +64,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 from sklearn.metrics import mutual_info_score
 
 from ..data.dataset_mappers.part_eval import decode_segmentation
 from ..utils.errors import ConfigError
 from .build import register_evaluator
+from .distributed import gather_on_main
 
 __all__ = [
     "PartNMIARIEvaluator",
@@ -372,12 +371,9 @@ class PartNMIARIEvaluator(DatasetEvaluator):
         self._fg.add(ids[kept], labels_fg.numpy())
 
     def evaluate(self):
-        tables = [(self._full.table, self._fg.table, self._num_images)]
-        if self.distributed:
-            comm.synchronize()
-            tables = list(itertools.chain(*comm.gather(tables, dst=0)))
-            if not comm.is_main_process():
-                return {}
+        tables = gather_on_main([(self._full.table, self._fg.table, self._num_images)], self.distributed)
+        if tables is None:
+            return {}
         full = ContingencyTable().merge(t[0] for t in tables).table
         fg = ContingencyTable().merge(t[1] for t in tables).table
         num_images = sum(t[2] for t in tables)

@@ -70,7 +70,6 @@ the GT objects in :func:`~part_distillation.data.dataset_mappers.part_eval.group
 objects (IoU ≥ 0.5, greedy by IoU). Predictions are resized (nearest) to the GT size if needed.
 """
 
-import itertools
 import json
 import logging
 import os
@@ -81,12 +80,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
 from ..clustering.prototypes import cluster_features_per_class
 from ..data.dataset_mappers.part_eval import decode_segmentation, group_parts_by_object
 from ..utils.errors import ConfigError
 from .build import register_evaluator
+from .distributed import gather_on_main
 from .filters import drop_object_like_parts
 
 __all__ = [
@@ -260,31 +259,30 @@ class PartMIoUEvaluator(DatasetEvaluator):
                 "(TEST.PART_MIOU.DROP_OBJECT_LIKE_IOU; the paper's manual evaluation uses 0.5, 0 = off)."
             )
         self.drop_object_like_iou = float(drop_object_like_iou)
-        meta = MetadataCatalog.get(dataset_name)
-        part_classes = meta.get("part_classes", None)
-        if part_classes is None and meta.get("is_part_dataset", False):
-            part_classes = meta.get("thing_classes", None)
-        self._part_classes = list(part_classes) if part_classes is not None else None
-        self._object_classes = meta.get("object_classes", None)
-        self._part_to_object = meta.get("part_to_object", None)
+        self._read_class_metadata()
         self._object_parts = None  # object class → its dataset part ids (mode "within_object"), built lazily
         self._records = None  # image_id → record, loaded lazily
 
     # ------------------------------------------------------------------ GT
+
+    def _read_class_metadata(self):
+        """Part classes (``part_classes``, or ``thing_classes`` of a part dataset), object classes and the
+        part → object map from the dataset's metadata (None where absent: some are set by loading it)."""
+        meta = MetadataCatalog.get(self.dataset_name)
+        names = meta.get("part_classes", None)
+        if names is None and meta.get("is_part_dataset", False):
+            names = meta.get("thing_classes", None)
+        self._part_classes = list(names) if names is not None else None
+        self._object_classes = meta.get("object_classes", None)
+        self._part_to_object = meta.get("part_to_object", None)
 
     def _ensure_loaded(self):
         """Load the records (and metadata completed by loading) on first use."""
         if self._records is not None:
             return
         self._records = {r["image_id"]: r for r in DatasetCatalog.get(self.dataset_name)}
-        meta = MetadataCatalog.get(self.dataset_name)
         if self._part_classes is None:
-            names = meta.get("part_classes", None)
-            if names is None and meta.get("is_part_dataset", False):
-                names = meta.get("thing_classes", None)
-            self._part_classes = list(names) if names is not None else None
-            self._object_classes = meta.get("object_classes", None)
-            self._part_to_object = meta.get("part_to_object", None)
+            self._read_class_metadata()
         if self._part_classes is None:
             raise ConfigError(
                 f"PartMIoUEvaluator: dataset {self.dataset_name!r} has no 'part_classes' metadata (nor "
@@ -415,13 +413,11 @@ class PartMIoUEvaluator(DatasetEvaluator):
                 )
 
     def evaluate(self):
-        objects, dropped = self._objects, self._num_dropped
-        if self.distributed:
-            comm.synchronize()
-            objects = list(itertools.chain(*comm.gather(objects, dst=0)))
-            dropped = sum(comm.gather(dropped, dst=0))
-            if not comm.is_main_process():
-                return {}
+        objects = gather_on_main(self._objects, self.distributed)
+        dropped = gather_on_main([self._num_dropped], self.distributed)
+        if objects is None:
+            return {}
+        dropped = sum(dropped)
         if not objects:
             logger.warning("PartMIoUEvaluator on %s received no objects.", self.dataset_name)
             return {}

@@ -18,7 +18,6 @@ by IoU once (detectron2's box-proposal recall) and skips images without predicti
 counts such GT parts as missed, which is what a recall should do.
 """
 
-import itertools
 import logging
 from collections import OrderedDict, defaultdict
 
@@ -27,10 +26,10 @@ import pycocotools.mask as mask_util
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
 from ..structures.masks import segmentation_to_rle
 from .build import register_evaluator
+from .distributed import gather_on_main
 
 __all__ = ["ProposalAREvaluator", "match_ranks", "IOU_THRESHOLDS", "DEFAULT_MAX_DETS"]
 
@@ -142,13 +141,11 @@ class ProposalAREvaluator(DatasetEvaluator):
             self._per_image.append((ranks, gt_obj))
 
     def evaluate(self):
-        per_image, unusable = self._per_image, self._unusable_gt
-        if self.distributed:
-            comm.synchronize()
-            per_image = list(itertools.chain(*comm.gather(per_image, dst=0)))
-            unusable = sum(comm.gather(unusable, dst=0))
-            if not comm.is_main_process():
-                return {}
+        per_image = gather_on_main(self._per_image, self.distributed)
+        unusable = gather_on_main([self._unusable_gt], self.distributed)
+        if per_image is None:
+            return {}
+        unusable = sum(unusable)
         if not per_image:
             logger.warning("ProposalAREvaluator on %s received no predictions.", self.dataset_name)
             return {}

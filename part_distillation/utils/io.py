@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write_json",
     "canonical_json",
     "read_json",
+    "read_user_json",
     "remove_quietly",
     "sha256_file",
     "HashingFile",

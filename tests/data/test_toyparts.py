@@ -23,6 +23,8 @@ from part_distillation.data.datasets.toyparts_meta import (
     TOYPARTS_PART_TO_OBJECT,
 )
 
+from conftest import read_tree
+
 SIZE = 128
 NUM_TRAIN, NUM_VAL = 6, 40  # 40 val images make the separability statistics stable
 
@@ -42,16 +44,6 @@ def d2_env(toyparts_root, monkeypatch):
     register_toyparts()  # drop metadata that points into the temporary directory
 
 
-def _read_tree(root):
-    files = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, root)] = f.read()
-    return files
-
-
 def _load_json(root, name):
     with open(os.path.join(root, "annotations", name)) as f:
         return json.load(f)
@@ -64,7 +56,7 @@ def _read_rgb(root, split, file_name):
 def test_generation_is_deterministic(tmp_path):
     def gen(name, seed, num_train=4):
         generate_toyparts(str(tmp_path / name), num_train, 2, seed, image_size=96, progress=False)
-        return _read_tree(str(tmp_path / name))
+        return read_tree(str(tmp_path / name))
 
     a, b, other, fewer = gen("a", 0), gen("a2", 0), gen("c", 1), gen("d", 0, num_train=2)
     assert a == b

@@ -11,6 +11,7 @@ from PIL import Image
 
 import part_distillation.data.dataset_mappers.keypoints as kpm
 import part_distillation.data.dataset_mappers.paired_view as pvm
+import part_distillation.structures.geometry as geo
 from part_distillation.data.dataset_mappers.registry import DATASET_MAPPER_REGISTRY
 from part_distillation.utils.errors import ConfigError
 
@@ -136,7 +137,7 @@ def test_paired_view_outputs(scene):
     ys, xs = np.nonzero(gt_mask)
     c_orig = np.array([[xs.mean() + 0.5, ys.mean() + 0.5]])
     c_view = _centroid(out["fg_mask"][None]).numpy()
-    assert np.abs(pvm.apply_affine(out["orig_transform"].numpy(), c_orig)[0] - c_view).max() < 1.0
+    assert np.abs(geo.apply_affine(out["orig_transform"].numpy(), c_orig)[0] - c_view).max() < 1.0
 
 
 def test_view2_is_view1_warped_by_transform(scene):
@@ -149,22 +150,22 @@ def test_view2_is_view1_warped_by_transform(scene):
         assert not torch.allclose(a, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
         inner = _erode(out["valid2"])
         assert inner.float().mean() > 0.4
-        warped = pvm.warp_to_view2(out["image"][None].float(), a)[0]
+        warped = geo.warp_to_view2(out["image"][None].float(), a)[0]
         assert (warped - out["image2"].float()).abs()[:, inner].mean() < 2.0
         # independent check of the coordinate convention with OpenCV (pixel-centre coordinates)
         cv = cv2.warpAffine(
-            out["image"].permute(1, 2, 0).numpy(), pvm.affine_for_cv2(a.numpy()), (64, 64), flags=cv2.INTER_LINEAR
+            out["image"].permute(1, 2, 0).numpy(), geo.affine_for_cv2(a.numpy()), (64, 64), flags=cv2.INTER_LINEAR
         )
         cv = torch.from_numpy(cv).permute(2, 0, 1).float()
         assert (cv - out["image2"].float()).abs()[:, inner].mean() < 2.0
         # masks: nearest warp of the view-1 mask, zero outside view 1
-        m2 = pvm.warp_to_view2(out["fg_mask"][None, None].float(), a, mode="nearest")[0, 0] > 0.5
+        m2 = geo.warp_to_view2(out["fg_mask"][None, None].float(), a, mode="nearest")[0, 0] > 0.5
         assert (m2 & out["valid2"]).eq(out["fg_mask2"]).float().mean() > 0.99
         # inverse helper: view 2 warped back matches view 1 where both are defined
-        back = pvm.warp_to_view1(out["image2"][None].float(), a)[0]
-        valid1 = _erode(pvm.warp_to_view1(out["valid2"][None, None].float(), a, mode="nearest")[0, 0] > 0.5)
+        back = geo.warp_to_view1(out["image2"][None].float(), a)[0]
+        valid1 = _erode(geo.warp_to_view1(out["valid2"][None, None].float(), a, mode="nearest")[0, 0] > 0.5)
         assert (back - out["image"].float()).abs()[:, valid1].mean() < 4.0
-        assert torch.allclose(pvm.invert_affine(pvm.invert_affine(a.double())), a.double(), atol=1e-6)
+        assert torch.allclose(geo.invert_affine(geo.invert_affine(a.double())), a.double(), atol=1e-6)
 
 
 def test_transform_maps_blob_centroid(blob):
@@ -174,7 +175,7 @@ def test_transform_maps_blob_centroid(blob):
         out = mapper(blob)
         c1, c2 = _centroid(out["image"]), _centroid(out["image2"])
         assert c1.sub(torch.tensor([36.5, 27.5])).abs().max() < 0.1
-        mapped = pvm.apply_affine(out["transform"].double(), c1[None].double())[0]
+        mapped = geo.apply_affine(out["transform"].double(), c1[None].double())[0]
         assert (mapped - c2.double()).abs().max() < 0.3, (seed, mapped, c2)
 
 
@@ -184,11 +185,11 @@ def test_warp_lower_resolution_maps_with_image_size(scene):
     out = _paired(crop_to_bbox=False, rotation=10.0)(record)
     f1 = F.avg_pool2d(out["image"][None].float(), 4)  # a stride-4 "feature map" of view 1
     f2 = F.avg_pool2d(out["image2"][None].float(), 4)
-    warped = pvm.warp_to_view2(f1, out["transform"], image_size=(64, 64))
+    warped = geo.warp_to_view2(f1, out["transform"], image_size=(64, 64))
     inner = _erode(-F.max_pool2d(-out["valid2"][None, None].float(), 4)[0, 0] > 0.5, 3)
     assert inner.any()
     err = (warped - f2).abs()[0][:, inner].mean()
-    wrong = (pvm.warp_to_view2(f1, out["transform"]) - f2).abs()[0][:, inner].mean()  # A read as 16-px units
+    wrong = (geo.warp_to_view2(f1, out["transform"]) - f2).abs()[0][:, inner].mean()  # A read as 16-px units
     assert err < 4.0 and err < wrong
 
 

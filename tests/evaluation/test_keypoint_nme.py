@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from sklearn.linear_model import LinearRegression
 from sklearn.preprocessing import StandardScaler
@@ -18,20 +17,12 @@ from part_distillation.evaluation.keypoint_nme import (
 )
 from part_distillation.utils.errors import ConfigError
 
+from conftest import register_records
+
 CELEBA_NAMES = ["left eye", "right eye", "nose", "left mouth", "right mouth"]
 S = 40  # frame size (pixels)
 K, L = 4, 5
 BLOCK = 6
-
-
-def _register(name, records=(), **meta):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    records = list(records)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(**meta)
-    return name
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +83,7 @@ def test_centroids_hard_and_soft():
 
 def test_exact_linear_landmarks_give_zero_nme():
     rng = np.random.default_rng(1)
-    name = _register("nme_exact", keypoint_names=CELEBA_NAMES)
+    name = register_records("nme_exact", keypoint_names=CELEBA_NAMES)
     res = _evaluate(name, _synthetic(rng, 30, _transform(rng)), fit_on_same_split=True)
     assert res["NME"] == pytest.approx(0.0, abs=1e-6)
     assert res["fit_on_same_split"] == 1 and res["num_parts"] == K
@@ -102,8 +93,8 @@ def test_noisy_landmarks_fit_on_train_split(tmp_path):
     """Clean train split → the true map; test landmarks + noise → NME = mean ‖noise‖ / inter-ocular (%)."""
     rng = np.random.default_rng(2)
     transform = _transform(rng)
-    train = _register("nme_train", keypoint_names=CELEBA_NAMES)
-    test = _register("nme_test", keypoint_names=CELEBA_NAMES)
+    train = register_records("nme_train", keypoint_names=CELEBA_NAMES)
+    test = register_records("nme_test", keypoint_names=CELEBA_NAMES)
     train_data = _synthetic(rng, 40, transform)
     test_data = _synthetic(rng, 25, transform, noise=1.5)
     out = tmp_path / "inference"
@@ -124,7 +115,7 @@ def test_noisy_landmarks_fit_on_train_split(tmp_path):
 
 
 def test_missing_fit_split_is_an_error():
-    name = _register("nme_nofit", keypoint_names=CELEBA_NAMES)
+    name = register_records("nme_nofit", keypoint_names=CELEBA_NAMES)
     rng = np.random.default_rng(3)
     with pytest.raises(ConfigError, match="nme_never_evaluated"):
         _evaluate(name, _synthetic(rng, 3, _transform(rng)), fit_dataset="nme_never_evaluated")
@@ -156,7 +147,7 @@ def test_missing_parts_filled_with_fit_mean():
 
 def test_missing_parts_in_evaluation_stay_finite():
     rng = np.random.default_rng(5)
-    name = _register("nme_missing", keypoint_names=CELEBA_NAMES)
+    name = register_records("nme_missing", keypoint_names=CELEBA_NAMES)
     data = _synthetic(rng, 30, _transform(rng))
     data[3] = (data[3][0].masked_fill(data[3][0] == 4, 0), data[3][1], data[3][2])  # part 4 absent
     res = _evaluate(name, data, fit_on_same_split=True, missing_fill="mean")
@@ -171,13 +162,13 @@ def test_bbox_normaliser_per_axis(via_mapper):
     clean_data, noisy_data = _synthetic(rng, 30, transform), _synthetic(rng, 10, transform, noise=2.0)
     boxes = rng.uniform(10, 30, (10, 2))
     names = [f"kp{i}" for i in range(L)]
-    train = _register("nme_bbox_train", keypoint_names=names)
+    train = register_records("nme_bbox_train", keypoint_names=names)
     records = [
         {"image_id": i, "height": S, "width": S, "bbox": [3.0, 4.0, *boxes[i]], "bbox_mode": BoxMode.XYWH_ABS,
          "keypoints": kps.tolist()}
         for i, (_, kps, _) in enumerate(noisy_data)
     ]  # fmt: skip
-    test = _register("nme_bbox_test", records, keypoint_names=names)
+    test = register_records("nme_bbox_test", records, keypoint_names=names)
     _evaluate(train, clean_data, fit_dataset=train)
     ev = KeypointNMEEvaluator(test, fit_dataset=train, distributed=False)
     ev.reset()
@@ -201,7 +192,7 @@ def test_bbox_normaliser_per_axis(via_mapper):
 def test_registered_type_builds():
     from part_distillation.engine import load_cfg
 
-    name = _register("nme_build", keypoint_names=CELEBA_NAMES)
+    name = register_records("nme_build", keypoint_names=CELEBA_NAMES)
     cfg = load_cfg("")
     cfg.defrost()
     cfg.TEST.EVALUATOR_TYPE = "part_landmark_nme"

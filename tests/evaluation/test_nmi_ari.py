@@ -5,7 +5,6 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Instances
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -18,21 +17,13 @@ from part_distillation.evaluation.nmi_ari import (
     sample_at_points,
 )
 
+from conftest import register_records
+
 
 def _table(gt, pred):
     table = np.zeros((gt.max() + 1, pred.max() + 1), np.int64)
     np.add.at(table, (gt, pred), 1)
     return table
-
-
-def _register(name, records=(), **meta):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    records = list(records)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(**meta)
-    return name
 
 
 def _sk(gt, pred):
@@ -85,7 +76,7 @@ def _mask_evaluator_run(name, gts, preds, probs=None, **kwargs):
 def test_random_masks_pooled_equal_sklearn():
     """Random GT with background 40 and ignore 255 (PartImageNet-Seg encoding), random predictions."""
     rng = np.random.default_rng(0)
-    name = _register("nmi_masks_random", background_label=40, ignore_label=255)
+    name = register_records("nmi_masks_random", background_label=40, ignore_label=255)
     gts, preds = [], []
     for _ in range(5):
         h, w = rng.integers(6, 20, 2)
@@ -103,7 +94,7 @@ def test_random_masks_pooled_equal_sklearn():
 
 def test_fg_uses_argmax_over_foreground_channels():
     rng = np.random.default_rng(1)
-    name = _register("nmi_masks_probs", background_label=0)
+    name = register_records("nmi_masks_probs", background_label=0)
     gt = rng.integers(0, 4, (12, 12))
     probs = rng.random((5, 12, 12)).astype(np.float32)
     probs[0] *= 3  # background often wins the full argmax
@@ -118,7 +109,7 @@ def test_fg_uses_argmax_over_foreground_channels():
 @pytest.mark.parametrize("permute", [False, True])
 def test_perfect_and_permuted_labeling_score_100(permute):
     rng = np.random.default_rng(2)
-    name = _register("nmi_masks_perfect", background_label=0)
+    name = register_records("nmi_masks_perfect", background_label=0)
     gts = [rng.integers(0, 5, (10, 7)) for _ in range(3)]
     perm = np.array([6, 3, 1, 4, 2]) if permute else np.arange(5)  # the background label renamed too
     preds = [perm[g] for g in gts]
@@ -143,7 +134,7 @@ def test_annotation_gt_and_part_instances_painting():
         {"segmentation": _rle(gt == 3), "category_id": 2, "object_id": 1, "iscrowd": 0},
         {"segmentation": _rle(gt == 2), "category_id": 1, "object_id": 1, "iscrowd": 0},
     ]
-    name = _register("nmi_annotations", [{"image_id": 0, "height": h, "width": w, "annotations": anns}])
+    name = register_records("nmi_annotations", [{"image_id": 0, "height": h, "width": w, "annotations": anns}])
     inst = Instances((h, w))
     m1, m2 = np.zeros((h, w), bool), np.zeros((h, w), bool)
     m1[0:6, 0:6] = True
@@ -167,7 +158,7 @@ def test_annotation_gt_and_part_instances_painting():
 
 def test_eval_size_resizes_gt_and_prediction():
     rng = np.random.default_rng(3)
-    name = _register("nmi_masks_resize", background_label=0)
+    name = register_records("nmi_masks_resize", background_label=0)
     gt = rng.integers(0, 4, (16, 24))
     pred = rng.integers(0, 3, (8, 8))
     res = _mask_evaluator_run(name, [gt], [pred], eval_size=4)
@@ -194,7 +185,7 @@ def test_point_sampling_matches_grid_sample_nearest():
 def test_keypoints_pooled_equal_sklearn():
     """Landmark id vs the part under each visible landmark, pooled over images (mapper keypoints)."""
     rng = np.random.default_rng(5)
-    name = _register("nmi_keypoints", keypoint_names=[str(i) for i in range(6)])
+    name = register_records("nmi_keypoints", keypoint_names=[str(i) for i in range(6)])
     ev = PartNMIARIEvaluator(name, target="keypoints", distributed=False)
     ev.reset()
     gt_all, full_all, fg_all = [], [], []
@@ -221,7 +212,7 @@ def test_keypoints_from_record_scaled_to_prediction():
     """Record keypoints in original pixels; the prediction is at half resolution; perfect parts → 100."""
     kps = [[10.5, 4.5, 1], [30.5, 4.5, 1], [20.5, 30.5, 1], [0.0, 0.0, 0]]
     records = [{"image_id": i, "height": 40, "width": 40, "keypoints": kps} for i in range(2)]
-    name = _register("nmi_keypoints_record", records, keypoint_names=["a", "b", "c", "d"])
+    name = register_records("nmi_keypoints_record", records, keypoint_names=["a", "b", "c", "d"])
     seg = torch.zeros(20, 20, dtype=torch.long)
     seg[:, :10] = 1
     seg[:, 10:] = 2
@@ -239,9 +230,9 @@ def test_registered_types_build():
     from part_distillation.engine import load_cfg
 
     cfg = load_cfg("")
-    name = _register("nmi_build", evaluator_type="part_keypoints")
+    name = register_records("nmi_build", evaluator_type="part_keypoints")
     ev = build_evaluator(cfg, name, "/tmp/unused")
     assert isinstance(ev, PartNMIARIEvaluator) and ev.target == "keypoints"
-    name = _register("nmi_build_masks", evaluator_type="part_nmi_ari")
+    name = register_records("nmi_build_masks", evaluator_type="part_nmi_ari")
     ev = build_evaluator(cfg, name, "/tmp/unused")
     assert isinstance(ev, PartNMIARIEvaluator) and ev.target == "masks" and ev.eval_size == 0

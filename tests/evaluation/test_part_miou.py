@@ -4,7 +4,6 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Instances
 
 from part_distillation.clustering.prototypes import cluster_features_per_class
@@ -15,6 +14,8 @@ from part_distillation.evaluation.part_miou import (
     mapped_confusion,
     miou_from_confusion,
 )
+
+from conftest import register_records
 
 PART_CLASSES = ["A head", "A body", "B x", "B y"]  # G = 4, background column 4
 OBJECT_CLASSES = ["A", "B"]
@@ -75,14 +76,14 @@ def _parts(gt, object_id):
 
 
 def _register(name, records):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(
-        part_classes=PART_CLASSES, object_classes=OBJECT_CLASSES, part_to_object=PART_TO_OBJECT, is_part_dataset=True
+    return register_records(
+        name,
+        records,
+        part_classes=PART_CLASSES,
+        object_classes=OBJECT_CLASSES,
+        part_to_object=PART_TO_OBJECT,
+        is_part_dataset=True,
     )
-    return name
 
 
 @pytest.fixture

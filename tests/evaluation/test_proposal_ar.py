@@ -6,12 +6,14 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.structures import Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from part_distillation.evaluation.proposal_ar import DEFAULT_MAX_DETS, ProposalAREvaluator, match_ranks
+
+from conftest import register_records
 
 H = W = 48
 
@@ -81,12 +83,9 @@ def _cocoeval_ar(records, preds, max_dets):
 def registered(request):
     rng = np.random.default_rng(request.param)
     records = _random_dataset(rng)
-    name = f"ar_fixture_{request.param}"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(object_classes=["A", "B"], part_to_object=[0, 0, 1, 1])
+    name = register_records(
+        f"ar_fixture_{request.param}", records, object_classes=["A", "B"], part_to_object=[0, 0, 1, 1]
+    )
     return name, records, _random_predictions(rng, records)
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 import part_distillation.data.dataset_mappers.paired_view as pvm
+import part_distillation.structures.geometry as geo
 from part_distillation.config import add_part_distillation_config
 from part_distillation.engine.optimizer import build_optimizer
 from part_distillation.evaluation.nmi_ari import predicted_part_maps
@@ -97,7 +98,7 @@ def test_independent_warps_move_both_views(smooth_record):
         inner[1:-1, 1:-1] &= out["valid2"][:-2, 1:-1] & out["valid2"][2:, 1:-1]
         inner[1:-1, 1:-1] &= out["valid2"][1:-1, :-2] & out["valid2"][1:-1, 2:]
         assert inner.float().mean() > 0.3
-        warped = pvm.warp_to_view2(v1[None], a)[0]
+        warped = geo.warp_to_view2(v1[None], a)[0]
         assert (warped - v2).abs()[:, inner].mean() < 6.0
     assert moved == 4
 

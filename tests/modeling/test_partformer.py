@@ -10,7 +10,6 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
-from detectron2.engine import HookBase
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 
@@ -30,7 +29,7 @@ from part_distillation.modeling.part_heads.base import DiscoveryBatch
 from part_distillation.modeling.backbone.vit import sincos_pos_embed_2d
 from part_distillation.utils.errors import ConfigError
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, RecordLoss
 
 QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedules", "discovery_partformer_toyparts.yaml")
 K = 4
@@ -246,14 +245,6 @@ def test_inference_canonical_layout(datasets_root, tmp_path):
         assert torch.equal(out["part_seg"], probs.argmax(0))
 
 
-class _RecordLoss(HookBase):
-    def __init__(self):
-        self.losses = []
-
-    def after_step(self):
-        self.losses.append(self.trainer.storage.history("total_loss").latest())
-
-
 class _FixedBatchTrainer(Trainer):
     """The project Trainer fed one fixed training batch over and over (loss must fall on it)."""
 
@@ -267,7 +258,7 @@ def test_trains_through_trainer_checkpoint_and_eval_only(datasets_root, tmp_path
     cfg = _cfg(tmp_path / "train", ["SOLVER.MAX_ITER", str(steps), "SOLVER.BASE_LR", "0.001", "DATASETS.TEST", "()"])
     torch.manual_seed(0)
     trainer = _FixedBatchTrainer(cfg)
-    recorder = _RecordLoss()
+    recorder = RecordLoss()
     trainer.register_hooks([recorder])
     model = trainer.model
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -10,7 +10,6 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
-from detectron2.engine import HookBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
@@ -24,7 +23,7 @@ from part_distillation.evaluation.proposal_ar import ProposalAREvaluator
 from part_distillation.modeling.meta_arch.proposal import INIT_PREFIXES, ProposalModel, proposal_inference
 from part_distillation.utils.errors import ConfigError
 
-from conftest import QUICK_STAGE0, REPO_ROOT, tiny_quick_opts
+from conftest import QUICK_STAGE0, REPO_ROOT, RecordLoss, tiny_quick_opts
 
 QUICK_STAGE2 = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_proposals_toyparts.yaml")
 STORE_NAME = "toyparts_train_pseudo_grouping"
@@ -82,14 +81,6 @@ def test_store_from_gt_parts(store_root):
             if a["object_id"] == obj["object_id"]:
                 union |= decode_segmentation(a["segmentation"], h, w)
         assert np.array_equal(union, decode_segmentation(obj["segmentation"], h, w))
-
-
-class RecordLoss(HookBase):
-    def __init__(self):
-        self.losses = []
-
-    def after_step(self):
-        self.losses.append(self.trainer.storage.history("total_loss").latest())
 
 
 def test_training_on_store_lowers_loss_with_reference_freezing(stage2_cfg):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
@@ -31,7 +30,7 @@ from part_distillation.engine import Trainer, load_cfg
 from part_distillation.evaluation.part_miou import PartMIoUEvaluator
 from part_distillation.utils.errors import ConfigError
 
-from conftest import REPO_ROOT, tiny_quick_opts
+from conftest import REPO_ROOT, RecordLoss, register_records, tiny_quick_opts
 
 QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedules")
 SUPERVISED = os.path.join(QUICK, "supervised_toyparts.yaml")
@@ -183,12 +182,8 @@ def test_within_object_miou_hand_computed():
         for c, m in gt.items()
     ]
     records = [{"image_id": 0, "height": H, "width": W, "annotations": annotations}]
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(part_classes=["A head", "A body", "B x", "B y"], object_classes=["A", "B"],
-                                  part_to_object=[0, 0, 1, 1], is_part_dataset=True)  # fmt: skip
+    register_records(name, records, part_classes=["A head", "A body", "B x", "B y"], object_classes=["A", "B"],
+                     part_to_object=[0, 0, 1, 1], is_part_dataset=True)  # fmt: skip
     # A: index 0 (→ part 0) on rows 0-1 cols 0-1 (4 px, all head); index 1 (→ part 1) on rows 1-3 cols 0-2
     # (9 px: 3 head, 6 body), painted after index 0. B: index 1 (→ part 3, "B y") on rows 0-3 col 3 (4 px, all "B x"),
     # index 0
@@ -226,14 +221,6 @@ def test_within_object_miou_hand_computed():
 
 
 # ------------------------------------------------------------------------------------------ training
-
-
-class RecordLoss(HookBase):
-    def __init__(self):
-        self.losses = []
-
-    def after_step(self):
-        self.losses.append(self.trainer.storage.history("total_loss").latest())
 
 
 def test_supervised_quick_schedule_trains_and_evaluates(datasets_root, tmp_path):

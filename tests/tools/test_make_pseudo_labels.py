@@ -10,7 +10,7 @@ import time
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, read_tree
 
 TOOL = os.path.join(REPO_ROOT, "tools", "make_pseudo_labels.py")
 CONFIG = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage1_pixel_grouping_toyparts.yaml")
@@ -27,13 +27,7 @@ def _opts(root, out, batch=1):
 
 
 def _store_files(root):
-    store = os.path.join(root, "toyparts_val", "grouping")
-    files = {}
-    for dirpath, _, names in os.walk(store):
-        for n in names:
-            path = os.path.join(dirpath, n)
-            files[os.path.relpath(path, store)] = open(path, "rb").read()
-    return files
+    return read_tree(os.path.join(root, "toyparts_val", "grouping"))
 
 
 def _run_cli(args, env, **kw):

@@ -22,7 +22,7 @@ from part_distillation.engine import load_cfg
 from part_distillation.clustering.prototypes import prototype_soft_scores
 from part_distillation.modeling.meta_arch.ranking import rank_object_parts
 
-from conftest import REPO_ROOT, tiny_quick_opts
+from conftest import REPO_ROOT, read_tree, tiny_quick_opts
 
 TOOL = os.path.join(REPO_ROOT, "tools", "rank_parts.py")
 CONFIG = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage3_ranking_toyparts.yaml")
@@ -55,13 +55,7 @@ def _opts(root, out, weights):
 
 
 def _store_files(root):
-    store = os.path.join(root, DATASET, "ranking")
-    files = {}
-    for dirpath, _, names in os.walk(store):
-        for n in names:
-            path = os.path.join(dirpath, n)
-            files[os.path.relpath(path, store)] = open(path, "rb").read()
-    return files
+    return read_tree(os.path.join(root, DATASET, "ranking"))
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,10 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import HookBase
 
 from part_distillation.engine import Trainer
 
-from conftest import QUICK_STAGE0, REPO_ROOT, tiny_quick_opts
-
-
-class RecordLoss(HookBase):
-    def __init__(self):
-        self.losses = []
-
-    def after_step(self):
-        self.losses.append(self.trainer.storage.history("total_loss").latest())
+from conftest import QUICK_STAGE0, REPO_ROOT, RecordLoss, tiny_quick_opts
 
 
 def _train(cfg, resume=False):

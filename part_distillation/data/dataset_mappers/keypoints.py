@@ -32,9 +32,8 @@ from .paired_view import (
     build_view_transforms,
     init_view_args,
     read_view_inputs,
-    transforms_to_matrix,
+    set_view_fields,
     view_args_from_cfg,
-    xywh_to_xyxy,
 )
 from .registry import DATASET_MAPPER_REGISTRY
 
@@ -207,24 +206,8 @@ class KeypointDatasetMapper:
             if keypoints is None
             else transform_keypoints(keypoints, tfms, out_hw, self.flip_indices, flip)
         )
-
-        for key in ("annotations", "bbox"):
-            dataset_dict.pop(key, None)
-        dataset_dict.update(
-            {
-                "image": torch.as_tensor(out.transpose(2, 0, 1).copy()),
-                "keypoints": torch.as_tensor(kps),
-                "transform": torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
-                "flipped": bool(flip),
-                "crop_box": xywh_to_xyxy(crop_box),
-                "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
-                "height": int(out_hw[0]),
-                "width": int(out_hw[1]),
-                "image_id": dataset_dict.get("image_id"),
-            }
-        )  # fmt: skip
-        if mask is not None:
-            dataset_dict["fg_mask"] = torch.as_tensor(
-                np.ascontiguousarray(tfms.apply_segmentation(mask.astype(np.uint8)) > 0)
-            )
+        set_view_fields(
+            dataset_dict, out, tfms, mask=mask, flip=flip, crop_box=crop_box, orig_hw=orig_hw, transform_key="transform"
+        )
+        dataset_dict["keypoints"] = torch.as_tensor(kps)
         return dataset_dict

@@ -1,4 +1,5 @@
-"""Paired-view mapper for the reconstruction / equivariance part-discovery heads, plus its geometry.
+"""Paired-view mapper for the reconstruction / equivariance part-discovery heads, and what it shares with the keypoint
+view mapper (crop, resize, flip, the output fields).
 
 The base view is the (optionally bbox-cropped) image resized to a square ``image_size``, flipped at random
 when training. By default view 1 is the base view and view 2 the base view warped by a random similarity
@@ -25,23 +26,18 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from PIL import Image
 
-from ...structures.geometry import (  # noqa: F401  (also this module's API, as before)
-    affine_for_cv2,
-    apply_affine,
+from ...structures.geometry import (
     as_affine,
     invert_affine,
-    pixel_affine_to_theta,
     random_similarity,
+    sample_at,
     sampling_grid,
-    similarity_matrix,
     to_3x3,
-    warp_to_view1,
     warp_to_view2,
 )
 from ...utils.errors import ConfigError
@@ -62,14 +58,7 @@ __all__ = [
     "view_args_from_cfg",
     "read_view_inputs",
     "init_view_args",
-    "similarity_matrix",
-    "random_similarity",
-    "invert_affine",
-    "apply_affine",
-    "affine_for_cv2",
-    "pixel_affine_to_theta",
-    "warp_to_view2",
-    "warp_to_view1",
+    "set_view_fields",
 ]
 
 logger = logging.getLogger(__name__)
@@ -343,6 +332,32 @@ def init_view_args(
     mapper.crop_fill = int(crop_fill)
 
 
+def set_view_fields(dataset_dict: dict, view: np.ndarray, tfms, *, mask, flip, crop_box, orig_hw, transform_key: str):
+    """The output fields every view mapper sets on ``dataset_dict`` (in place; returned): ``image`` (``view``, H×W×C
+    uint8, as C×H×W), ``transform_key`` (the 2×3 matrix of ``tfms``, original → view pixels), ``flipped``,
+    ``crop_box`` (XYXY or None), ``orig_size``, the view's ``height``/``width``, ``image_id`` and, when ``mask``
+    (original resolution) is given, ``fg_mask`` (bool H×W, ``tfms`` applied). Fields in original coordinates
+    (``annotations``, ``keypoints``, ``bbox``) are dropped."""
+    for key in ("annotations", "keypoints", "bbox"):
+        dataset_dict.pop(key, None)
+    dataset_dict.update(
+        {
+            "image": torch.as_tensor(view.transpose(2, 0, 1).copy()),
+            transform_key: torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
+            "flipped": bool(flip),
+            "crop_box": xywh_to_xyxy(crop_box),
+            "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
+            "height": int(view.shape[0]),
+            "width": int(view.shape[1]),
+            "image_id": dataset_dict.get("image_id"),
+        }
+    )
+    if mask is not None:
+        fg = tfms.apply_segmentation(mask.astype(np.uint8)) > 0
+        dataset_dict["fg_mask"] = torch.as_tensor(np.ascontiguousarray(fg))
+    return dataset_dict
+
+
 @DATASET_MAPPER_REGISTRY.register()
 class PairedViewDatasetMapper:
     """Dataset dict → two geometrically related views for reconstruction / equivariance losses.
@@ -437,25 +452,11 @@ class PairedViewDatasetMapper:
             orig_hw, crop_box=crop_box, image_size=self.image_size, flip=flip, crop_fill=self.crop_fill
         )
         view1 = np.ascontiguousarray(tfms.apply_image(image))
-        mask1 = None if mask is None else tfms.apply_segmentation(mask.astype(np.uint8)) > 0
-
-        for key in ("annotations", "keypoints", "bbox"):
-            dataset_dict.pop(key, None)
-        size = self.image_size
-        dataset_dict.update(
-            {
-                "image": torch.as_tensor(view1.transpose(2, 0, 1).copy()),
-                "orig_transform": torch.as_tensor(transforms_to_matrix(tfms), dtype=torch.float32),
-                "flipped": bool(flip),
-                "crop_box": xywh_to_xyxy(crop_box),
-                "orig_size": (int(orig_hw[0]), int(orig_hw[1])),
-                "height": size,
-                "width": size,
-                "image_id": dataset_dict.get("image_id"),
-            }
+        set_view_fields(
+            dataset_dict, view1, tfms, mask=mask, flip=flip, crop_box=crop_box, orig_hw=orig_hw,
+            transform_key="orig_transform",
         )  # fmt: skip
-        if mask1 is not None:
-            dataset_dict["fg_mask"] = torch.as_tensor(np.ascontiguousarray(mask1))
+        size = self.image_size
         if not self.is_train:
             dataset_dict["transform"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
             return dataset_dict
@@ -486,11 +487,11 @@ class PairedViewDatasetMapper:
         c, h, w = image.shape
         grid = sampling_grid(invert_affine(as_affine(a)), (1, c, h, w), (h, w), torch.float32, "cpu")
         valid2 = (grid[0].abs() <= 1).all(dim=-1)
-        img = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        img = sample_at(image[None].float(), grid, "bilinear", "border")[0]
         img = torch.where(valid2, img, torch.tensor(float(self.warp_fill)))
         image2 = img.round_().clamp_(0, 255).to(torch.uint8)
         mask2 = None
         if mask is not None:
-            m = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            m = sample_at(mask[None, None].float(), grid, "nearest", "zeros")
             mask2 = (m[0, 0] > 0.5) & valid2
         return image2, mask2, valid2

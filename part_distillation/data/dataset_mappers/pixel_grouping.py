@@ -24,9 +24,20 @@ from ..validation import MAX_ASPECT_RATIO
 from .instance_lsj import read_image_checked
 from .registry import DATASET_MAPPER_REGISTRY
 
-__all__ = ["PixelGroupingDatasetMapper", "load_object_results"]
+__all__ = ["PixelGroupingDatasetMapper", "load_object_results", "object_filter_args"]
 
 logger = logging.getLogger(__name__)
+
+
+def object_filter_args(cfg) -> dict:
+    """``{score_thresh, min_area_ratio, topk}`` from ``MODEL.PIXEL_GROUPING``: the keyword arguments of the grouping
+    model's ``modeling.meta_arch.object_source.filter_objects``, whose drops the mapper counts."""
+    pg = cfg.MODEL.PIXEL_GROUPING
+    return {
+        "score_thresh": pg.OBJECT_SCORE_THRESH,
+        "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
+        "topk": pg.OBJECT_TOPK,
+    }
 
 
 def load_object_results(path: str) -> dict:
@@ -72,11 +83,7 @@ class PixelGroupingDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "object_source": pg.OBJECT_MASK_SOURCE,
             "object_results": pg.OBJECT_MASKS_JSON or None,
-            "object_filter": {
-                "score_thresh": pg.OBJECT_SCORE_THRESH,
-                "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
-                "topk": pg.OBJECT_TOPK,
-            },
+            "object_filter": object_filter_args(cfg),
         }
 
     def _objects_of(self, record, orig_hw):

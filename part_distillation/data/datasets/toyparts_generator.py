@@ -22,6 +22,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 from tqdm import tqdm
 
+from ...utils.io import atomic_write_bytes
 from .toyparts_meta import (
     TOYPARTS_CLASS_CODES,
     TOYPARTS_OBJECT_CLASSES,
@@ -345,19 +346,6 @@ def render_image(rng, size, primary_class):
 # ------------------------------------------------------------------------------------------
 # Serialisation
 # ------------------------------------------------------------------------------------------
-def _atomic_write(path, data):
-    """Write bytes via a temp file + os.replace, so readers never see partial files."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _encode_mask(mask):
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     area = int(mask_util.area(rle))
@@ -433,7 +421,7 @@ def _generate_split(out_dir, split, num_images, seed, image_size, progress):
         file_name = f"{code}/{code}_{index:05d}.JPEG"
         ok, jpeg = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         assert ok, file_name
-        _atomic_write(os.path.join(image_dir, file_name), jpeg.tobytes())
+        atomic_write_bytes(os.path.join(image_dir, file_name), jpeg.tobytes())
 
         entry = {"id": index + 1, "file_name": file_name, "width": image_size, "height": image_size}
         objects_json["images"].append(entry)
@@ -461,7 +449,7 @@ def generate_toyparts(out_dir, num_train, num_val, seed, image_size=256, progres
         parts_json, objects_json = _generate_split(out_dir, split, num, seed, image_size, progress)
         for suffix, content in (("", parts_json), ("_whole", objects_json)):
             path = os.path.join(ann_dir, f"{split}{suffix}.json")
-            _atomic_write(path, json.dumps(content).encode("utf-8"))
+            atomic_write_bytes(path, json.dumps(content).encode("utf-8"))
         summary[split] = {
             "images": num,
             "objects": len(objects_json["annotations"]),

@@ -30,6 +30,7 @@ State-dict layouts accepted (``MODEL.VIT.WEIGHTS``), mapped to this module's nam
 """
 
 import logging
+import math
 import os
 import re
 from typing import Dict, Sequence
@@ -70,6 +71,26 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
 
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def resize_pos_embed(pos: torch.Tensor, grid_hw, offset: float = 0.0, antialias: bool = False) -> torch.Tensor:
+    """A learned position table [n·n, D] of a square n×n patch grid (row-major) → [h·w, D] for an h×w grid, resized
+    bicubically (``align_corners`` False, in float32); ``pos`` itself when h = w = n. ``offset`` > 0 resizes by the
+    scale factor ``(n + offset) / n`` instead of to the size (DINO / DINOv2 non-reg code). Used by the ViT backbone
+    and the PartFormer and MPAE heads."""
+    h, w = int(grid_hw[0]), int(grid_hw[1])
+    n, dim = math.isqrt(pos.shape[0]), pos.shape[-1]
+    if (h, w) == (n, n):
+        return pos
+    grid = pos.reshape(1, n, n, dim).permute(0, 3, 1, 2).float()
+    kwargs = {"mode": "bicubic", "align_corners": False, "antialias": antialias}
+    if offset > 0:
+        grid = F.interpolate(grid, scale_factor=((h + offset) / n, (w + offset) / n), **kwargs)
+    else:
+        grid = F.interpolate(grid, size=(h, w), **kwargs)
+    if tuple(grid.shape[-2:]) != (h, w):
+        raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
+    return grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(h * w, dim)
 
 
 class QuickGELU(nn.Module):
@@ -226,22 +247,13 @@ class DinoViT(Backbone):
         ``interpolate_offset`` > 0 reproduces DINO / DINOv2 (non-reg) resizing by the scale factor
         ``(n + offset) / N`` instead of to the size n (DINOv2 reg models: offset 0, antialias on).
         """
-        h, w = int(grid_hw[0]), int(grid_hw[1])
         n = self.pretrain_grid
-        if (h, w) == (n, n):
+        if (int(grid_hw[0]), int(grid_hw[1])) == (n, n):
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        grid = patch_pos.reshape(1, n, n, self.embed_dim).permute(0, 3, 1, 2).float()
-        kwargs = {"mode": "bicubic", "align_corners": False, "antialias": self.interpolate_antialias}
-        if self.interpolate_offset > 0:
-            scale = ((h + self.interpolate_offset) / n, (w + self.interpolate_offset) / n)
-            grid = F.interpolate(grid, scale_factor=scale, **kwargs)
-        else:
-            grid = F.interpolate(grid, size=(h, w), **kwargs)
-        if tuple(grid.shape[-2:]) != (h, w):
-            raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
-        patch_pos = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, self.embed_dim)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        patch_pos = resize_pos_embed(
+            self.pos_embed[0, 1:], grid_hw, self.interpolate_offset, self.interpolate_antialias
+        )
+        return torch.cat([self.pos_embed[:, :1], patch_pos[None]], dim=1)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         b = x.shape[0]

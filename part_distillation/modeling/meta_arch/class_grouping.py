@@ -35,7 +35,6 @@ from ...clustering.prototypes import load_prototypes, prototype_soft_scores
 from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
 from .object_source import filter_objects
-from .part_mask2former import normalize_images
 from .pixel_grouping import PixelGroupingModel
 
 # load_prototypes stays importable from here (it lives in clustering.prototypes).
@@ -55,6 +54,8 @@ def sample_object_cells(grid_mask: torch.Tensor, count: int) -> torch.Tensor:
 
 @META_ARCH_REGISTRY.register()
 class ClassPixelGroupingModel(PixelGroupingModel):
+    run_with = "tools/rank_parts.py or --eval-only"
+
     @configurable
     def __init__(self, *, samples_per_object: int, temperature: float = 1.0, prototypes_file: str = "", **kwargs):
         super().__init__(**kwargs)
@@ -103,12 +104,7 @@ class ClassPixelGroupingModel(PixelGroupingModel):
 
     @torch.no_grad()
     def forward(self, batched_inputs):
-        if self.training:
-            raise RuntimeError(
-                "ClassPixelGroupingModel has nothing to train; run it with tools/rank_parts.py or --eval-only."
-            )
-        raw = [x["image"].to(self.device) for x in batched_inputs]
-        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
+        raw, images = self.prepare_images(batched_inputs)
         feats = self.features(images.tensor)
         results = []
         for i, (x, obj) in enumerate(zip(batched_inputs, self._objects(batched_inputs))):

@@ -223,18 +223,12 @@ def object_part_inference(
     return result + (index,) if return_queries else result
 
 
-def _check_one_class(num_classes: int) -> None:
-    if num_classes != 1:
-        raise ConfigError(
-            "PartDistillationModel's decoder class head is the objectness (part, no-part): set "
-            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 (got {num_classes}); part classes are "
-            "MODEL.PART_DISTILLATION.NUM_PART_CLASSES."
-        )
-
-
 @META_ARCH_REGISTRY.register()
 class PartDistillationModel(PartMask2Former):
     """Mask2Former with objectness × per-object-class part classification (module doc)."""
+
+    objectness_head = True
+    objectness_hint = "; part classes are MODEL.PART_DISTILLATION.NUM_PART_CLASSES"
 
     @configurable
     def __init__(
@@ -258,7 +252,6 @@ class PartDistillationModel(PartMask2Former):
             kwargs: :class:`Mask2Former`'s arguments.
         """
         super().__init__(**kwargs)
-        _check_one_class(self.sem_seg_head.num_classes)
         if num_object_classes < 1 or num_part_classes < 1:
             raise ConfigError(
                 "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES and NUM_PART_CLASSES must be >= 1 "
@@ -275,7 +268,6 @@ class PartDistillationModel(PartMask2Former):
 
     @classmethod
     def from_config(cls, cfg):
-        _check_one_class(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
         ret = super().from_config(cfg)
         group = cfg.MODEL.PART_DISTILLATION
         ret.update(
@@ -289,7 +281,7 @@ class PartDistillationModel(PartMask2Former):
         return ret
 
     def prepare_targets(self, targets, images):
-        """Padded masks, objectness labels (0), part labels and object classes of each image."""
+        """Padded masks, objectness labels (0, by the base class), part labels and object classes of each image."""
         new_targets = super().prepare_targets(targets, images)
         num_o, num_p = self.part_classifier.num_object_classes, self.part_classifier.num_part_classes
         for t, inst in zip(new_targets, targets):
@@ -309,16 +301,13 @@ class PartDistillationModel(PartMask2Former):
                     f"object classes {objects.unique().tolist()} outside [0, {num_o}) "
                     "(MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES; the store objects need a category_id)"
                 )
-            t["labels"] = torch.zeros_like(parts)
             t["part_labels"] = parts
             t["object_classes"] = objects
         return new_targets
 
-    def losses(self, outputs, batched_inputs, images):
-        """Set losses + ``loss_part_ce`` (module doc); ``outputs`` carry the decoder's ``query_feats``."""
-        targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
-        losses = self.criterion(outputs, targets, self.part_classifier)
-        return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
+    def criterion_inputs(self) -> tuple:
+        """The part classifier, for ``loss_part_ce`` (module doc); ``outputs`` carry the decoder's ``query_feats``."""
+        return (self.part_classifier,)
 
     def inference_single(self, mask_cls, mask_pred, query_feats, objects, image_size):
         if objects is None:

@@ -13,7 +13,9 @@ what they make of one image's predictions:
   with every prediction set, so no module hook is needed.
 
 Subclasses implement ``inference_single(mask_cls, mask_pred, query_feats, objects, image_size)`` and, when
-their targets or losses differ, ``prepare_targets`` / :meth:`PartMask2Former.losses`. Their shared
+their targets or losses differ, ``prepare_targets`` / :meth:`PartMask2Former.criterion_inputs`. Those whose
+decoder class head scores objectness (``objectness_head``: the proposal, ranking and distillation models) get
+their ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` checked and every target label set to 0 here. Their shared
 post-processing functions are in :mod:`.postprocessing` (which also documents the ``part_instances``
 output). The state-dict names are Mask2Former's: checkpoints of the previous classes load unchanged.
 """
@@ -40,14 +42,42 @@ def normalize_images(images, pixel_mean, pixel_std, size_divisibility: int = 0) 
 class PartMask2Former(Mask2Former, metaclass=abc.ABCMeta):
     """Mask2Former whose test-time output is built per image by :meth:`inference_single` (module doc)."""
 
+    #: the decoder's class head scores objectness (part vs no part): one class, every target label 0
+    objectness_head: bool = False
+    #: what the error on a wrong ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` adds (e.g. where the part classes are set)
+    objectness_hint: str = ""
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        self.check_objectness_head(self.sem_seg_head.num_classes)
         if not isinstance(self.sem_seg_head.predictor, QueryFeatureTransformerDecoder):
             raise ConfigError(
                 f"{type(self).__name__} reads the decoder's query features: set "
                 'MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME "QueryFeatureTransformerDecoder" (got '
                 f"{type(self.sem_seg_head.predictor).__name__}; same parameters, checkpoints load unchanged)."
             )
+
+    @classmethod
+    def check_objectness_head(cls, num_classes: int) -> None:
+        """With ``objectness_head``, a :class:`ConfigError` unless the decoder has exactly one class."""
+        if cls.objectness_head and num_classes != 1:
+            raise ConfigError(
+                f"{cls.__name__}'s decoder class head is the objectness (part, no-part): set "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 (got {num_classes}){cls.objectness_hint}."
+            )
+
+    @classmethod
+    def from_config(cls, cfg):
+        cls.check_objectness_head(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)  # before building anything
+        return super().from_config(cfg)
+
+    def prepare_targets(self, targets, images):
+        """Mask2Former's padded targets; with ``objectness_head`` every label is 0 (part vs no part)."""
+        new_targets = super().prepare_targets(targets, images)
+        if self.objectness_head:
+            for t in new_targets:
+                t["labels"] = torch.zeros_like(t["labels"])
+        return new_targets
 
     def preprocess_image(self, batched_inputs) -> ImageList:
         """Normalised, padded images of the batch (on the model's device)."""
@@ -64,8 +94,12 @@ class PartMask2Former(Mask2Former, metaclass=abc.ABCMeta):
     def losses(self, outputs, batched_inputs, images) -> dict:
         """Mask2Former's weighted set losses on ``prepare_targets`` of the inputs' ``instances``."""
         targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
-        losses = self.criterion(outputs, targets)
+        losses = self.criterion(outputs, targets, *self.criterion_inputs())
         return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
+
+    def criterion_inputs(self) -> tuple:
+        """What ``self.criterion`` takes after ``(outputs, targets)`` (nothing for Mask2Former's)."""
+        return ()
 
     def inference(self, outputs, batched_inputs, images) -> list:
         """One output dict per image: :meth:`inference_single` on the predictions at the input's size."""

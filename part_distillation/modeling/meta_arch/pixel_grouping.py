@@ -26,6 +26,7 @@ from ...structures.masks import mask_box_slices, object_grid_masks
 from ...utils.errors import ConfigError
 from ...clustering.crf import DenseCRFRefiner
 from ...clustering.kmeans import batched_kmeans
+from ...data.dataset_mappers.pixel_grouping import object_filter_args
 from .object_source import assign_image_class, build_object_model, filter_objects
 from .part_mask2former import normalize_images
 
@@ -121,6 +122,8 @@ def kwargs_for_kmeans(kmeans_kwargs: dict) -> dict:
 
 @META_ARCH_REGISTRY.register()
 class PixelGroupingModel(nn.Module):
+    run_with = "--eval-only or make_pseudo_labels.py"  # how to run it (the error in training mode says)
+
     @configurable
     def __init__(
         self,
@@ -177,11 +180,7 @@ class PixelGroupingModel(nn.Module):
             },
             "crf": crf,
             "object_model": build_object_model(cfg),
-            "object_filter": {
-                "score_thresh": pg.OBJECT_SCORE_THRESH,
-                "min_area_ratio": pg.OBJECT_MIN_AREA_RATIO,
-                "topk": pg.OBJECT_TOPK,
-            },
+            "object_filter": object_filter_args(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
@@ -219,14 +218,17 @@ class PixelGroupingModel(nn.Module):
             )
         return [x["objects"] for x in batched_inputs]
 
+    def prepare_images(self, batched_inputs):
+        """``(raw images on the device, normalised padded ImageList)`` of a batch; RuntimeError in training mode
+        (the grouping models have nothing to train)."""
+        if self.training:
+            raise RuntimeError(f"{type(self).__name__} has nothing to train; run it with {self.run_with}.")
+        raw = [x["image"].to(self.device) for x in batched_inputs]
+        return raw, normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
+
     @torch.no_grad()
     def forward(self, batched_inputs):
-        if self.training:
-            raise RuntimeError(
-                "PixelGroupingModel has nothing to train; run it with --eval-only or make_pseudo_labels.py."
-            )
-        raw = [x["image"].to(self.device) for x in batched_inputs]
-        images = normalize_images(raw, self.pixel_mean, self.pixel_std, self.size_divisibility)
+        raw, images = self.prepare_images(batched_inputs)
         same_vocabulary = getattr(self.object_model, "dataset_vocabulary", False)
         objects = [
             # an image-level label (ImageNet folders: record "class_id") is every object's class

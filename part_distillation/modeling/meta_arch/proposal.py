@@ -158,14 +158,11 @@ def proposal_inference(mask_cls, mask_pred, topk: int, object_mask=None, per_pix
     return result
 
 
-def _check_one_class(num_classes: int) -> None:
-    if num_classes != 1:
-        raise ConfigError(f"ProposalModel is class-agnostic: set MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 (got {num_classes}).")
-
-
 @META_ARCH_REGISTRY.register()
 class ProposalModel(PartMask2Former):
     """Mask2Former with one class ("part") for class-agnostic part proposals (module doc)."""
+
+    objectness_head = True  # pseudo-parts are class-agnostic: every target label 0
 
     @configurable
     def __init__(
@@ -179,14 +176,12 @@ class ProposalModel(PartMask2Former):
             kwargs: :class:`PartMask2Former`'s (Mask2Former's) arguments.
         """
         super().__init__(**kwargs)
-        _check_one_class(self.sem_seg_head.num_classes)
         self.per_pixel_assignment = per_pixel_assignment
         self.apply_object_mask = apply_object_mask
         self.init_report = load_decoder_weights(self, init_from) if init_from else None
 
     @classmethod
     def from_config(cls, cfg):
-        _check_one_class(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)  # before building anything
         ret = super().from_config(cfg)
         proposal = cfg.MODEL.PROPOSAL
         ret.update(
@@ -195,13 +190,6 @@ class ProposalModel(PartMask2Former):
             init_from=proposal.INIT_FROM,
         )
         return ret
-
-    def prepare_targets(self, targets, images):
-        """Mask2Former's padded targets with every label 0 (pseudo-parts are class-agnostic)."""
-        new_targets = super().prepare_targets(targets, images)
-        for t in new_targets:
-            t["labels"] = torch.zeros_like(t["labels"])
-        return new_targets
 
     def inference_single(self, mask_cls, mask_pred, query_feats, objects, image_size):
         object_mask = None

@@ -113,6 +113,16 @@ class PartHead(nn.Module, metaclass=abc.ABCMeta):
         pd = cfg.MODEL.PART_DISCOVERY
         return {"num_parts": pd.NUM_PARTS, "feature_levels": pd.FEATURE_LEVELS, "input_shape": input_shape}
 
+    def levels_channels(self, input_shape: Optional[Dict], in_channels: Optional[int] = None) -> int:
+        """Channels of the concatenated ``feature_levels``: ``in_channels`` when given, else from ``input_shape``."""
+        if in_channels is not None:
+            return int(in_channels)
+        if input_shape is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs input_shape (the backbone's output_shape()) or in_channels."
+            )
+        return sum(int(input_shape[lvl].channels) for lvl in self.feature_levels)
+
     @property
     def needs_fg_mask(self) -> bool:
         """Whether every input must carry a ``fg_mask`` (checked with ``MODEL.PART_DISCOVERY.REQUIRE_FG_MASK``):

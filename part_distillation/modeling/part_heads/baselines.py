@@ -78,35 +78,53 @@ def canonical_part_order(labels: torch.Tensor, valid: torch.Tensor, grid_hw, k: 
     return torch.sort(key, dim=1, stable=True).indices
 
 
-def _checked_grid_and_order(grid_stride, label_order, group: str):
-    """(grid stride, label order) of a baseline head, with errors naming MODEL.PART_DISCOVERY.<group>/... keys."""
-    if label_order not in LABEL_ORDERS:
-        raise ConfigError(f"MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER={label_order!r}: use one of {LABEL_ORDERS}.")
-    if int(grid_stride) < 0:
-        raise ConfigError(f"MODEL.PART_DISCOVERY.{group}.GRID_STRIDE={grid_stride!r} must be ≥ 0.")
-    return int(grid_stride), label_order
+class _BaselineHead(PartHead):
+    """What the training-free heads share: the feature grid (``<group>.GRID_STRIDE``) and the canonical part order
+    (``BASELINE_LABEL_ORDER``) of their per-image results (module docstring)."""
 
+    external_background = True
 
-def _permute_channels(maps: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """maps [B, k, h, w], perm [B, k] → maps[b, perm[b]]."""
-    return maps.gather(1, perm[:, :, None, None].expand_as(maps))
+    def __init__(self, *, num_parts, feature_levels, input_shape, grid_stride: int, label_order: str, group: str):
+        super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
+        if label_order not in LABEL_ORDERS:
+            raise ConfigError(f"MODEL.PART_DISCOVERY.BASELINE_LABEL_ORDER={label_order!r}: use one of {LABEL_ORDERS}.")
+        if int(grid_stride) < 0:
+            raise ConfigError(f"MODEL.PART_DISCOVERY.{group}.GRID_STRIDE={grid_stride!r} must be ≥ 0.")
+        self.grid_stride, self.label_order = int(grid_stride), label_order
 
+    @classmethod
+    def baseline_args(cls, cfg, input_shape, group: str) -> dict:
+        """The ``from_config`` arguments of every baseline: :meth:`PartHead.common_args`, the grid stride of
+        ``MODEL.PART_DISCOVERY.<group>`` and the label order."""
+        pd = cfg.MODEL.PART_DISCOVERY
+        return {
+            **cls.common_args(cfg, input_shape),
+            "grid_stride": pd[group].GRID_STRIDE,
+            "label_order": pd.BASELINE_LABEL_ORDER,
+        }
 
-def _grid_hw(batch: DiscoveryBatch, features: Dict[str, torch.Tensor], first_level: str, stride: int):
-    if stride > 0:
-        hp, wp = batch.padded_hw
-        return (math.ceil(hp / stride), math.ceil(wp / stride))
-    return tuple(features[first_level].shape[-2:])
+    def grid_features(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> torch.Tensor:
+        """:meth:`concat_levels` on the grid of the padded batch / ``grid_stride`` (0: the first level's grid)."""
+        if self.grid_stride > 0:
+            hp, wp = batch.padded_hw
+            return self.concat_levels(features, (math.ceil(hp / self.grid_stride), math.ceil(wp / self.grid_stride)))
+        return self.concat_levels(features)
+
+    def ordered_parts(self, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, grid_hw) -> torch.Tensor:
+        """Per-cell part scores [B, h·w, k] → part maps [B, k, h, w], channels in :func:`canonical_part_order` of
+        the cells' ``labels`` [B, h·w] over the ``valid`` [B, h·w] ones."""
+        b, _, k = scores.shape
+        perm = canonical_part_order(labels, valid, grid_hw, k, self.label_order)
+        maps = scores.transpose(1, 2).reshape(b, k, *grid_hw)
+        return maps.gather(1, perm[:, :, None, None].expand_as(maps))
 
 
 # ------------------------------------------------------------------------------------------------
 # K-means
 # ------------------------------------------------------------------------------------------------
 @PART_HEAD_REGISTRY.register()
-class KMeansBaselineHead(PartHead):
+class KMeansBaselineHead(_BaselineHead):
     """K-means of each image's foreground features into K parts (per image; module docstring)."""
-
-    external_background = True
 
     @configurable
     def __init__(
@@ -123,30 +141,28 @@ class KMeansBaselineHead(PartHead):
         seed: int = 0,
         label_order: str = "vertical",
     ):
-        super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
-        self.grid_stride, self.label_order = _checked_grid_and_order(grid_stride, label_order, "KMEANS")
+        super().__init__(
+            num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape, grid_stride=grid_stride,
+            label_order=label_order, group="KMEANS",
+        )  # fmt: skip
         self.normalize = bool(normalize)
         self.kmeans_kwargs = {"n_init": int(n_init), "max_iter": int(max_iter), "tol": float(tol), "seed": int(seed)}
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        pd = cfg.MODEL.PART_DISCOVERY
-        km = pd.KMEANS
+        km = cfg.MODEL.PART_DISCOVERY.KMEANS
         return {
-            **cls.common_args(cfg, input_shape),
-            "grid_stride": km.GRID_STRIDE,
+            **cls.baseline_args(cfg, input_shape, "KMEANS"),
             "normalize": km.NORMALIZE,
             "n_init": km.N_INIT,
             "max_iter": km.MAX_ITER,
             "tol": km.TOL,
             "seed": km.SEED,
-            "label_order": pd.BASELINE_LABEL_ORDER,
         }
 
     def inference(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> torch.Tensor:
         k = self.num_parts
-        grid_hw = _grid_hw(batch, features, self.feature_levels[0], self.grid_stride)
-        feats = self.concat_levels(features, grid_hw)
+        feats = self.grid_features(features, batch)
         if self.normalize:
             feats = F.normalize(feats, dim=1)
         b, _, h, w = feats.shape
@@ -159,8 +175,7 @@ class KMeansBaselineHead(PartHead):
         nearest = dist.masked_fill(placeholder[:, None, :], float("inf")).argmin(-1)  # [B, N]
         has_points = (result.num_clusters > 0)[:, None]
         scores = F.one_hot(nearest, k).float() * has_points[..., None].float()  # [B, N, k]
-        perm = canonical_part_order(nearest, fg, (h, w), k, self.label_order)
-        parts = _permute_channels(scores.transpose(1, 2).reshape(b, k, h, w), perm)
+        parts = self.ordered_parts(scores, nearest, fg, (h, w))
         return torch.cat([parts.new_zeros(b, 1, h, w), parts], dim=1)
 
 
@@ -248,10 +263,8 @@ def nmf(
 
 
 @PART_HEAD_REGISTRY.register()
-class DFFHead(PartHead):
+class DFFHead(_BaselineHead):
     """Deep Feature Factorization: NMF of each image's ReLU'd features into K parts (per image)."""
-
-    external_background = True
 
     @configurable
     def __init__(
@@ -268,8 +281,10 @@ class DFFHead(PartHead):
         bg_threshold: float = 0.0,
         label_order: str = "vertical",
     ):
-        super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
-        self.grid_stride, self.label_order = _checked_grid_and_order(grid_stride, label_order, "DFF")
+        super().__init__(
+            num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape, grid_stride=grid_stride,
+            label_order=label_order, group="DFF",
+        )  # fmt: skip
         if not 0.0 <= float(bg_threshold) < 1.0:
             raise ConfigError(f"MODEL.PART_DISCOVERY.DFF.BG_THRESHOLD={bg_threshold!r} must be in [0, 1).")
         if int(check_every) < 1:
@@ -289,33 +304,28 @@ class DFFHead(PartHead):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        pd = cfg.MODEL.PART_DISCOVERY
-        dff = pd.DFF
+        dff = cfg.MODEL.PART_DISCOVERY.DFF
         return {
-            **cls.common_args(cfg, input_shape),
-            "grid_stride": dff.GRID_STRIDE,
+            **cls.baseline_args(cfg, input_shape, "DFF"),
             "max_iter": dff.MAX_ITER,
             "tol": dff.TOL,
             "check_every": dff.CHECK_EVERY,
             "seed": dff.SEED,
             "bg_threshold": dff.BG_THRESHOLD,
-            "label_order": pd.BASELINE_LABEL_ORDER,
         }
 
     def inference(self, features: Dict[str, torch.Tensor], batch: DiscoveryBatch) -> torch.Tensor:
         k = self.num_parts
-        grid_hw = _grid_hw(batch, features, self.feature_levels[0], self.grid_stride)
-        feats = F.relu(self.concat_levels(features, grid_hw))
+        feats = F.relu(self.grid_features(features, batch))
         b, _, h, w = feats.shape
         inside = masks_to_grid(batch.valid, (h, w)).flatten(1)  # factorise every cell of the image
         loadings, _ = nmf(feats.flatten(2).transpose(1, 2), k, inside, **self.nmf_kwargs)  # [B, N, k]
         loadings = loadings.float() * inside[..., None]
         assignment = loadings.argmax(-1)
         fg = masks_to_grid(batch.fg_masks, (h, w)).flatten(1)
-        perm = canonical_part_order(assignment, fg & inside, (h, w), k, self.label_order)
         # one positive scale per image keeps the argmax of the upsampled heatmaps and bounds them by 1
         peak = loadings.flatten(1).amax(1).clamp_min(1e-30)[:, None, None]
-        parts = _permute_channels((loadings / peak).transpose(1, 2).reshape(b, k, h, w), perm)
+        parts = self.ordered_parts(loadings / peak, assignment, fg & inside, (h, w))
         bg = parts.new_zeros(b, 1, h, w)
         if self.bg_threshold > 0:
             total = parts.sum(1, keepdim=True)

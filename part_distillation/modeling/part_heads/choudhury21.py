@@ -238,10 +238,6 @@ class Choudhury21Head(PartHead):
             Others: see the module docstring and ``MODEL.PART_DISCOVERY.CHOUDHURY21``.
         """
         super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
-        if in_channels is None:
-            if input_shape is None:
-                raise ConfigError("Choudhury21Head needs input_shape or in_channels.")
-            in_channels = sum(input_shape[lvl].channels for lvl in self.feature_levels)
         if negatives not in _NEGATIVES:
             raise ConfigError(f"MODEL.PART_DISCOVERY.CHOUDHURY21.NEGATIVES={negatives!r}: use one of {_NEGATIVES}.")
         if kl_mode not in _KL_MODES:
@@ -253,7 +249,7 @@ class Choudhury21Head(PartHead):
         lambdas = (lambda_eqv, lambda_feat, lambda_visual, lambda_contrastive)
         if min(lambdas) < 0 or max(lambdas) <= 0:
             raise ConfigError("MODEL.PART_DISCOVERY.CHOUDHURY21.LAMBDA_*: all ≥ 0 and at least one > 0.")
-        self.in_channels = int(in_channels)
+        self.in_channels = self.levels_channels(input_shape, in_channels)
         self.two_branch = bool(two_branch)
         branch = self.in_channels - self.in_channels // 2 if self.two_branch else self.in_channels
         self.classifier = ASPPClassifier(branch, self.num_parts, dilations, init_std)

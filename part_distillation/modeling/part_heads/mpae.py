@@ -48,7 +48,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from ...utils.errors import ConfigError
-from ..backbone.vit import ViTBlock, sincos_pos_embed_2d
+from ..backbone.vit import ViTBlock, resize_pos_embed, sincos_pos_embed_2d
 from ..losses.mpae import (
     entropy_loss,
     presence_loss,
@@ -108,18 +108,10 @@ class DescriptorViT(nn.Module):
         _xavier_init(self)
         nn.init.normal_(self.part_tokens, std=0.02)
 
-    def _pos(self, h: int, w: int) -> torch.Tensor:
-        n = int(round(self.pos_embed.shape[1] ** 0.5))
-        if (h, w) == (n, n):
-            return self.pos_embed
-        grid = self.pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-        return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image)
         h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2) + self._pos(h, w)
+        x = x.flatten(2).transpose(1, 2) + resize_pos_embed(self.pos_embed[0], (h, w))[None]
         k1 = self.part_tokens.shape[1]
         x = self.ln_pre(torch.cat([self.part_tokens.expand(x.shape[0], -1, -1), x], dim=1))
         for blk in self.blocks:
@@ -237,10 +229,7 @@ class MPAEHead(PartHead):
             Others: see ``_add_mpae_config`` in ``part_distillation/config/discovery.py``.
         """
         super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
-        if in_channels is None:
-            if input_shape is None:
-                raise ConfigError("MPAEHead needs input_shape (the backbone's output_shape()) or in_channels.")
-            in_channels = sum(int(input_shape[lvl].channels) for lvl in self.feature_levels)
+        in_channels = self.levels_channels(input_shape, in_channels)
         if train_view not in TRAIN_VIEWS:
             raise ConfigError(f"MODEL.PART_DISCOVERY.MPAE.TRAIN_VIEW={train_view!r}: use one of {TRAIN_VIEWS}.")
         if int(inference_upsample) < 1:

@@ -30,7 +30,6 @@ tokens (PartImageNet: K tokens per class selected by the input's class id, plus 
 """
 
 import logging
-import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -41,7 +40,7 @@ from torch import nn
 from ...utils.errors import ConfigError
 from ..losses.partformer import area_loss, arcface_loss, concentration_loss, transfer
 from ..losses.perceptual import EfficientNetFeatures, PerceptualLoss, imagenet_normalize
-from ..backbone.vit import QuickGELU, sincos_pos_embed_2d
+from ..backbone.vit import QuickGELU, resize_pos_embed, sincos_pos_embed_2d
 from .base import DiscoveryBatch, PartHead
 from .registry import PART_HEAD_REGISTRY
 
@@ -136,12 +135,7 @@ class PartFormer(nn.Module):
     def _positions(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
         if self.pos_embed_type == "sincos":
             return sincos_pos_embed_2d(self.width, h, w).to(ref)
-        n = int(math.isqrt(self.pos_embed.shape[0]))
-        pos = self.pos_embed
-        if (h, w) != (n, n):
-            grid = pos.t().reshape(1, self.width, n, n)
-            pos = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)[0].flatten(1).t()
-        return pos
+        return resize_pos_embed(self.pos_embed, (h, w))
 
     def forward(self, images: torch.Tensor, token_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.patch_embed(images)  # [B, width, h, w]
@@ -281,7 +275,7 @@ class PartFormerHead(PartHead):
                 ``inputs[i][class_key]``, plus one shared background token (PartImageNet code).
         """
         super().__init__(num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape)
-        in_channels = sum(input_shape[lvl].channels for lvl in self.feature_levels)
+        in_channels = self.levels_channels(input_shape)
         self.compress = _compression_head(in_channels, list(compress_dims), compress_order, int(compress_kernel))
         c = int(compress_dims[-1]) if len(compress_dims) else in_channels
         self.num_classes, self.class_key = int(num_classes), class_key
