@@ -12,10 +12,15 @@ missing file is reported with the command that writes it.
 :func:`resolve_stage_config` fills the values that come from the data (the number of object classes of a store
 whose objects carry ImageNet synsets), and refuses labelling an image-level-labelled dataset with ground-truth
 objects it does not have.
+
+:func:`check_object_classes` refuses evaluating a model with per-object-class part classifiers on a split whose
+objects have no object class (it would predict no part and score 0 on every metric).
 """
 
 import logging
 import os
+
+import torch
 
 from detectron2.data import MetadataCatalog
 
@@ -27,6 +32,8 @@ __all__ = [
     "check_stage_weights",
     "check_object_source",
     "resolve_stage_config",
+    "object_class_count",
+    "check_object_classes",
     "PRODUCERS",
 ]
 
@@ -243,3 +250,48 @@ def resolve_stage_config(cfg) -> None:
         n = _store_num_classes(cfg.DATASETS.TEST[0])
         if n:
             cfg.MODEL.PART_RANKING.NUM_OBJECT_CLASSES = n
+
+
+def object_class_count(model) -> int:
+    """N_c^o of a model whose part predictions need each object's class (:class:`PartDistillationModel`: one part
+    classifier per object class, PartDistillation supp. Eq. 6), else 0."""
+    from ..modeling.meta_arch.distillation import PartDistillationModel
+
+    model = getattr(model, "module", model)  # DistributedDataParallel / the skip-aware wrapper
+    if isinstance(model, PartDistillationModel):
+        return int(model.part_classifier.num_object_classes)
+    return 0
+
+
+def check_object_classes(cfg, dataset_name: str, num_object_classes: int, max_batches=None):
+    """``(unclassed, total)`` objects of ``dataset_name``'s test inputs (the test mapper's ``objects.gt_classes``)
+    whose class is outside [0, ``num_object_classes``): a model conditioned on the object class predicts no part
+    for them.
+
+    Raises :class:`ConfigError` when no object of the split has a class: the model would score 0 on every metric, a
+    silent wrong result. Reads the test inputs, no model; with ``max_batches`` it stops after that many batches once
+    one object with a class was seen (counts are then of what was read), so only a split that looks unclassed is
+    read to the end. A few unclassed objects are not an error here: the model counts each as an
+    ``object_without_class`` skip when it runs.
+    """
+    from ..data.build import build_detection_test_loader
+
+    unclassed = total = 0
+    for i, batch in enumerate(build_detection_test_loader(cfg, dataset_name)):
+        if max_batches is not None and i >= max_batches and unclassed < total:
+            break
+        for x in batch:
+            objects = x.get("objects") if x is not None else None
+            if objects is None:
+                continue
+            classes = objects.gt_classes if objects.has("gt_classes") else torch.full((len(objects),), -1)
+            total += len(classes)
+            unclassed += int(((classes < 0) | (classes >= num_object_classes)).sum())
+    if total and unclassed == total:
+        raise ConfigError(
+            f"{dataset_name}: none of its {total} objects has an object class in [0, {num_object_classes}), so a model "
+            "with per-object-class part classifiers predicts no part and would score 0: give the records "
+            "object_annotations with a category_id (as toyparts_landmarks_* have), the dataset's metadata a "
+            "part_to_object table, or set TEST.OBJECT_CLASS_MAP for a zero-shot split."
+        )
+    return unclassed, total

@@ -29,10 +29,9 @@ import torch
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.utils.env import seed_all_rng
 
-from ..data.skips import note_skip
 from ..evaluation.keypoint_nme import FIT_DATA, KeypointNMEEvaluator
 from ..evaluation.nmi_ari import PartNMIARIEvaluator
-from ..utils.errors import ConfigError
+from .checks import check_object_classes, object_class_count
 
 __all__ = [
     "METHODS",
@@ -132,52 +131,6 @@ def read_train_seconds(output_dir: str) -> float:
         seconds += t * (iteration - previous)
         previous = iteration
     return seconds
-
-
-def object_class_count(model) -> int:
-    """N_c^o of a model whose part predictions need each object's class (:class:`PartDistillationModel`: one part
-    classifier per object class, PartDistillation supp. Eq. 6), else 0."""
-    from ..modeling.meta_arch.distillation import PartDistillationModel
-
-    if isinstance(model, PartDistillationModel):
-        return int(model.part_classifier.num_object_classes)
-    return 0
-
-
-def check_object_classes(cfg, dataset_name: str, num_object_classes: int):
-    """``(unclassed, total)`` objects of ``dataset_name``'s test inputs (the test mapper's ``objects.gt_classes``)
-    whose class is outside [0, ``num_object_classes``): a model conditioned on the object class predicts no part
-    for them.
-
-    Raises :class:`ConfigError` when no object has a class (the model would score 0 on every metric); a few
-    unclassed objects are one counted skip each (``object_without_class``), logged. Reads the images once, no
-    model.
-    """
-    from .trainer import Trainer
-
-    unclassed = total = 0
-    for batch in Trainer.build_test_loader(cfg, dataset_name):
-        for x in batch:
-            objects = x.get("objects") if x is not None else None
-            if objects is None:
-                continue
-            classes = objects.gt_classes if objects.has("gt_classes") else torch.full((len(objects),), -1)
-            total += len(classes)
-            unclassed += int(((classes < 0) | (classes >= num_object_classes)).sum())
-    if total and unclassed == total:
-        raise ConfigError(
-            f"{dataset_name}: none of its {total} objects has an object class in [0, {num_object_classes}), so a "
-            "model with per-object-class part classifiers predicts no part and would score 0: give the records "
-            "object_annotations with a category_id (as toyparts_landmarks_* have) or the dataset's metadata a "
-            "part_to_object table."
-        )
-    if unclassed:
-        note_skip(
-            "object_without_class", dataset_name,
-            f"{unclassed} of {total} objects have no class in [0, {num_object_classes}): no part predictions for them",
-            what="Scoring with skips on", count=unclassed,
-        )  # fmt: skip
-    return unclassed, total
 
 
 def evaluate_discovery_model(cfg, model, fit_dataset: str = FIT_DATASET, eval_dataset: str = EVAL_DATASET):

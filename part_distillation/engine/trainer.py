@@ -13,10 +13,15 @@ from ..data import build_detection_test_loader, build_detection_train_loader
 from ..evaluation import build_evaluator
 from ..utils.errors import ConfigError, UserError
 from .accumulation import AccumulatingAMPTrainer, AccumulatingTrainer
+from .checks import check_object_classes, object_class_count
 from .optimizer import build_optimizer
 from .skip_aware import SkipAwareModel, wrap_evaluators
 
 __all__ = ["Trainer", "CheckedCheckpointer", "TrainingDivergedError"]
+
+# Test batches read (no model) before evaluating a model conditioned on object classes: enough to tell a split
+# without classes from one with a few unclassed objects, cheap next to the evaluation.
+OBJECT_CLASS_CHECK_BATCHES = 16
 
 
 class TrainingDivergedError(UserError):
@@ -114,7 +119,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """detectron2's test loop; unreadable images are skipped and counted, never replaced (engine/skip_aware.py)."""
+        """detectron2's test loop; unreadable images are skipped and counted, never replaced (engine/skip_aware.py).
+
+        A model with per-object-class part classifiers is refused on a split whose first test batches have no object
+        with a class (it would predict no part and score 0 everywhere: :func:`check_object_classes`)."""
+        num_object_classes = object_class_count(model)
+        if num_object_classes:
+            for name in cfg.DATASETS.TEST:
+                check_object_classes(cfg, name, num_object_classes, max_batches=OBJECT_CLASS_CHECK_BATCHES)
         if evaluators is not None:
             evaluators = [wrap_evaluators(e) for e in (evaluators if isinstance(evaluators, list) else [evaluators])]
         return super().test(cfg, SkipAwareModel(model), evaluators)

@@ -16,6 +16,7 @@ from detectron2.structures import Instances
 
 from part_distillation.data.dataset_mappers import build_dataset_mapper
 from part_distillation.data.gt_parts import write_gt_part_store
+from part_distillation.data.skips import skip_counts
 from part_distillation.engine import Trainer, load_cfg
 from part_distillation.modeling.meta_arch.distillation import (
     DISTILLATION_INIT_PREFIXES,
@@ -203,9 +204,12 @@ def test_inference_per_object_part_classes(model):
     masks[1, 80:120, 30:90] = True
     masks[2, 0:10, 0:10] = True
     objects.gt_masks = masks
-    objects.gt_classes = torch.tensor([4, 0, -1])  # the last has no known class: skipped
+    objects.gt_classes = torch.tensor([4, 0, -1])  # the last has no known class: skipped and counted
+    before = skip_counts().get("object_without_class", 0)
     with torch.no_grad():
         out = model([{"image": image, "height": 64, "width": 48, "objects": objects}])[0]
+    assert skip_counts()["object_without_class"] - before == 1
+    with torch.no_grad():
         inst = out["instances"]
         free = model([{"image": image, "height": 64, "width": 48}])[0]["instances"]
     assert inst.image_size == (64, 48) and len(inst) > 0 and len(free) > 0

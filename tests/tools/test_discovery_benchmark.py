@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
 
 from part_distillation.data.datasets.toyparts_landmarks import part_centre_keypoints
 from part_distillation.data.dataset_mappers.part_eval import decode_segmentation
@@ -125,6 +126,11 @@ def _register_copy(name, records):
     MetadataCatalog.get(name).set(**{k: v for k, v in meta.items() if k not in ("name", "part_to_object")})
 
 
+class _FailIfCalled(DatasetEvaluator):
+    def process(self, inputs, outputs):
+        raise AssertionError("inference ran on a split without object classes")
+
+
 def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(datasets_root, tmp_path):
     """Records whose objects all lack a class (no object_annotations, no part_to_object table): PartDistillation
     would predict no part and score 0 — an error naming the dataset, before any inference."""
@@ -132,6 +138,7 @@ def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(
 
     from conftest import REPO_ROOT
 
+    from part_distillation.engine import Trainer
     from part_distillation.engine.discovery_benchmark import evaluate_discovery_model, method_cfg
     from part_distillation.utils.errors import ConfigError
 
@@ -145,19 +152,25 @@ def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(
     try:
         with pytest.raises(ConfigError, match=f"{name}: none of its \\d+ objects has an object class"):
             evaluate_discovery_model(cfg, model, fit_dataset=name, eval_dataset=name)
+        # the same refusal in the trainer's test loop (tools/train_net.py --eval-only), before any inference
+        cfg.defrost()
+        cfg.DATASETS.TEST = (name,)
+        with pytest.raises(ConfigError, match=f"{name}: none of its \\d+ objects has an object class"):
+            Trainer.test(cfg, model, evaluators=[_FailIfCalled()])
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
 
 
 def test_a_few_unclassed_objects_are_a_counted_skip(datasets_root, tmp_path):
-    """One image's objects without a class: counted (one skip per object), the rest scored; none on the real view."""
+    """One image's objects without a class: counted, not refused (the model skips and counts each when it runs);
+    none on the real view; a sample of the first batches sees them too."""
     import os
 
     from conftest import REPO_ROOT
 
-    from part_distillation.data.skips import skip_counts
-    from part_distillation.engine.discovery_benchmark import check_object_classes, method_cfg
+    from part_distillation.engine.checks import check_object_classes
+    from part_distillation.engine.discovery_benchmark import method_cfg
 
     records = [dict(r) for r in DatasetCatalog.get("toyparts_landmarks_val")]
     records[0]["object_annotations"] = [dict(o, category_id=-1) for o in records[0]["object_annotations"]]
@@ -167,11 +180,11 @@ def test_a_few_unclassed_objects_are_a_counted_skip(datasets_root, tmp_path):
     _register_copy(name, records)
     config = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml")
     cfg = method_cfg(config, str(tmp_path / "eval"), 0, 0, ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"])
-    before = skip_counts().get("object_without_class", 0)
     try:
         assert check_object_classes(cfg, name, 5) == (expected, total)
         assert check_object_classes(cfg, "toyparts_landmarks_val", 5) == (0, total)
+        unclassed, sampled = check_object_classes(cfg, name, 5, max_batches=1)
+        assert unclassed == expected and expected < sampled < total  # read on past the unclassed first image
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    assert skip_counts()["object_without_class"] - before == expected

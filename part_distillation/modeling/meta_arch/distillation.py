@@ -55,9 +55,11 @@ query embedding of each prediction's best query, [K, D]), and the same parts as 
 ``part_query_instances`` holds the parts of step 2, one per query, before the same-class merge: what
 mIoU-clustered clusters (PartDistillation, Cho et al. 2023, supp. "Zero-shot evaluation", clusters the predictions; the
 evaluator reads it in its clustered mode, mIoU-mapped reads the merged ``part_instances``). Objects whose
-class is outside [0, N_c^o) are skipped (warning). Without ``objects`` the output is the class-agnostic proposal
-inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with the GT object
-class (PartDistillation supp. §2 says the predicted one): here the class is whatever ``objects.gt_classes`` holds.
+class is outside [0, N_c^o) get no parts (a counted ``object_without_class`` skip; a split where no object has a
+class is refused before inference, ``engine/checks.check_object_classes``). Without ``objects`` the output is the
+class-agnostic proposal inference of :class:`ProposalModel` (``pred_classes`` all 0). The reference evaluates with
+the GT object class (PartDistillation supp. §2 says the predicted one): here the class is whatever
+``objects.gt_classes`` holds.
 """
 
 import logging
@@ -70,6 +72,7 @@ from detectron2.structures import Instances
 from torch import nn
 from torch.nn import functional as F
 
+from ...data.skips import note_skip
 from ...utils.errors import ConfigError
 from .mask2former import SetCriterion
 from .part_mask2former import PartMask2Former
@@ -332,8 +335,11 @@ class PartDistillationModel(PartMask2Former):
         merged = {k: [] for k in names}
         for m, object_class in enumerate(classes):
             if not 0 <= object_class < self.part_classifier.num_object_classes:
-                logger.warning("Object %d has class %d outside [0, %d): no part predictions for it.",
-                               m, object_class, self.part_classifier.num_object_classes)  # fmt: skip
+                # counted and rate-limited (a split without object classes is refused before inference,
+                # engine/checks.check_object_classes)
+                note_skip("object_without_class", f"object {m}",
+                          f"class {object_class} outside [0, {self.part_classifier.num_object_classes})",
+                          what="No part predictions for")  # fmt: skip
                 continue
             part_logits = self.part_classifier.logits_for_class(feats, object_class)
             single = object_part_inference(
