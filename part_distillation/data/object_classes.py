@@ -23,6 +23,7 @@ from ..utils.errors import ConfigError
 
 __all__ = [
     "CLASSES_FILE",
+    "load_wordnet",
     "PASCAL_SYNSETS",
     "write_store_classes",
     "read_store_classes",
@@ -61,7 +62,7 @@ PASCAL_SYNSETS = {
 }
 
 
-def _wordnet():
+def load_wordnet():
     """nltk's WordNet reader (offline: the corpus is installed in the venv by ``make setup``)."""
     try:
         from nltk.corpus import wordnet as wn
@@ -81,7 +82,7 @@ def wnid_of(synset) -> str:
 
 
 def synset_of_wnid(wnid: str, wn=None):
-    wn = wn or _wordnet()
+    wn = wn or load_wordnet()
     try:
         return wn.synset_from_pos_and_offset(wnid[0], int(wnid[1:]))
     except Exception:  # noqa: BLE001  (nltk raises WordNetError / ValueError for unknown offsets)
@@ -92,7 +93,7 @@ def synset_of_name(name: str, wn=None) -> str:
     """The wnid of a synset name (``dog.n.01``), of a Pascal class (``aeroplane``) or a wnid itself."""
     if len(name) == 9 and name[0] == "n" and name[1:].isdigit():
         return name
-    wn = wn or _wordnet()
+    wn = wn or load_wordnet()
     name = PASCAL_SYNSETS.get(name, name)
     try:
         return wnid_of(wn.synset(name))
@@ -183,14 +184,14 @@ def synset_class_map(model_codes, target_codes, use_hypernyms: bool = True) -> l
     for name in target_codes:
         code = name if name in index else None
         if code is None:
-            wn = wn or _wordnet()
+            wn = wn or load_wordnet()
             code = synset_of_name(name, wn)
         if code in index:
             out.append(index[code])
             continue
         found = -1
         if use_hypernyms:
-            wn = wn or _wordnet()
+            wn = wn or load_wordnet()
             synset = synset_of_wnid(code, wn)
             # breadth-first over hypernyms: the nearest ancestor the model has
             frontier, seen = [synset] if synset is not None else [], set()

@@ -20,7 +20,7 @@ import random
 
 from ..utils.errors import ConfigError
 from ..utils.io import atomic_file
-from .object_classes import _wordnet, synset_of_wnid, wnid_of
+from .object_classes import load_wordnet, synset_of_wnid, wnid_of
 
 __all__ = ["PAPER_REMOVED_SUBTREES", "PARTIMAGENET_ROOTS", "removed_synsets", "select_classes", "filter_manifest"]
 
@@ -52,7 +52,7 @@ def _closure(roots, wn):
 
 def removed_synsets(words=PAPER_REMOVED_SUBTREES, wn=None) -> set:
     """wnids in the subtrees of every noun sense of ``words``."""
-    wn = wn or _wordnet()
+    wn = wn or load_wordnet()
     roots = []
     for word in words:
         senses = [s for s in wn.synsets(word.replace(" ", "_"), pos="n") if word.replace(" ", "_") in
@@ -64,7 +64,7 @@ def removed_synsets(words=PAPER_REMOVED_SUBTREES, wn=None) -> set:
 
 
 def inside_synsets(roots=PARTIMAGENET_ROOTS, wn=None) -> set:
-    wn = wn or _wordnet()
+    wn = wn or load_wordnet()
     try:
         return _closure([wn.synset(r) for r in roots], wn)
     except Exception as e:  # noqa: BLE001  (nltk's WordNetError)
@@ -79,7 +79,7 @@ def select_classes(synsets, num_classes: int = 10000, balanced: int = 0, seed: i
     "inside": [...], "outside": [...] (the balanced halves; empty when balanced is 0), "selected": [...]}``,
     each sorted. ``selected`` is the balanced set when ``balanced`` > 0, else ``sampled``.
     """
-    wn = _wordnet()
+    wn = load_wordnet()
     gone = removed_synsets(removed, wn)
     unknown = [s for s in synsets if synset_of_wnid(s, wn) is None]
     if unknown:

@@ -67,6 +67,7 @@ __all__ = [
     "EFFICIENTNET_LITE0_PIXEL_MEAN",
     "EFFICIENTNET_LITE0_PIXEL_STD",
     "UNUSED_CLASSIFIER_KEYS",
+    "STAGE_BLOCKS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ _LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
 
 # Stride groups used for outputs and for freezing: name -> block indices.
 # "stem" additionally contains _conv_stem/_bn0.
-_STAGE_BLOCKS: Dict[str, Tuple[int, ...]] = {
+STAGE_BLOCKS: Dict[str, Tuple[int, ...]] = {
     "stem": (0,),
     "res2": (1, 2),  # 24 channels, stride 4
     "res3": (3, 4),  # 40 channels, stride 8
@@ -258,8 +259,8 @@ class EfficientNetLite0(Backbone):
         for name in out_features:
             if name not in _FEATURE_NAMES:
                 raise ValueError(f"Unknown EfficientNetLite0 output feature {name!r}; available: {_FEATURE_NAMES}")
-        if not 0 <= int(freeze_at) <= len(_STAGE_BLOCKS):
-            raise ValueError(f"freeze_at must be in [0, {len(_STAGE_BLOCKS)}], got {freeze_at}")
+        if not 0 <= int(freeze_at) <= len(STAGE_BLOCKS):
+            raise ValueError(f"freeze_at must be in [0, {len(STAGE_BLOCKS)}], got {freeze_at}")
 
         self.norm = norm
         self._conv_stem = _conv(3, _STEM_CHANNELS, 3, stride=2)
@@ -292,7 +293,7 @@ class EfficientNetLite0(Backbone):
         self._out_feature_strides = {n: _FEATURE_STRIDES[n] for n in self._out_features}
         self._out_feature_channels = {n: _FEATURE_CHANNELS[n] for n in self._out_features}
         # block index -> feature name, for the last block of each stride group
-        self._feature_at_block = {_STAGE_BLOCKS[n][-1]: n for n in self._out_features}
+        self._feature_at_block = {STAGE_BLOCKS[n][-1]: n for n in self._out_features}
         self._num_blocks_needed = max(self._feature_at_block) + 1
 
         self._init_weights()
@@ -318,7 +319,7 @@ class EfficientNetLite0(Backbone):
     def stage_modules(self) -> Dict[str, List[nn.Module]]:
         """Stride groups in order: stem, res2, res3, res4, res5 -> their modules."""
         groups = {}
-        for name, block_ids in _STAGE_BLOCKS.items():
+        for name, block_ids in STAGE_BLOCKS.items():
             mods = [self._blocks[i] for i in block_ids]
             if name == "stem":
                 mods = [self._conv_stem, self._bn0] + mods
@@ -334,8 +335,8 @@ class EfficientNetLite0(Backbone):
             for p in self._conv_stem.parameters():
                 p.requires_grad = False
             self._bn0 = _freeze_module(self._bn0)
-        for name in list(_STAGE_BLOCKS)[: max(freeze_at, 0)]:
-            for i in _STAGE_BLOCKS[name]:
+        for name in list(STAGE_BLOCKS)[: max(freeze_at, 0)]:
+            for i in STAGE_BLOCKS[name]:
                 self._blocks[i] = _freeze_module(self._blocks[i])
         return self
 

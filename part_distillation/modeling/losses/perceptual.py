@@ -177,7 +177,7 @@ class EfficientNetFeatures(PerceptualNetwork):
 
     def __init__(self, layers: Sequence[str] = ("relu3_2", "relu5_4"), weights: str = ""):
         super().__init__(layers)
-        from ..backbone.efficientnet_lite import _STAGE_BLOCKS, EfficientNetLite0
+        from ..backbone.efficientnet_lite import STAGE_BLOCKS, EfficientNetLite0
 
         self.level_of = {}
         for name in self.layers:
@@ -192,7 +192,7 @@ class EfficientNetFeatures(PerceptualNetwork):
                     f"EfficientNet levels {_EFFNET_LEVELS}."
                 )
         self.net = EfficientNetLite0(out_features=("res2", "res3", "res4", "res5"), norm="FrozenBN", weights=weights)
-        self._last_block = {lvl: _STAGE_BLOCKS[lvl][-1] for lvl in _EFFNET_LEVELS}
+        self._last_block = {lvl: STAGE_BLOCKS[lvl][-1] for lvl in _EFFNET_LEVELS}
         self._depth = max(self._last_block[lvl] for lvl in self.level_of.values()) + 1
         self._freeze()
         logger.warning(

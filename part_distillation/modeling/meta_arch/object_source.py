@@ -146,9 +146,9 @@ def _set_detic_vocabulary(model, cfg) -> bool:
     if not MetadataCatalog.get(name).get("image_level_labels", False):
         return False
     DatasetCatalog.get(name)  # sets metadata class_codes (the manifest's sorted synsets)
-    from ...data.object_classes import _wordnet, synset_of_wnid
+    from ...data.object_classes import load_wordnet, synset_of_wnid
 
-    wn = _wordnet()
+    wn = load_wordnet()
     names = []
     for code in MetadataCatalog.get(name).class_codes:
         synset = synset_of_wnid(code, wn)
