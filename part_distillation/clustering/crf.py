@@ -77,6 +77,7 @@ from .permutohedral import (  # public there; private aliases keep this module's
     LatticeOperator as _LatticeOperator,
     PermutohedralLattice,
     pixel_grid as _pixel_grid,
+    spatial_crops_lattice as _spatial_crops_lattice,
     spatial_lattice as _spatial_lattice,
 )
 
@@ -552,8 +553,8 @@ class DenseCRFRefiner:
             if len(set(sizes)) == 1 and cache:  # one cached lattice, applied to every grid
                 lattice, norm = _spatial_lattice(*sizes[0], sigma, device)
                 copies = len(sizes)
-            else:
-                lattice = PermutohedralLattice(*_grid_features(sizes, sigma, device), num_groups=len(sizes))
+            else:  # crops: sub-lattices of a cached grid's lattice (the same lattice as a build, no sorts)
+                lattice = _spatial_crops_lattice(sizes, sigma, device)
                 norm, copies = lattice.symmetric_norm(), 1
             kernels.append(_LatticeOperator(lattice, norm, norm * self.spatial_weight, copies, active, messages))
         if self.bilateral_weight > 0:
