@@ -122,21 +122,23 @@ def _group_by_corner(codes: torch.Tensor, corner_stride: int):
     """
     n, dp1 = codes.shape
     narrow = corner_stride < 2**31
-    sorted_codes, entry_order = [], []
+    sorted_codes, orders = [], []
     for corner in range(dp1):
         column = codes[:, corner]
         if narrow:
-            order = torch.sort((column - corner * corner_stride).int(), stable=True)[1]
-            values = column[order]
+            values, order = torch.sort((column - corner * corner_stride).int(), stable=True)
+            values = values.long() + corner * corner_stride
         else:
             values, order = torch.sort(column.contiguous(), stable=True)
         sorted_codes.append(values)
-        entry_order.append(order * dp1 + corner)
-    sorted_codes, entry_order = torch.cat(sorted_codes), torch.cat(entry_order)
+        orders.append(order)
+    sorted_codes, orders = torch.cat(sorted_codes), torch.stack(orders)
     starts = torch.ones_like(sorted_codes, dtype=torch.bool)
     starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
     ids_sorted = torch.cumsum(starts, 0) - 1
-    vertex_of_entry = torch.empty_like(ids_sorted).scatter_(0, entry_order, ids_sorted)
+    # vertex of each (point, corner): scattered corner by corner into contiguous rows (cache-friendlier)
+    vertex_of_entry = torch.empty_like(orders).scatter_(1, orders, ids_sorted.view(dp1, n)).t().reshape(-1)
+    entry_order = (orders * dp1 + torch.arange(dp1, device=codes.device)[:, None]).reshape(-1)
     bounds = torch.cat([torch.nonzero(starts)[:, 0], torch.tensor([n * dp1], device=codes.device)])
     return sorted_codes[starts], vertex_of_entry, entry_order, bounds[1:] - bounds[:-1]
 
@@ -421,11 +423,17 @@ class LatticeOperator:
         columns = points
         if active is not None:
             # keep the splat entries of active points (rows stay in order, points renumbered) ...
-            keep = active[splat_col.long()]
-            rows = torch.repeat_interleave(torch.arange(total, device=device), counts.long())
-            counts = torch.bincount(rows[keep], minlength=total)
+            # (entries per row: differences of a running count of kept entries at the row bounds)
+            point = splat_col.long()
+            keep = active[point]
+            bounds = torch.zeros(total + 1, dtype=torch.long, device=device)
+            bounds[1:] = torch.cumsum(counts, 0)
+            running = torch.zeros(keep.numel() + 1, dtype=torch.long, device=device)
+            torch.cumsum(keep, 0, out=running[1:])
+            counts = running[bounds[1:]] - running[bounds[:-1]]
+            kept = torch.nonzero(keep)[:, 0]
             position = torch.cumsum(active, 0) - 1
-            splat_col, splat_values = position[splat_col.long()[keep]].to(index_dtype), splat_values[keep]
+            splat_col, splat_values = position[point[kept]].to(index_dtype), splat_values[kept]
             # ... and the slice rows of active points
             slice_col, slice_values = slice_col[active], slice_values[active]
             columns = slice_col.shape[0]
