@@ -34,9 +34,12 @@ lattice costs O(N·(d+1)·L) per iteration whatever σ is, and it needs no windo
 Implementation: splat and slice are fixed sparse matrices with the normalisation and the Potts
 weight folded in, so each iteration is two CSR × dense products per kernel plus d + 1 gather rounds
 on the (much smaller) vertex set. Building a lattice is one sort of the simplex-corner keys per
-corner index (packed into int64), a searchsorted for the blur neighbours, and no Python loop over
-pixels or images: a batch is one lattice whose keys carry the image index. The position-only
-lattice depends only on the image size, so it is cached and applied to every image of a batch.
+corner index (packed into int64, sorted as 32-bit offsets when they fit), a searchsorted for the
+blur neighbours, and no Python loop over pixels or images: a batch is one lattice whose keys carry
+the image index. The position-only lattice depends only on the grid size, so whole images share a
+cached one, and a crop's is the exact sub-lattice of the top-left corner of one cached grid
+(:meth:`PermutohedralLattice.subset`: a crop's pixel positions are that corner's, and a point's
+simplex depends on its own features only), so crops build only their bilateral lattice.
 Everything is deterministic on the CPU (sorts are stable, MKL reduces each row in order).
 
 CPU threads: the backend issues many medium-sized ops, so on an oversubscribed CPU (a shared
@@ -57,7 +60,8 @@ Speed paths of the torch backend (stage 1 labels every object of every image):
   labels take part in the iterations (outside pixels send no part message and are one-hot
   background); the lattices still hold every pixel, so the normalisation is unchanged.
 * :meth:`DenseCRFRefiner.refine_boxes`: all object crops of an image in one problem (the crops are
-  groups of one lattice per kernel), instead of a lattice build and ~500 small ops per crop.
+  groups of one lattice per kernel), instead of a lattice build and ~500 small ops per crop; the
+  crops' position lattices are cut from one cached grid's (exact, see above), not built.
 * ``downsample=f`` (approximate, opt-in: MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE): mean-field on an f
   times coarser grid, then the last update at full resolution from the full-resolution unary and
   the upsampled coarse messages. ~f² fewer lattice points; ~98 % label agreement with pydensecrf at

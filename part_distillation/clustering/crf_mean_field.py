@@ -50,7 +50,7 @@ class TorchMeanField:
 
         ``images``: uint8 ``[3, h_i, w_i]``; ``neg_unary`` ``[P, L]`` and ``hard`` ``[P]`` hold the
         pixels of the grids one grid after the other, each row-major. ``crops``: the grids are
-        crops of any size (their position lattice is not cached) and only the labels are needed
+        crops of any size (position lattices cut from a cached grid's) and only the labels are needed
         (rows may be unnormalised log-marginals, same argmax, which saves a softmax).
         """
         offsets = np.cumsum([0] + [im.shape[-2] * im.shape[-1] for im in images]).tolist()
@@ -133,7 +133,8 @@ class TorchMeanField:
 
         ``colours``: float ``[3, h_i, w_i]`` per grid; ``factor``: the grids' pixel size in image
         pixels (the position sigmas are divided by it). ``cache``: grids of one size share a cached
-        position lattice (images of a dataset; not crops, whose sizes rarely repeat).
+        position lattice (images of a dataset); else (crops, whose sizes rarely repeat) each grid's
+        position lattice is the exact sub-lattice of one cached grid's (:func:`spatial_crops_lattice`).
         """
         device = neg_unary.device
         sizes = [tuple(c.shape[-2:]) for c in colours]
