@@ -9,6 +9,9 @@ the whole image, and one ``torch.save`` per image. Both label the same toyparts 
 "ours" runs the stage-1 config as it is (full-resolution CRF); "ours, CRF x2" adds
 ``MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE 2`` (the approximate, coarse-grid CRF: faster, slightly lower AR).
 
+Times are wall seconds and, for the labelling loops, CPU seconds of this process (``speedup_cpu_time``): on a
+shared CPU the latter do not count the time spent waiting for a core, so their ratio is the steadier one.
+
 Also samples the process's resident memory while ours labels a longer run: it must stay flat
 (records are streamed to shards, nothing accumulates).
 
