@@ -29,6 +29,7 @@ __all__ = [
 _KEY_BITS = 62  # packed lattice keys must stay below 2**62 so neighbour arithmetic cannot overflow
 _SPATIAL_CACHE_SIZE = 8
 _CROP_GRID_STEP = 128  # crops take their position lattice from a cached square grid, a multiple of this side
+_CROP_GRID_MAX_POINTS = 2**21  # larger crops build their own position lattice (the cached grid would be too big)
 
 
 class KeyOverflow(ValueError):
@@ -502,9 +503,15 @@ def spatial_crops_lattice(sizes: List[Tuple[int, int]], sigma: float, device) ->
     grid's lattice is a :meth:`~PermutohedralLattice.subset` of the lattice of one cached square grid per
     (sigma, device), which only grows (to the largest size seen, rounded up to a multiple of 128): crops of
     every size share it. Same lattice as ``PermutohedralLattice(features, groups)`` on the grids' own
-    positions, without the sorts of a build.
+    positions, without the sorts of a build. Crops longer than ~1448 px (a grid of over 2**21 points)
+    are built directly.
     """
     key, needed = (float(sigma), str(device)), max(max(h, w) for h, w in sizes)
+    if needed * needed > _CROP_GRID_MAX_POINTS:  # e.g. a long thin crop of a large image: build it as it is
+        features = torch.cat([pixel_grid(h, w, device) for h, w in sizes]) / sigma
+        counts = torch.tensor([h * w for h, w in sizes], device=device)
+        groups = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+        return PermutohedralLattice(features, groups, num_groups=len(sizes))
     parent = _crop_grids.get(key)
     if parent is None or parent[0] < needed:
         side = -(-needed // _CROP_GRID_STEP) * _CROP_GRID_STEP

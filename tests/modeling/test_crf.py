@@ -438,6 +438,14 @@ def test_crop_position_lattices_equal_building_them(monkeypatch):
         assert cropped.num_vertices == built.num_vertices
         torch.testing.assert_close(cropped.filter(values), built.filter(values), rtol=1e-6, atol=1e-6)
     assert next(iter(permutohedral._crop_grids.values()))[0] == 48
+    # beyond the cached grid's size limit the crops' lattice is built as before
+    monkeypatch.setattr(permutohedral, "_CROP_GRID_MAX_POINTS", 30 * 30)
+    sizes = [(40, 5), (12, 12)]
+    values = torch.rand(sum(h * w for h, w in sizes), 2)
+    built = PermutohedralLattice(*crf_mean_field._grid_features(sizes, 3.0, "cpu"), num_groups=len(sizes))
+    torch.testing.assert_close(
+        permutohedral.spatial_crops_lattice(sizes, 3.0, "cpu").filter(values), built.filter(values)
+    )
 
 
 @pytest.mark.parametrize("restrict", [False, True])
