@@ -417,6 +417,8 @@ def test_subset_is_the_lattice_of_the_subset():
     built = PermutohedralLattice(features[points])
     assert sub.num_vertices == built.num_vertices
     torch.testing.assert_close(sub.filter(values), built.filter(values), rtol=1e-6, atol=1e-6)
+    sorted_sub = PermutohedralLattice(features, sorted_columns=True).subset(points)  # the cuSPARSE layout
+    torch.testing.assert_close(sorted_sub.filter(values), built.filter(values), rtol=1e-6, atol=1e-6)
     # two subsets concatenated = one lattice with a group per subset
     both = PermutohedralLattice.concat([sub, sub])
     groups = torch.arange(2).repeat_interleave(points.numel())
