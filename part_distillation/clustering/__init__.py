@@ -3,7 +3,7 @@
 * :mod:`.kmeans`: batched K-means in torch (many small problems at once) and distances/assignment to given
   centers; :mod:`.kmeans_lloyd` holds its Lloyd iterations.
 * :mod:`.crf`: the dense CRF that snaps part segments to image edges (torch or pydensecrf backend);
-  :mod:`.permutohedral` holds the permutohedral lattice of its torch backend.
+  :mod:`.crf_mean_field` holds its torch backend's mean-field and :mod:`.permutohedral` the permutohedral lattice.
 * :mod:`.prototypes`: per-object-class clustering of part features and the prototypes file.
 
 It imports only :mod:`part_distillation.structures` and :mod:`part_distillation.utils` from the package.

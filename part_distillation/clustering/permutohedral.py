@@ -17,10 +17,19 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["PermutohedralLattice", "LatticeOperator", "KeyOverflow", "pixel_grid", "spatial_lattice"]
+__all__ = [
+    "PermutohedralLattice",
+    "LatticeOperator",
+    "KeyOverflow",
+    "pixel_grid",
+    "spatial_lattice",
+    "spatial_crops_lattice",
+]
 
 _KEY_BITS = 62  # packed lattice keys must stay below 2**62 so neighbour arithmetic cannot overflow
 _SPATIAL_CACHE_SIZE = 8
+_CROP_GRID_STEP = 128  # crops take their position lattice from a cached square grid, a multiple of this side
+_CROP_GRID_MAX_POINTS = 2**21  # larger crops build their own position lattice (the cached grid would be too big)
 
 
 class KeyOverflow(ValueError):
@@ -102,25 +111,35 @@ def _strides(radices: List[int]) -> List[int]:
     return strides[::-1]
 
 
-def _group_by_corner(codes: torch.Tensor):
+def _group_by_corner(codes: torch.Tensor, corner_stride: int):
     """Deduplicate ``[N, d+1]`` vertex codes whose leading digit is the corner k.
 
     Returns the sorted unique codes, the vertex id of every flat entry ``n·(d+1) + k``, the entries
     in vertex order (points ascending inside a vertex: the sorts are stable) and the entries per
     vertex. Codes of corner k all precede those of corner k+1, so d+1 sorts of N codes replace one
-    sort of N·(d+1); pixel-ordered codes are nearly sorted per corner, which makes each sort cheap.
+    sort of N·(d+1). Inside a corner the codes differ by less than ``corner_stride`` (the leading
+    digit's stride); when that fits in int32 each sort runs on the 32-bit offsets (~2x faster on
+    the CPU, the same stable order).
     """
     n, dp1 = codes.shape
-    sorted_codes, entry_order = [], []
+    narrow = corner_stride < 2**31
+    sorted_codes, orders = [], []
     for corner in range(dp1):
-        values, order = torch.sort(codes[:, corner].contiguous(), stable=True)
+        column = codes[:, corner]
+        if narrow:
+            values, order = torch.sort((column - corner * corner_stride).int(), stable=True)
+            values = values.long() + corner * corner_stride
+        else:
+            values, order = torch.sort(column.contiguous(), stable=True)
         sorted_codes.append(values)
-        entry_order.append(order * dp1 + corner)
-    sorted_codes, entry_order = torch.cat(sorted_codes), torch.cat(entry_order)
+        orders.append(order)
+    sorted_codes, orders = torch.cat(sorted_codes), torch.stack(orders)
     starts = torch.ones_like(sorted_codes, dtype=torch.bool)
     starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
     ids_sorted = torch.cumsum(starts, 0) - 1
-    vertex_of_entry = torch.empty_like(ids_sorted).scatter_(0, entry_order, ids_sorted)
+    # vertex of each (point, corner): scattered corner by corner into contiguous rows (cache-friendlier)
+    vertex_of_entry = torch.empty_like(orders).scatter_(1, orders, ids_sorted.view(dp1, n)).t().reshape(-1)
+    entry_order = (orders * dp1 + torch.arange(dp1, device=codes.device)[:, None]).reshape(-1)
     bounds = torch.cat([torch.nonzero(starts)[:, 0], torch.tensor([n * dp1], device=codes.device)])
     return sorted_codes[starts], vertex_of_entry, entry_order, bounds[1:] - bounds[:-1]
 
@@ -170,7 +189,7 @@ class PermutohedralLattice:
         codes, strides = self._vertex_codes(q0, rank, groups, num_groups)
         # sorting the (point, corner) vertex codes gives the vertex set, each point's vertex ids and
         # the splat matrix's rows (entries grouped by vertex, points ascending)
-        vertex_codes, vertex_of_entry, entry_order, entries_per_vertex = _group_by_corner(codes)
+        vertex_codes, vertex_of_entry, entry_order, entries_per_vertex = _group_by_corner(codes, strides[0])
         self.num_vertices = vertex_codes.numel()
         self.vertex_index = vertex_of_entry.view(self.num_points, dp1)  # [N, d+1] vertex of the k-th corner
         self._neighbours = self._blur_neighbours(vertex_codes, strides)
@@ -180,12 +199,115 @@ class PermutohedralLattice:
         self._splat_counts = entries_per_vertex  # splat rows = vertices, holding ...
         self._splat_col = (entry_order // dp1).to(self.index_dtype)  # ... these points ...
         self._splat_bary = self.bary.reshape(-1)[entry_order]  # ... with these barycentric weights
-        slice_vertex = self.vertex_index  # slice rows = points, d+1 vertices each
+        self._set_slice()
+
+    def _set_slice(self):
+        """Slice rows = points, d+1 vertices each (column ids ascending per row where cuSPARSE wants it)."""
+        slice_vertex = self.vertex_index
         self._slice_order = None
-        if self.sorted_columns:  # cuSPARSE wants each row's column ids ascending
+        if self.sorted_columns:
             self._slice_order = torch.argsort(slice_vertex, 1)
             slice_vertex = torch.gather(slice_vertex, 1, self._slice_order)
         self._slice_col = slice_vertex.to(self.index_dtype)
+
+    # ---- sub-lattices --------------------------------------------------------------------------
+    def subset(self, points: torch.Tensor) -> "PermutohedralLattice":
+        """The lattice of the points ``points`` (ascending long ids) alone, without building it again.
+
+        A point's simplex depends only on its own features, so the lattice built from a subset of
+        the points has exactly the vertices those points touch, the blur links between them, and
+        the same splat entries in the same order (points ascending inside a vertex). Selecting them
+        here costs a few passes over this lattice's entries instead of the sorts of a build; the
+        result is the same lattice (vertices may be numbered differently, which changes nothing:
+        the blur updates every vertex from the previous round's values). Used for crops of a
+        position-only grid: a crop's pixel positions are those of the top-left corner of a larger
+        grid, whose lattice is cached (:func:`spatial_lattice`).
+        """
+        new_id = torch.full((self.num_points,), -1, dtype=torch.long, device=self.bary.device)
+        new_id[points] = torch.arange(points.numel(), device=self.bary.device)
+        entry_point = new_id[self._splat_col.long()]
+        kept = torch.nonzero(entry_point >= 0)[:, 0]
+        return self._subset_entries(points, kept, entry_point[kept])
+
+    def _subset_entries(self, points, kept, entry_point) -> "PermutohedralLattice":
+        """:meth:`subset` given the splat entries ``kept`` (ascending) of those points and their new point ids."""
+        device, dp1 = self.bary.device, self.dim + 1
+        num_vertices = self.num_vertices
+        # entries per vertex among the kept ones: differences of a running count at the vertex boundaries
+        running = torch.zeros(self._splat_col.numel() + 1, dtype=torch.long, device=device)
+        running[kept + 1] = 1
+        running = torch.cumsum(running, 0)
+        bounds = torch.zeros(num_vertices + 1, dtype=torch.long, device=device)
+        bounds[1:] = torch.cumsum(self._splat_counts, 0)
+        counts = running[bounds[1:]] - running[bounds[:-1]]
+        used = counts > 0
+        vertex_id = torch.cumsum(used, 0) - 1
+        num_used = int(vertex_id[-1]) + 1 if num_vertices else 0
+        # blur links: a neighbour outside the subset is missing (id num_used), as in a fresh build
+        neighbours = self._neighbours[:, :, used]
+        present = neighbours < num_vertices
+        present &= used[neighbours.clamp_max(num_vertices - 1)]
+        neighbours = torch.where(present, vertex_id[neighbours.clamp_max(num_vertices - 1)], num_used)
+        return PermutohedralLattice._assemble(
+            dim=self.dim,
+            bary=self.bary[points],
+            vertex_index=vertex_id[self.vertex_index[points]],
+            neighbours=neighbours,
+            splat_counts=counts[used],
+            splat_col=entry_point,
+            splat_bary=self._splat_bary[kept],
+            sorted_columns=self.sorted_columns,
+            num_vertices=num_used,
+            points_dp1=points.numel() * dp1,
+        )
+
+    @staticmethod
+    def concat(lattices: List["PermutohedralLattice"]) -> "PermutohedralLattice":
+        """One lattice of several independent ones (points and vertices one lattice after the other).
+
+        The same filter as a lattice built with one group per input lattice (groups never interact).
+        """
+        point_offsets, vertex_offsets, total_points, total_vertices = [], [], 0, 0
+        for lattice in lattices:
+            point_offsets.append(total_points)
+            vertex_offsets.append(total_vertices)
+            total_points += lattice.num_points
+            total_vertices += lattice.num_vertices
+        neighbours = [
+            torch.where(lat._neighbours == lat.num_vertices, total_vertices, lat._neighbours + offset)
+            for lat, offset in zip(lattices, vertex_offsets)
+        ]
+        return PermutohedralLattice._assemble(
+            dim=lattices[0].dim,
+            bary=torch.cat([lat.bary for lat in lattices]),
+            vertex_index=torch.cat([lat.vertex_index + off for lat, off in zip(lattices, vertex_offsets)]),
+            neighbours=torch.cat(neighbours, 2),
+            splat_counts=torch.cat([lat._splat_counts for lat in lattices]),
+            splat_col=torch.cat([lat._splat_col.long() + off for lat, off in zip(lattices, point_offsets)]),
+            splat_bary=torch.cat([lat._splat_bary for lat in lattices]),
+            sorted_columns=lattices[0].sorted_columns,
+            num_vertices=total_vertices,
+            points_dp1=total_points * (lattices[0].dim + 1),
+        )
+
+    @staticmethod
+    def _assemble(
+        *, dim, bary, vertex_index, neighbours, splat_counts, splat_col, splat_bary, sorted_columns, num_vertices,
+        points_dp1,
+    ) -> "PermutohedralLattice":  # fmt: skip
+        """A lattice from its parts (what ``__init__`` computes), for :meth:`subset` and :meth:`concat`."""
+        lattice = PermutohedralLattice.__new__(PermutohedralLattice)
+        lattice.num_points, lattice.dim = bary.shape[0], dim
+        lattice.sorted_columns = sorted_columns
+        lattice.bary, lattice.vertex_index = bary, vertex_index
+        lattice.num_vertices = num_vertices
+        lattice._neighbours = neighbours
+        lattice.index_dtype = torch.int32 if points_dp1 < 2**31 else torch.long
+        lattice._splat_counts = splat_counts
+        lattice._splat_col = splat_col.to(lattice.index_dtype)
+        lattice._splat_bary = splat_bary
+        lattice._set_slice()
+        return lattice
 
     # ---- construction --------------------------------------------------------------------------
     def _vertex_codes(self, q0, rank, groups, num_groups):
@@ -302,11 +424,17 @@ class LatticeOperator:
         columns = points
         if active is not None:
             # keep the splat entries of active points (rows stay in order, points renumbered) ...
-            keep = active[splat_col.long()]
-            rows = torch.repeat_interleave(torch.arange(total, device=device), counts.long())
-            counts = torch.bincount(rows[keep], minlength=total)
+            # (entries per row: differences of a running count of kept entries at the row bounds)
+            point = splat_col.long()
+            keep = active[point]
+            bounds = torch.zeros(total + 1, dtype=torch.long, device=device)
+            bounds[1:] = torch.cumsum(counts, 0)
+            running = torch.zeros(keep.numel() + 1, dtype=torch.long, device=device)
+            torch.cumsum(keep, 0, out=running[1:])
+            counts = running[bounds[1:]] - running[bounds[:-1]]
+            kept = torch.nonzero(keep)[:, 0]
             position = torch.cumsum(active, 0) - 1
-            splat_col, splat_values = position[splat_col.long()[keep]].to(index_dtype), splat_values[keep]
+            splat_col, splat_values = position[point[kept]].to(index_dtype), splat_values[kept]
             # ... and the slice rows of active points
             slice_col, slice_values = slice_col[active], slice_values[active]
             columns = slice_col.shape[0]
@@ -363,3 +491,43 @@ def spatial_lattice(height: int, width: int, sigma: float, device) -> Tuple[Perm
     while len(_spatial_cache) > _SPATIAL_CACHE_SIZE:
         _spatial_cache.popitem(last=False)
     return _spatial_cache[key]
+
+
+_crop_grids: "OrderedDict[tuple, tuple]" = OrderedDict()  # (side, lattice, y and x of its splat entries)
+
+
+def spatial_crops_lattice(sizes: List[Tuple[int, int]], sigma: float, device) -> PermutohedralLattice:
+    """Position-only lattice of grids of ``sizes`` (one group each, points one grid after the other), unbuilt.
+
+    The pixel positions of an h×w grid are those of the top-left h×w corner of any larger grid, so each
+    grid's lattice is a :meth:`~PermutohedralLattice.subset` of the lattice of one cached square grid per
+    (sigma, device), which only grows (to the largest size seen, rounded up to a multiple of 128): crops of
+    every size share it. Same lattice as ``PermutohedralLattice(features, groups)`` on the grids' own
+    positions, without the sorts of a build. Crops longer than ~1448 px (a grid of over 2**21 points)
+    are built directly.
+    """
+    key, needed = (float(sigma), str(device)), max(max(h, w) for h, w in sizes)
+    if needed * needed > _CROP_GRID_MAX_POINTS:  # e.g. a long thin crop of a large image: build it as it is
+        features = torch.cat([pixel_grid(h, w, device) for h, w in sizes]) / sigma
+        counts = torch.tensor([h * w for h, w in sizes], device=device)
+        groups = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+        return PermutohedralLattice(features, groups, num_groups=len(sizes))
+    parent = _crop_grids.get(key)
+    if parent is None or parent[0] < needed:
+        side = -(-needed // _CROP_GRID_STEP) * _CROP_GRID_STEP
+        lattice = PermutohedralLattice(pixel_grid(side, side, device) / sigma)
+        entry_point = lattice._splat_col.long()
+        y, x = torch.div(entry_point, side, rounding_mode="floor"), entry_point % side
+        _crop_grids[key] = parent = (side, lattice, y.to(torch.int16), x.to(torch.int16))
+        while len(_crop_grids) > _SPATIAL_CACHE_SIZE:
+            _crop_grids.popitem(last=False)
+    side, lattice, entry_y, entry_x = parent
+    parts = []
+    for height, width in sizes:
+        rows = torch.arange(height, device=device)[:, None] * side
+        points = (rows + torch.arange(width, device=device)[None]).reshape(-1)
+        # the splat entries of the h×w corner, found from their pixel's (y, x) (cheaper than an id map)
+        kept = torch.nonzero((entry_y < height) & (entry_x < width))[:, 0]
+        entry_point = entry_y[kept].long() * width + entry_x[kept]
+        parts.append(lattice._subset_entries(points, kept, entry_point))
+    return parts[0] if len(parts) == 1 else PermutohedralLattice.concat(parts)

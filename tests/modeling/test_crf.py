@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from part_distillation.clustering import crf as crf_module, permutohedral
+from part_distillation.clustering import crf as crf_module, crf_mean_field, permutohedral
 from part_distillation.clustering.crf import (
     DenseCRFRefiner,
     PermutohedralLattice,
@@ -404,3 +404,70 @@ def test_config_owns_restrict_to_object():
     cfg.MODEL.PIXEL_GROUPING.CRF.NUM_ITERS = 3
     refiner = DenseCRFRefiner.from_config(cfg)
     assert refiner.restrict_to_object is False and refiner.num_iters == 3
+
+
+# ---- crops: position lattices taken from one cached grid (no per-crop build) ------------------------
+def test_subset_is_the_lattice_of_the_subset():
+    """A sub-lattice filters exactly like a lattice built from the selected points' features alone."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.cat([permutohedral.pixel_grid(20, 24, "cpu") / 4.0, torch.rand(480, 3, generator=g) * 3], 1)
+    points = torch.nonzero(torch.rand(480, generator=g) < 0.6)[:, 0]
+    values = torch.rand(points.numel(), 2, generator=g)
+    sub = PermutohedralLattice(features).subset(points)
+    built = PermutohedralLattice(features[points])
+    assert sub.num_vertices == built.num_vertices
+    torch.testing.assert_close(sub.filter(values), built.filter(values), rtol=1e-6, atol=1e-6)
+    sorted_sub = PermutohedralLattice(features, sorted_columns=True).subset(points)  # the cuSPARSE layout
+    torch.testing.assert_close(sorted_sub.filter(values), built.filter(values), rtol=1e-6, atol=1e-6)
+    # two subsets concatenated = one lattice with a group per subset
+    both = PermutohedralLattice.concat([sub, sub])
+    groups = torch.arange(2).repeat_interleave(points.numel())
+    grouped = PermutohedralLattice(torch.cat([features[points]] * 2), groups)
+    torch.testing.assert_close(
+        both.filter(values.repeat(2, 1)), grouped.filter(values.repeat(2, 1)), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_crop_position_lattices_equal_building_them(monkeypatch):
+    """Crops' position lattices come from one cached grid that grows with the largest crop: the same
+    filter as building each crop's lattice (the previous per-crop path), whatever the cache holds."""
+    monkeypatch.setattr(permutohedral, "_CROP_GRID_STEP", 16)
+    permutohedral._crop_grids.clear()
+    for sizes in ([(20, 30), (9, 14)], [(40, 33)], [(5, 7), (40, 33), (17, 1)]):  # the second one grows the grid
+        values = torch.rand(sum(h * w for h, w in sizes), 3)
+        built = PermutohedralLattice(*crf_mean_field._grid_features(sizes, 3.0, "cpu"), num_groups=len(sizes))
+        cropped = permutohedral.spatial_crops_lattice(sizes, 3.0, "cpu")
+        assert cropped.num_vertices == built.num_vertices
+        torch.testing.assert_close(cropped.filter(values), built.filter(values), rtol=1e-6, atol=1e-6)
+    assert next(iter(permutohedral._crop_grids.values()))[0] == 48
+    # beyond the cached grid's size limit the crops' lattice is built as before
+    monkeypatch.setattr(permutohedral, "_CROP_GRID_MAX_POINTS", 30 * 30)
+    sizes = [(40, 5), (12, 12)]
+    values = torch.rand(sum(h * w for h, w in sizes), 2)
+    built = PermutohedralLattice(*crf_mean_field._grid_features(sizes, 3.0, "cpu"), num_groups=len(sizes))
+    torch.testing.assert_close(
+        permutohedral.spatial_crops_lattice(sizes, 3.0, "cpu").filter(values), built.filter(values)
+    )
+
+
+@pytest.mark.parametrize("restrict", [False, True])
+def test_refine_boxes_labels_match_the_per_crop_lattice_path(monkeypatch, restrict):
+    """Stage-1 labels with the cached-grid position lattices vs a lattice built per crop (the previous path)."""
+    permutohedral._crop_grids.clear()
+    cases = []
+    for size, parts, seed in ((96, 3, 4), (88, 4, 5), (96, 4, 6)):
+        image, _, noisy = make_fixture(size, num_parts=parts, seed=seed)
+        _, _, other = make_fixture(size, num_parts=parts, seed=seed + 10)
+        boxes = [(2, size - 5, 6, size - 1), (10, 70, 0, 61), (30, size, 25, size - 8)]  # overlapping crops
+        cases.append((image, torch.stack([noisy, other, noisy]), boxes, parts + 1))
+    refiner = DenseCRFRefiner("torch", restrict_to_object=restrict)
+    new = [refiner.refine_boxes(*case) for case in cases]
+
+    def built_per_crop(sizes, sigma, device):
+        return PermutohedralLattice(*crf_mean_field._grid_features(sizes, sigma, device), num_groups=len(sizes))
+
+    monkeypatch.setattr(crf_mean_field, "spatial_crops_lattice", built_per_crop)
+    old = [refiner.refine_boxes(*case) for case in cases]
+    agreement = torch.cat([(a == b).reshape(-1) for a, b in zip(new, old)]).float().mean()
+    assert agreement >= 0.999
+    assert any(not torch.equal(o, case[1]) for o, case in zip(old, cases))  # the CRF did move labels
