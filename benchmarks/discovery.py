@@ -83,10 +83,13 @@ def parse_args(argv=None):
         help="also score the learned heads' checkpoints every N iterations (a metric curve per run)",
     )
     p.add_argument(
-        "--grad-norms", type=int, default=0, metavar="N",
+        "--grad-norms",
+        type=int,
+        default=0,
+        metavar="N",
         help="instead of the benchmark: each learned head's loss values and per-term gradient norms on N training "
         "batches, at initialisation and with the run's model_final.pth from --workdir (seed = the first of --seeds)",
-    )  # fmt: skip
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method (KEY VALUE ...)")
     return p.parse_args(argv)
 
@@ -119,8 +122,11 @@ def _stage4_run(weights, workdir, opts):
 
     cfg = method_cfg(
         os.path.join(REPO, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml"),
-        os.path.join(workdir, "partdistillation"), 0, 0, ["MODEL.WEIGHTS", weights, *opts],
-    )  # fmt: skip
+        os.path.join(workdir, "partdistillation"),
+        0,
+        0,
+        ["MODEL.WEIGHTS", weights, *opts],
+    )
     model = Trainer.build_model(cfg)
     extra = DetectionCheckpointer(model).load(weights)
     start = time.perf_counter()
@@ -128,11 +134,18 @@ def _stage4_run(weights, workdir, opts):
     eval_seconds = time.perf_counter() - start
     train_dir = os.path.dirname(os.path.abspath(weights))
     iterations = int(extra["iteration"]) + 1 if "iteration" in extra else cfg.SOLVER.MAX_ITER
-    return {"method": "partdistillation", "seed": 0, "metrics": metrics, "iterations": iterations,
-            "seconds": read_train_seconds(train_dir), "eval_seconds": eval_seconds,
-            "loss_curve": read_loss_curve(train_dir), "weights": os.path.abspath(weights),
-            "seconds_source": f"estimated from {os.path.join(train_dir, 'metrics.json')} (median iteration time × "
-                              "iterations; 0 when absent), not timed by this benchmark"}  # fmt: skip
+    return {
+        "method": "partdistillation",
+        "seed": 0,
+        "metrics": metrics,
+        "iterations": iterations,
+        "seconds": read_train_seconds(train_dir),
+        "eval_seconds": eval_seconds,
+        "loss_curve": read_loss_curve(train_dir),
+        "weights": os.path.abspath(weights),
+        "seconds_source": f"estimated from {os.path.join(train_dir, 'metrics.json')} (median iteration time × "
+        "iterations; 0 when absent), not timed by this benchmark",
+    }
 
 
 def _grad_norms(args, sched):
@@ -150,8 +163,13 @@ def _grad_norms(args, sched):
         if not trained:
             continue
         run_dir = os.path.join(args.workdir, f"{name}_s{seed}")
-        cfg = method_cfg(os.path.join(REPO, "configs", config), os.path.join(args.workdir, f"{name}_gradnorms"), seed,
-                         sched.get(name, 0), args.opts)  # fmt: skip
+        cfg = method_cfg(
+            os.path.join(REPO, "configs", config),
+            os.path.join(args.workdir, f"{name}_gradnorms"),
+            seed,
+            sched.get(name, 0),
+            args.opts,
+        )
         out[name] = {}
         for stage, weights in (("init", ""), ("trained", os.path.join(run_dir, "model_final.pth"))):
             if weights and not os.path.isfile(weights):
@@ -174,8 +192,13 @@ def _eval_weights(args, sched):
     from part_distillation.engine.discovery_benchmark import evaluate_discovery_model, method_cfg
 
     name = args.methods[0]
-    cfg = method_cfg(os.path.join(REPO, "configs", METHODS[name][0]), os.path.join(args.workdir, f"{name}_scored"),
-                     args.seeds[0], sched.get(name, 0), args.opts)  # fmt: skip
+    cfg = method_cfg(
+        os.path.join(REPO, "configs", METHODS[name][0]),
+        os.path.join(args.workdir, f"{name}_scored"),
+        args.seeds[0],
+        sched.get(name, 0),
+        args.opts,
+    )
     model = Trainer.build_model(cfg)
     out = []
     for path in args.eval_weights:
@@ -205,7 +228,7 @@ def _payload(args, sched, runs):
             "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },  # fmt: skip
+        },
         "backbone": "EfficientNet-Lite0 (ImageNet, bundled), standing in for VGG19 / DINO / DINOv2",
         "dataset": "toyparts_landmarks_val (fit: toyparts_landmarks_train)",
         "schedules": sched,
@@ -225,17 +248,24 @@ def main(argv=None):
     sched = _schedule(args.iters)
     if args.grad_norms:
         payload = {
-            "benchmark": "discovery_grad_norms", "tag": args.tag, "batches": args.grad_norms, "seed": args.seeds[0],
+            "benchmark": "discovery_grad_norms",
+            "tag": args.tag,
+            "batches": args.grad_norms,
+            "seed": args.seeds[0],
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "norms": _grad_norms(args, sched),
-        }  # fmt: skip
+        }
         atomic_write_bytes(args.output, json.dumps(payload, indent=1).encode())
         print(json.dumps(payload["norms"], indent=1))
         return payload
     if args.eval_weights:
-        payload = {"benchmark": "discovery_checkpoints", "tag": args.tag, "method": args.methods[0],
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "scores": _eval_weights(args, sched)}  # fmt: skip
+        payload = {
+            "benchmark": "discovery_checkpoints",
+            "tag": args.tag,
+            "method": args.methods[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "scores": _eval_weights(args, sched),
+        }
         atomic_write_bytes(args.output, json.dumps(payload, indent=1).encode())
         print(json.dumps(payload["scores"], indent=1))
         return payload
@@ -254,10 +284,16 @@ def main(argv=None):
         config, trained = METHODS[name]
         runs.append(
             run_discovery_method(
-                name, os.path.join(REPO, "configs", config), trained, os.path.join(args.workdir, f"{name}_s{seed}"),
-                seed, sched.get(name, 0), args.opts, args.eval_every,
+                name,
+                os.path.join(REPO, "configs", config),
+                trained,
+                os.path.join(args.workdir, f"{name}_s{seed}"),
+                seed,
+                sched.get(name, 0),
+                args.opts,
+                args.eval_every,
             )
-        )  # fmt: skip
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         atomic_write_bytes(args.output, json.dumps(_payload(args, sched, runs), indent=1).encode())
     if args.stage4_weights:

@@ -79,10 +79,24 @@ def run_ours(out_dir, image_size, opts=(), device="cpu"):
     from part_distillation.engine import default_argument_parser, labelling, setup_cfg
     from part_distillation.engine.labelling import label_dataset
 
-    argv = ["--config-file", CONFIG, *EXTRA_OPTS,
-            "DATASETS.PSEUDO_LABEL_ROOT", os.path.join(out_dir, "store"), "OUTPUT_DIR", os.path.join(out_dir, "o"),
-            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", "DATALOADER.LABELLING_IMS_PER_BATCH", "4",
-            "INPUT.IMAGE_SIZE", str(image_size), "MODEL.DEVICE", device, *opts]  # fmt: skip
+    argv = [
+        "--config-file",
+        CONFIG,
+        *EXTRA_OPTS,
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        os.path.join(out_dir, "store"),
+        "OUTPUT_DIR",
+        os.path.join(out_dir, "o"),
+        "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET",
+        "",
+        "DATALOADER.LABELLING_IMS_PER_BATCH",
+        "4",
+        "INPUT.IMAGE_SIZE",
+        str(image_size),
+        "MODEL.DEVICE",
+        device,
+        *opts,
+    ]
     cfg = setup_cfg(default_argument_parser().parse_args(argv))  # what tools/make_pseudo_labels.py runs
     cpu = {}
     real_inference = labelling.inference_on_dataset
@@ -152,8 +166,10 @@ def run_reference(out_dir, model, mapper, dicts):
                 rle = mask_util.encode(m)
                 rle["counts"] = rle["counts"].decode()
                 rles.append({"segmentation": rle})
-        torch.save({"file_name": record["file_name"], "part_mask": rles, "height": h, "width": w},
-                   os.path.join(out_dir, f"{index}.pth"))  # fmt: skip
+        torch.save(
+            {"file_name": record["file_name"], "part_mask": rles, "height": h, "width": w},
+            os.path.join(out_dir, f"{index}.pth"),
+        )
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
@@ -177,9 +193,11 @@ def main():
     )
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "pseudo_labels.json"))
     parser.add_argument(
-        "--threads", type=int, default=min(2, os.cpu_count() or 1),
+        "--threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
         help="torch intra-op threads of both pipelines (1 is steadier when other jobs share the cores)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--device",
         default="cpu",
@@ -214,8 +232,14 @@ def main():
 
     work = tempfile.mkdtemp(prefix="bench_pl_")
     os.environ["DETECTRON2_DATASETS"] = work
-    ensure_toyparts(os.path.join(work, "toyparts"), num_train=1, num_val=args.num_images, seed=0,
-                    image_size=args.image_size, progress=False)  # fmt: skip
+    ensure_toyparts(
+        os.path.join(work, "toyparts"),
+        num_train=1,
+        num_val=args.num_images,
+        seed=0,
+        image_size=args.image_size,
+        progress=False,
+    )
     cfg = load_cfg(CONFIG, [*EXTRA_OPTS, "INPUT.IMAGE_SIZE", str(args.image_size), "MODEL.DEVICE", args.device])
     cfg.MODEL.PIXEL_GROUPING.CRF.ENABLED = False  # the reference runs its own CRF below
     model = build_model(cfg).eval()
@@ -225,8 +249,12 @@ def main():
     if args.paper:  # the paper's CRF is the full-resolution one
         coarse_s = float("nan")
     else:
-        coarse_s, _ = run_ours(os.path.join(work, "ours_x2"), args.image_size,
-                               ["MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE", "2"], device=args.device)  # fmt: skip
+        coarse_s, _ = run_ours(
+            os.path.join(work, "ours_x2"),
+            args.image_size,
+            ["MODEL.PIXEL_GROUPING.CRF.DOWNSAMPLE", "2"],
+            device=args.device,
+        )
     backbone_s = time_backbone(model, build_dataset_mapper(cfg, is_train=False), dicts)
     if args.skip_reference:
         ref_s = ref_cpu_s = float("nan")
@@ -242,7 +270,7 @@ def main():
             "python": platform.python_version(),
             "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },  # fmt: skip
+        },
         "threads": args.threads,
         "config": os.path.relpath(CONFIG, REPO),
         "paper_config": args.paper,
@@ -269,8 +297,14 @@ def main():
     if args.long_run:
         long_root = os.path.join(work, "long")
         os.environ["DETECTRON2_DATASETS"] = long_root
-        ensure_toyparts(os.path.join(long_root, "toyparts"), num_train=1, num_val=args.long_run, seed=1,
-                        image_size=args.image_size, progress=False)  # fmt: skip
+        ensure_toyparts(
+            os.path.join(long_root, "toyparts"),
+            num_train=1,
+            num_val=args.long_run,
+            seed=1,
+            image_size=args.image_size,
+            progress=False,
+        )
         sampler = RSSSampler()
         sampler.start()
         long_s, _ = run_ours(os.path.join(work, "ours_long"), args.image_size, device=args.device)
@@ -294,20 +328,30 @@ def main():
     print(
         f"| reference-style (sklearn per object + pydensecrf + torch.save) | {result['reference_images_per_s']:.2f} |"
     )
-    print(f"speed-up: {result['speedup']:.1f}x (target >= 5x); the shared backbone alone takes "
-          f"{result['backbone_s_per_image']:.3f} s/image; "
-          f"without it: {result['speedup_excluding_backbone']:.1f}x")  # fmt: skip
-    print(f"in CPU seconds (steadier on a shared CPU): {result['ours_cpu_s_per_image']:.3f} vs "
-          f"{result['reference_cpu_s_per_image']:.3f} s/image: {result['speedup_cpu_time']:.1f}x")  # fmt: skip
-    print(f"with CRF.DOWNSAMPLE 2: {result['speedup_crf_x2']:.1f}x, without the backbone "
-          f"{result['speedup_crf_x2_excluding_backbone']:.1f}x")  # fmt: skip
-    print(f"config {result['config']}: ImageNet-21K ({IMAGENET_21K} images) at {n / ours_s:.2f} images/s per device "
-          f"would take {result['imagenet_21k_hours_one_8_gpu_node']:.0f} h on one node of 8 such devices")  # fmt: skip
+    print(
+        f"speed-up: {result['speedup']:.1f}x (target >= 5x); the shared backbone alone takes "
+        f"{result['backbone_s_per_image']:.3f} s/image; "
+        f"without it: {result['speedup_excluding_backbone']:.1f}x"
+    )
+    print(
+        f"in CPU seconds (steadier on a shared CPU): {result['ours_cpu_s_per_image']:.3f} vs "
+        f"{result['reference_cpu_s_per_image']:.3f} s/image: {result['speedup_cpu_time']:.1f}x"
+    )
+    print(
+        f"with CRF.DOWNSAMPLE 2: {result['speedup_crf_x2']:.1f}x, without the backbone "
+        f"{result['speedup_crf_x2_excluding_backbone']:.1f}x"
+    )
+    print(
+        f"config {result['config']}: ImageNet-21K ({IMAGENET_21K} images) at {n / ours_s:.2f} images/s per device "
+        f"would take {result['imagenet_21k_hours_one_8_gpu_node']:.0f} h on one node of 8 such devices"
+    )
     if "long_run" in result:
         lr = result["long_run"]
-        print(f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
-              f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), "
-              f"growth {lr['rss_growth_mb']:+.0f} MB")  # fmt: skip
+        print(
+            f"memory over {lr['images']} images: RSS {lr['rss_mb_at_25_50pct_max']:.0f} MB (25-50%) -> "
+            f"{lr['rss_mb_last_quarter_max']:.0f} MB (last quarter), "
+            f"growth {lr['rss_growth_mb']:+.0f} MB"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
     print(f"wrote {args.out}")

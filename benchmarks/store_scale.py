@@ -93,8 +93,14 @@ def make_templates(image_dir, seed=0):
         path = os.path.join(image_dir, f"template_{t:02d}.jpg")
         image = (rng.random((h // 8 + 1, w // 8 + 1, 3)) * 255).astype(np.uint8)
         cv2.imwrite(path, cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR))
-        record = {"image_id": f"t{t}", "file_name": path, "height": h, "width": w, "class_code": "n00000000",
-                  "objects": objects}  # fmt: skip
+        record = {
+            "image_id": f"t{t}",
+            "file_name": path,
+            "height": h,
+            "width": w,
+            "class_code": "n00000000",
+            "objects": objects,
+        }
         templates.append(validate_record(record))
     return templates
 
@@ -157,10 +163,21 @@ def measure(root, path, workers, batches):
     pid = os.getpid()
     out = {"path": path, "rss_imports_mb": _kb(pid, "VmRSS") / 1024}
     opts = [
-        "DATASETS.PSEUDO_LABEL_ROOT", root, "DATASETS.PSEUDO_LABEL_LOADER", path,
-        "DATASETS.TRAIN", f"('{SOURCE}_pseudo_{STAGE}',)", "DATALOADER.NUM_WORKERS", str(workers),
-        "SOLVER.IMS_PER_BATCH", "4", "INPUT.IMAGE_SIZE", "256", "MODEL.DEVICE", "cpu",
-    ]  # fmt: skip
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        root,
+        "DATASETS.PSEUDO_LABEL_LOADER",
+        path,
+        "DATASETS.TRAIN",
+        f"('{SOURCE}_pseudo_{STAGE}',)",
+        "DATALOADER.NUM_WORKERS",
+        str(workers),
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "INPUT.IMAGE_SIZE",
+        "256",
+        "MODEL.DEVICE",
+        "cpu",
+    ]
     cfg = load_cfg(STAGE2, opts)
     t0 = time.perf_counter()
     register_all_pseudo_label_datasets(root, loader=path)
@@ -243,9 +260,15 @@ def main(argv=None):
             shutil.rmtree(root, ignore_errors=True)
             write_s, manifest = write_store(root, n, templates, args.shard_size)
         disk = store_bytes(directory)
-        row = {"n": n, "write_s": write_s, "disk_bytes": disk, "disk_bytes_per_image": disk / n,
-               "manifest_bytes": os.path.getsize(os.path.join(directory, "manifest.json")),
-               "num_parts": manifest["num_parts"], "num_objects": manifest["num_objects"]}  # fmt: skip
+        row = {
+            "n": n,
+            "write_s": write_s,
+            "disk_bytes": disk,
+            "disk_bytes_per_image": disk / n,
+            "manifest_bytes": os.path.getsize(os.path.join(directory, "manifest.json")),
+            "num_parts": manifest["num_parts"],
+            "num_objects": manifest["num_objects"],
+        }
         for path in ("store", "list"):
             if path == "list" and n > args.list_max:
                 continue

@@ -50,17 +50,41 @@ TARGET_OVERHEAD = 0.05
 NUM_CLASSES_BASELINE = 5
 
 VARIANTS = {
-    "mask2former": ["MODEL.META_ARCHITECTURE", "Mask2Former", "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
-                    str(NUM_CLASSES_BASELINE),
-                    "MODEL.MASK_FORMER.POINT_SAMPLING", "importance"],
-    "proposal": ["MODEL.META_ARCHITECTURE", "ProposalModel", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1",
-                 "MODEL.MASK_FORMER.POINT_SAMPLING", "uniform"],
-    "proposal_importance": ["MODEL.META_ARCHITECTURE", "ProposalModel", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1",
-                            "MODEL.MASK_FORMER.POINT_SAMPLING", "importance"],
-    "proposal_frozen": ["MODEL.META_ARCHITECTURE", "ProposalModel", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1",
-                        "MODEL.MASK_FORMER.POINT_SAMPLING", "uniform",
-                        "MODEL.MASK_FORMER.FREEZE_KEYS", '["backbone", "encoder"]'],
-}  # fmt: skip
+    "mask2former": [
+        "MODEL.META_ARCHITECTURE",
+        "Mask2Former",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        str(NUM_CLASSES_BASELINE),
+        "MODEL.MASK_FORMER.POINT_SAMPLING",
+        "importance",
+    ],
+    "proposal": [
+        "MODEL.META_ARCHITECTURE",
+        "ProposalModel",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "1",
+        "MODEL.MASK_FORMER.POINT_SAMPLING",
+        "uniform",
+    ],
+    "proposal_importance": [
+        "MODEL.META_ARCHITECTURE",
+        "ProposalModel",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "1",
+        "MODEL.MASK_FORMER.POINT_SAMPLING",
+        "importance",
+    ],
+    "proposal_frozen": [
+        "MODEL.META_ARCHITECTURE",
+        "ProposalModel",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "1",
+        "MODEL.MASK_FORMER.POINT_SAMPLING",
+        "uniform",
+        "MODEL.MASK_FORMER.FREEZE_KEYS",
+        '["backbone", "encoder"]',
+    ],
+}
 COMPARED = ("proposal", "proposal_importance")
 
 
@@ -86,8 +110,18 @@ def parse_args(argv=None):
 
 
 def variant_cfg(args, name):
-    opts = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "MODEL.DEVICE", args.device,
-            "MODEL.MASK_FORMER.FREEZE_KEYS", "[]", *args.opts, *VARIANTS[name]]  # fmt: skip
+    opts = [
+        "DATASETS.TRAIN",
+        "()",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.DEVICE",
+        args.device,
+        "MODEL.MASK_FORMER.FREEZE_KEYS",
+        "[]",
+        *args.opts,
+        *VARIANTS[name],
+    ]
     cfg = load_cfg(args.config, opts)
     cfg.SOLVER.AMP.ENABLED = args.device == "cuda"
     return cfg
@@ -177,11 +211,19 @@ def run(args):
             "trainable_params": runner.trainable,
             "overrides": VARIANTS[name],
         }
-        rows.append([name, f"{median:.4f}", f"{min(times[name]):.4f}", f"{max(times[name]):.4f}",
-                     "-" if overhead is None or name == "mask2former" else f"{100 * overhead:+.1f}%",
-                     f"{runner.trainable / 1e6:.2f}M"])  # fmt: skip
-    print(tabulate(rows, headers=["variant", "median s/it", "min", "max", "vs mask2former", "trainable"],
-                   tablefmt="pipe"))  # fmt: skip
+        rows.append(
+            [
+                name,
+                f"{median:.4f}",
+                f"{min(times[name]):.4f}",
+                f"{max(times[name]):.4f}",
+                "-" if overhead is None or name == "mask2former" else f"{100 * overhead:+.1f}%",
+                f"{runner.trainable / 1e6:.2f}M",
+            ]
+        )
+    print(
+        tabulate(rows, headers=["variant", "median s/it", "min", "max", "vs mask2former", "trainable"], tablefmt="pipe")
+    )
     checked = {n: variants[n]["overhead_vs_mask2former"] for n in COMPARED if n in variants and base}
     within = all(v <= TARGET_OVERHEAD for v in checked.values())
     print(

@@ -91,16 +91,25 @@ def train_frozen_backbone(trainer, head_key: str) -> dict:
 def tiny_quick_opts(output_dir, max_iter=20):
     """Overrides that shrink the stage-0 quick schedule to seconds on 2 CPU cores."""
     return [
-        "OUTPUT_DIR", str(output_dir),
-        "SOLVER.MAX_ITER", str(max_iter),
-        "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.STEPS", "()",
-        "SOLVER.WARMUP_ITERS", "0",
-        "INPUT.IMAGE_SIZE", "128",
-        "INPUT.MIN_SIZE_TEST", "128",
-        "INPUT.MAX_SIZE_TEST", "128",
-        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "512",
-    ]  # fmt: skip
+        "OUTPUT_DIR",
+        str(output_dir),
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.STEPS",
+        "()",
+        "SOLVER.WARMUP_ITERS",
+        "0",
+        "INPUT.IMAGE_SIZE",
+        "128",
+        "INPUT.MIN_SIZE_TEST",
+        "128",
+        "INPUT.MAX_SIZE_TEST",
+        "128",
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+        "512",
+    ]
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from part_distillation.utils.errors import ConfigError
 from conftest import QUICK_STAGE0, REPO_ROOT
 
 ALL_CONFIGS = sorted(
-    f for f in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
+    f
+    for f in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
     if not os.path.basename(f).startswith("Base-")
-)  # fmt: skip
+)
 
 
 def test_defaults_added():
@@ -78,10 +79,19 @@ def test_missing_config_file():
 def test_cli_prints_one_line_error(tmp_path):
     """The CLI turns a config mistake into `error: ...` on one line, exit code 2, no traceback."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK_STAGE0,
-         "MODEL.NOT_A_KEY", "1"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            QUICK_STAGE0,
+            "MODEL.NOT_A_KEY",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "MODEL.NOT_A_KEY" in errors[0]
@@ -92,10 +102,20 @@ def test_cli_missing_dataset_root(tmp_path):
     """A missing dataset gives one line naming the path and how to create it."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "nowhere"))
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK_STAGE0,
-         "OUTPUT_DIR", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            QUICK_STAGE0,
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(tmp_path / "nowhere") in errors[0] and "prepare_toyparts.py" in errors[0]

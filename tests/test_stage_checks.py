@@ -33,8 +33,11 @@ def _touch(path):
 
 
 def test_missing_default_checkpoints_name_the_key_and_the_stage(in_tmp):
-    with pytest.raises(ConfigError, match=r"MODEL.WEIGHTS='output/stage0_instance/model_final.pth' does not exist.*"
-                                          r"configs/stage0_instance.yaml"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"MODEL.WEIGHTS='output/stage0_instance/model_final.pth' does not exist.*"
+        r"configs/stage0_instance.yaml",
+    ):
         check_stage_weights(_cfg("stage2_proposals"))
     with pytest.raises(ConfigError, match=r"MODEL.WEIGHTS='output/stage2_proposals/model_final.pth'.*stage2_proposals"):
         check_stage_weights(_cfg("stage3_ranking"))
@@ -62,8 +65,12 @@ def test_frozen_modules_need_a_checkpoint(in_tmp):
     check_stage_weights(_cfg("stage3_ranking"))
     # the encoder alone from MODEL.WEIGHTS is enough for the frozen encoder; nothing frozen needs nothing
     check_stage_weights(_cfg("stage2_proposals", ["MODEL.PROPOSAL.INIT_FROM", ""]))
-    check_stage_weights(_cfg("stage2_proposals", ["MODEL.WEIGHTS", "", "MODEL.PROPOSAL.INIT_FROM", "",
-                                                  "MODEL.MASK_FORMER.FREEZE_KEYS", "[]"]))  # fmt: skip
+    check_stage_weights(
+        _cfg(
+            "stage2_proposals",
+            ["MODEL.WEIGHTS", "", "MODEL.PROPOSAL.INIT_FROM", "", "MODEL.MASK_FORMER.FREEZE_KEYS", "[]"],
+        )
+    )
     # eval-only checks only that named files exist
     check_stage_weights(_cfg("stage4_distillation", ["MODEL.PART_DISTILLATION.INIT_FROM", ""]), eval_only=True)
     # labelling needs the stage-2 model / a non-random backbone
@@ -98,10 +105,19 @@ def test_num_object_classes_from_the_store(tmp_path):
 def test_cli_refuses_in_one_line(in_tmp):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file",
-         os.path.join(REPO_ROOT, "configs", "stage2_proposals.yaml"), "MODEL.DEVICE", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            os.path.join(REPO_ROOT, "configs", "stage2_proposals.yaml"),
+            "MODEL.DEVICE",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "MODEL.WEIGHTS" in errors[0] and "Traceback" not in proc.stderr
@@ -170,19 +186,31 @@ def test_zero_shot_object_classes_in_the_eval_mapper(tmp_path):
     m[2:14, 3:12] = 1
     rle = mask_util.encode(np.asfortranarray(m))
     rle["counts"] = rle["counts"].decode("ascii")
-    record = {"file_name": str(tmp_path / "n02085620_1.JPEG"), "image_id": 7, "height": 16, "width": 16,
-              "class_code": "n02085620", "annotations": [{"segmentation": rle, "category_id": 0, "object_id": 0,
-                                                          "bbox": [3, 2, 9, 12], "bbox_mode": 1}]}  # fmt: skip
+    record = {
+        "file_name": str(tmp_path / "n02085620_1.JPEG"),
+        "image_id": 7,
+        "height": 16,
+        "width": 16,
+        "class_code": "n02085620",
+        "annotations": [{"segmentation": rle, "category_id": 0, "object_id": 0, "bbox": [3, 2, 9, 12], "bbox_mode": 1}],
+    }
     model = ["n02084071", "n02121808"]  # dog, domestic cat
     kw = dict(augmentations=[], image_format="RGB", part_to_object=[3])
     assert PartEvalDatasetMapper(**kw)(record)["objects"].gt_classes.tolist() == [3]  # the dataset's id
     synset = PartEvalDatasetMapper(**kw, object_class_map="synset", model_class_codes=model)
     assert synset(record)["objects"].gt_classes.tolist() == [0]  # Chihuahua → the model's dog
     preds = tmp_path / "preds.json"  # image 8's prediction belongs to another image
-    preds.write_text(json.dumps([{"image_id": 7, "segmentation": rle, "score": 0.9, "class_code": "n02121808"},
-                                 {"image_id": 8, "segmentation": rle, "score": 0.9, "category_id": 0}]))  # fmt: skip
-    predicted = PartEvalDatasetMapper(**kw, object_class_map="predicted", model_class_codes=model,
-                                      object_predictions=str(preds))  # fmt: skip
+    preds.write_text(
+        json.dumps(
+            [
+                {"image_id": 7, "segmentation": rle, "score": 0.9, "class_code": "n02121808"},
+                {"image_id": 8, "segmentation": rle, "score": 0.9, "category_id": 0},
+            ]
+        )
+    )
+    predicted = PartEvalDatasetMapper(
+        **kw, object_class_map="predicted", model_class_codes=model, object_predictions=str(preds)
+    )
     assert predicted(record)["objects"].gt_classes.tolist() == [1]  # the predicted cat, not the true dog
     with pytest.raises(ConfigError, match="OBJECT_PREDICTIONS_JSON"):
         PartEvalDatasetMapper(**kw, object_class_map="predicted")
@@ -201,10 +229,20 @@ def test_quick_schedules_pass_the_checks(in_tmp):
 def test_cli_refuses_gt_objects_on_imagenet(in_tmp):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "make_pseudo_labels.py"), "--config-file",
-         os.path.join(REPO_ROOT, "configs", "stage1_pixel_grouping.yaml"), "MODEL.DEVICE", "cpu",
-         "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "gt"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "make_pseudo_labels.py"),
+            "--config-file",
+            os.path.join(REPO_ROOT, "configs", "stage1_pixel_grouping.yaml"),
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE",
+            "gt",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "image-level labels" in errors[0], proc.stderr[-2000:]

@@ -84,11 +84,16 @@ def main(argv=None) -> dict:
     images, sample_path = _sample(cfg, args.sample_image)
     object_class = torch.tensor([args.object_class], dtype=torch.int64)
     os.makedirs(args.output, exist_ok=True)
-    info = {"config_file": args.config_file, "weights": cfg.MODEL.WEIGHTS,
-            "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
-            "input_size": list(images.shape[-2:]), "input_format": cfg.INPUT.FORMAT, "sample_image": sample_path,
-            "inputs": ["images"] + (["object_class"] if head.part_classifier is not None else []),
-            "files": {}}  # fmt: skip
+    info = {
+        "config_file": args.config_file,
+        "weights": cfg.MODEL.WEIGHTS,
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "input_size": list(images.shape[-2:]),
+        "input_format": cfg.INPUT.FORMAT,
+        "sample_image": sample_path,
+        "inputs": ["images"] + (["object_class"] if head.part_classifier is not None else []),
+        "files": {},
+    }
     with torch.no_grad():
         eager = head(images, object_class)
     if "torchscript" in args.format:
@@ -111,8 +116,12 @@ def main(argv=None) -> dict:
     atomic_write_bytes(
         os.path.join(os.path.abspath(args.output), "export.json"), json.dumps(info, indent=1).encode("utf-8")
     )
-    logger.info("Exported %s to %s (TorchScript vs eager: max |diff| %s)", cfg.MODEL.META_ARCHITECTURE, args.output,
-                info.get("torchscript_max_abs_diff"))  # fmt: skip
+    logger.info(
+        "Exported %s to %s (TorchScript vs eager: max |diff| %s)",
+        cfg.MODEL.META_ARCHITECTURE,
+        args.output,
+        info.get("torchscript_max_abs_diff"),
+    )
     return info
 
 

@@ -46,9 +46,11 @@ def get_parser():
     slurm.add_argument("--job-dir", default=None, help="submitit logs/pickles; default OUTPUT_DIR/slurm")
     slurm.add_argument("--port", type=int, default=0, help="rendezvous port on the first node; 0 = from the job id")
     slurm.add_argument(
-        "--cluster", default="slurm", choices=("slurm", "local", "debug"),
+        "--cluster",
+        default="slurm",
+        choices=("slurm", "local", "debug"),
         help="submitit executor: slurm, local (a subprocess) or debug (in this process, one task)",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -70,8 +72,12 @@ def executor_parameters(args) -> dict:
         "slurm_partition": args.partition,
         "slurm_signal_delay_s": 120,  # USR2 two minutes before the limit: time to requeue with --resume
     }
-    optional = {"slurm_account": args.account, "slurm_qos": args.qos,
-                "slurm_constraint": args.constraint, "slurm_comment": args.comment}  # fmt: skip
+    optional = {
+        "slurm_account": args.account,
+        "slurm_qos": args.qos,
+        "slurm_constraint": args.constraint,
+        "slurm_comment": args.comment,
+    }
     params.update({k: v for k, v in optional.items() if v})
     return {k: v for k, v in params.items() if v is not None}
 

@@ -81,14 +81,27 @@ def main(argv=None) -> dict:
         names = _store_class_names(args.source)
         title = args.title or f"Discovered parts: {args.source} / {args.stage}"
     samples, counts, stats = sample_part_instances(records, seed=args.seed, max_object_iou=args.drop_object_like)
-    result = write_collages(samples, counts, args.output, names, title, args.tile_size,
-                            progress=lambda keys: tqdm(keys, desc="collages", unit="part"))  # fmt: skip
+    result = write_collages(
+        samples,
+        counts,
+        args.output,
+        names,
+        title,
+        args.tile_size,
+        progress=lambda keys: tqdm(keys, desc="collages", unit="part"),
+    )
     result.update(stats, drop_object_like=args.drop_object_like)
     logger.info(
         "%d collages of %d classes in %s (%d parts seen, %d dropped as object-like, %d without part class, "
-        "%d unreadable instances)", result["collages"], result["classes"], args.output, stats["parts"],
-        stats["dropped_object_like"], stats["without_part_class"], result["skipped_instances"],
-    )  # fmt: skip
+        "%d unreadable instances)",
+        result["collages"],
+        result["classes"],
+        args.output,
+        stats["parts"],
+        stats["dropped_object_like"],
+        stats["without_part_class"],
+        result["skipped_instances"],
+    )
     print(json.dumps({k: v for k, v in result.items()}, indent=1))
     return result
 

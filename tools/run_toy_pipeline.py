@@ -146,9 +146,11 @@ def render_part_predictions(cfg, model, out_dir, per_class, score_threshold=0.0)
             mine = parts[(parts.object_index == m) & (parts.scores >= score_threshold)]
             name = object_names[classes[m]].replace(" ", "_")
             vis = Visualizer(image, metadata, scale=2.0, instance_mode=ColorMode.IMAGE).overlay_instances(
-                masks=mine.pred_masks.numpy(), labels=[f"part {int(k)}" for k in mine.pred_classes],
-                assigned_colors=[palette[int(k) % len(palette)] for k in mine.pred_classes], alpha=0.6,
-            )  # fmt: skip
+                masks=mine.pred_masks.numpy(),
+                labels=[f"part {int(k)}" for k in mine.pred_classes],
+                assigned_colors=[palette[int(k) % len(palette)] for k in mine.pred_classes],
+                alpha=0.6,
+            )
             folder = os.path.join(out_dir, name)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{record['image_id']}_object{m}.png")
@@ -183,8 +185,15 @@ def class_level_baseline(config, out, labels, extra, stage):
     """One-stage labels: class prototypes fit on toyparts_parts_train (cluster + labelling pass of rank_parts),
     then the labels of toyparts_parts_val with those prototypes, scored by mIoU-clustered and -mapped."""
     label("rank_parts", config, out, ["DATASETS.PSEUDO_LABEL_ROOT", labels, *extra], ["--stage", stage])
-    opts = ["OUTPUT_DIR", out, "MODEL.ONE_STAGE.PROTOTYPES", os.path.join(out, "prototypes.pth"),
-            "DATASETS.TEST", "('toyparts_parts_val',)", *extra]  # fmt: skip
+    opts = [
+        "OUTPUT_DIR",
+        out,
+        "MODEL.ONE_STAGE.PROTOTYPES",
+        os.path.join(out, "prototypes.pth"),
+        "DATASETS.TEST",
+        "('toyparts_parts_val',)",
+        *extra,
+    ]
     cfg = check_runtime(load_cfg(config, opts))
     cfg.freeze()
     model = Trainer.build_model(cfg)
@@ -224,9 +233,20 @@ def main(argv=None):
         os.path.join(out, "stage1_val_rgb"),
         ["DATASETS.PSEUDO_LABEL_ROOT", os.path.join(labels, "val_rgb"), *extra],
     )
-    label("make_pseudo_labels", STAGE1_CONFIG, os.path.join(out, "stage1_train"),
-          ["DATASETS.PSEUDO_LABEL_ROOT", labels, "DATASETS.TEST", "('toyparts_train',)",
-           "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", "", *extra])  # fmt: skip
+    label(
+        "make_pseudo_labels",
+        STAGE1_CONFIG,
+        os.path.join(out, "stage1_train"),
+        [
+            "DATASETS.PSEUDO_LABEL_ROOT",
+            labels,
+            "DATASETS.TEST",
+            "('toyparts_train',)",
+            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET",
+            "",
+            *extra,
+        ],
+    )
 
     # 2. part proposals
     stage2_dir = os.path.join(out, "stage2")
@@ -234,8 +254,12 @@ def main(argv=None):
     stage2_weights = os.path.join(stage2_dir, "model_final.pth")
 
     # 3. ranking inside the objects of the stage-1 store → toyparts_train_pseudo_ranking
-    label("rank_parts", STAGE3_CONFIG, os.path.join(out, "stage3"),
-          ["DATASETS.PSEUDO_LABEL_ROOT", labels, "MODEL.WEIGHTS", stage2_weights, *extra])  # fmt: skip
+    label(
+        "rank_parts",
+        STAGE3_CONFIG,
+        os.path.join(out, "stage3"),
+        ["DATASETS.PSEUDO_LABEL_ROOT", labels, "MODEL.WEIGHTS", stage2_weights, *extra],
+    )
 
     # 4. distillation, scored by mIoU-clustered (its final evaluation) and mIoU-mapped
     num_part_classes = load_cfg(STAGE4_CONFIG).MODEL.PART_DISTILLATION.NUM_PART_CLASSES
@@ -252,13 +276,18 @@ def main(argv=None):
 
     # baselines: class-level K-means of raw RGB and of the same features (one-stage labels), and one-stage
     # self-training (the stage-4 recipe on the one-stage labels)
-    rgb_clustered, rgb_mapped = class_level_baseline(ONESTAGE_RGB_CONFIG, os.path.join(out, "baseline_rgb_kmeans"),
-                                                     labels, extra, "rgb_kmeans")  # fmt: skip
-    one_clustered, one_mapped = class_level_baseline(ONESTAGE_CONFIG, os.path.join(out, "baseline_onestage_labels"),
-                                                     labels, extra, "onestage")  # fmt: skip
-    cfg_o, model_o, onestage = train(ONESTAGE_TRAIN_CONFIG, os.path.join(out, "baseline_onestage"),
-                                     ["DATASETS.PSEUDO_LABEL_ROOT", labels, "MODEL.PART_DISTILLATION.INIT_FROM",
-                                      stage2_weights, *args.opts], num_part_classes)  # fmt: skip
+    rgb_clustered, rgb_mapped = class_level_baseline(
+        ONESTAGE_RGB_CONFIG, os.path.join(out, "baseline_rgb_kmeans"), labels, extra, "rgb_kmeans"
+    )
+    one_clustered, one_mapped = class_level_baseline(
+        ONESTAGE_CONFIG, os.path.join(out, "baseline_onestage_labels"), labels, extra, "onestage"
+    )
+    cfg_o, model_o, onestage = train(
+        ONESTAGE_TRAIN_CONFIG,
+        os.path.join(out, "baseline_onestage"),
+        ["DATASETS.PSEUDO_LABEL_ROOT", labels, "MODEL.PART_DISTILLATION.INIT_FROM", stage2_weights, *args.opts],
+        num_part_classes,
+    )
     onestage_mapped = evaluate(cfg_o, model_o, "part_miou_mapped")
 
     segm = stage0.get("segm", {})
@@ -270,27 +299,42 @@ def main(argv=None):
     ]
     print_table(
         [
-            ("stage 0: objects (Mask2Former, EfficientNet-Lite0), toyparts_val mask AP / AP50 / AP75",
-             f"{segm.get('AP', float('nan')):.1f} / {segm.get('AP50', float('nan')):.1f} / "
-             f"{segm.get('AP75', float('nan')):.1f}"),
+            (
+                "stage 0: objects (Mask2Former, EfficientNet-Lite0), toyparts_val mask AP / AP50 / AP75",
+                f"{segm.get('AP', float('nan')):.1f} / {segm.get('AP50', float('nan')):.1f} / "
+                f"{segm.get('AP75', float('nan')):.1f}",
+            ),
             ("stage 1: part pseudo-labels (GT objects, K=4 + dense CRF), AR@1 / AR@10 / AR@200", ""),
             ("  EfficientNet-Lite0 res3+res4 features", _ars(stage1["ar"])),
             ("  raw RGB (baseline)", _ars(stage1_rgb["ar"])),
-            ("stage 2: part proposals trained on stage-1 labels, AR@1 / AR@10 / AR@200",
-             _ars(stage2["part_proposals"])),
+            (
+                "stage 2: part proposals trained on stage-1 labels, AR@1 / AR@10 / AR@200",
+                _ars(stage2["part_proposals"]),
+            ),
             ("toyparts_parts_val part mIoU (C-mIoU / A-mIoU): clustered | mapped", ""),
-            *[(name, f"{_miou(c, 'part_miou_clustered')} | {_miou(m, 'part_miou_mapped')}") for name, c,
-              m in miou_rows],
+            *[
+                (name, f"{_miou(c, 'part_miou_clustered')} | {_miou(m, 'part_miou_mapped')}")
+                for name, c, m in miou_rows
+            ],
             ("checkpoints", f"{out}/stage{{0,2,4}}/model_final.pth"),
             ("object overlays", f"{len(pictures)} in {os.path.join(out, 'stage0_predictions')}"),
             ("pseudo-label overlays", os.path.join(out, "stage1_val", "vis")),
             ("stage-4 part overlays per object class", f"{len(overlays)} in {os.path.join(out, 'stage4_parts')}"),
         ]
-    )  # fmt: skip
-    return {"stage0": stage0, "stage1": stage1, "stage1_rgb": stage1_rgb, "stage2": stage2, "stage4": stage4,
-            "stage4_mapped": stage4_mapped, "rgb_kmeans": (rgb_clustered, rgb_mapped),
-            "onestage_labels": (one_clustered, one_mapped), "onestage": (onestage, onestage_mapped),
-            "stage4_config": cfg4, "overlays": overlays}  # fmt: skip
+    )
+    return {
+        "stage0": stage0,
+        "stage1": stage1,
+        "stage1_rgb": stage1_rgb,
+        "stage2": stage2,
+        "stage4": stage4,
+        "stage4_mapped": stage4_mapped,
+        "rgb_kmeans": (rgb_clustered, rgb_mapped),
+        "onestage_labels": (one_clustered, one_mapped),
+        "onestage": (onestage, onestage_mapped),
+        "stage4_config": cfg4,
+        "overlays": overlays,
+    }
 
 
 if __name__ == "__main__":

@@ -97,9 +97,13 @@ def main(argv=None):
         records = records[: args.max_images]
     metadata = MetadataCatalog.get(args.dataset)
     findings = validate_dataset_dicts(
-        records, metadata, num_workers=args.num_workers, check_images=not args.no_image_checks,
-        progress=not args.no_progress, min_mask_pixels=args.num_parts,
-    )  # fmt: skip
+        records,
+        metadata,
+        num_workers=args.num_workers,
+        check_images=not args.no_image_checks,
+        progress=not args.no_progress,
+        min_mask_pixels=args.num_parts,
+    )
     print(f"dataset {args.dataset}")
     print(format_summary_table(findings, num_records=len(records), max_examples=args.max_examples))
     if args.json:

@@ -120,8 +120,14 @@ def main(argv=None) -> list:
                             if len(ys)
                             else [0.0] * 4
                         )
-                        record["annotations"].append({"segmentation": encode_mask(m), "category_id": int(c),
-                                                      "bbox": box, "bbox_mode": BoxMode.XYXY_ABS})  # fmt: skip
+                        record["annotations"].append(
+                            {
+                                "segmentation": encode_mask(m),
+                                "category_id": int(c),
+                                "bbox": box,
+                                "bbox_mode": BoxMode.XYXY_ABS,
+                            }
+                        )
                 path = os.path.join(args.output_dir, f"{seen:05d}.png")
                 _write(path, draw_record(rgb, record, MetadataCatalog.get(cfg.DATASETS.TRAIN[0]), args.scale))
                 written.append(path)

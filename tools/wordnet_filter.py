@@ -46,8 +46,14 @@ def main(args):
         atomic_write_bytes(args.classes_out, json.dumps(sel, indent=1).encode("utf-8"))
     logging.getLogger("wordnet_filter").info(
         "%d synsets: %d after the subtree removal, %d selected (%d inside / %d outside); %d images → %s",
-        len(synsets), len(sel["kept"]), len(sel["selected"]), len(sel["inside"]), len(sel["outside"]), images, args.out,
-    )  # fmt: skip
+        len(synsets),
+        len(sel["kept"]),
+        len(sel["selected"]),
+        len(sel["inside"]),
+        len(sel["outside"]),
+        images,
+        args.out,
+    )
     return sel
 
 

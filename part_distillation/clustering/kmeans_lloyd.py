@@ -13,8 +13,17 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Workspace", "Prepared", "prepare_chunk", "compute_dtype", "seeding_distances", "gather_points",
-           "lloyd", "plain_lloyd", "per_cluster_sums"]  # fmt: skip
+__all__ = [
+    "Workspace",
+    "Prepared",
+    "prepare_chunk",
+    "compute_dtype",
+    "seeding_distances",
+    "gather_points",
+    "lloyd",
+    "plain_lloyd",
+    "per_cluster_sums",
+]
 
 # Squared distances below this fraction of ||x||^2 + ||c||^2 are rounding noise of the matmul
 # expansion; seeding treats them as 0 so that duplicated points are not chosen twice.

@@ -292,9 +292,18 @@ class PermutohedralLattice:
 
     @staticmethod
     def _assemble(
-        *, dim, bary, vertex_index, neighbours, splat_counts, splat_col, splat_bary, sorted_columns, num_vertices,
+        *,
+        dim,
+        bary,
+        vertex_index,
+        neighbours,
+        splat_counts,
+        splat_col,
+        splat_bary,
+        sorted_columns,
+        num_vertices,
         points_dp1,
-    ) -> "PermutohedralLattice":  # fmt: skip
+    ) -> "PermutohedralLattice":
         """A lattice from its parts (what ``__init__`` computes), for :meth:`subset` and :meth:`concat`."""
         lattice = PermutohedralLattice.__new__(PermutohedralLattice)
         lattice.num_points, lattice.dim = bary.shape[0], dim

@@ -58,8 +58,16 @@ class ClassClusters(NamedTuple):
     num_clusters: int  # effective K: min(K, distinct features)
 
 
-def cluster_per_class(features_by_class, k: int, *, n_init: int = 10, max_iter: int = 300, seed: int = 0,
-                      normalize: bool = True, batch_classes: bool = True) -> Dict[int, ClassClusters]:  # fmt: skip
+def cluster_per_class(
+    features_by_class,
+    k: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 300,
+    seed: int = 0,
+    normalize: bool = True,
+    batch_classes: bool = True,
+) -> Dict[int, ClassClusters]:
     """K-means (Euclidean, ``k`` clusters, best of ``n_init`` restarts, ``seed``) of every class's feature set.
 
     Args:
@@ -114,8 +122,9 @@ def cluster_features_per_class(features_by_class, k: int, n_init: int = 10, seed
     return {c: r.labels.numpy().astype(np.int64) for c, r in clusters.items()}
 
 
-def cluster_prototypes(classes, feats, num_classes: int, k: int, n_init: int, max_iter: int, seed: int,
-                       rank: int = 0, world_size: int = 1):  # fmt: skip
+def cluster_prototypes(
+    classes, feats, num_classes: int, k: int, n_init: int, max_iter: int, seed: int, rank: int = 0, world_size: int = 1
+):
     """Prototypes of the classes r, r+W, ... of this rank, all-gathered: ([C, K, D], num_clusters [C], counts [C]).
 
     ``classes`` [P] (object class of every feature; < 0 = none, not clustered) and ``feats`` [P, D] are the
@@ -128,8 +137,9 @@ def cluster_prototypes(classes, feats, num_classes: int, k: int, n_init: int, ma
         x = feats[classes == c]
         if len(x) == 0:
             continue
-        result = cluster_per_class({c: x}, k, n_init=n_init, max_iter=max_iter, seed=seed, normalize=False,
-                                   batch_classes=False)[c]  # fmt: skip
+        result = cluster_per_class(
+            {c: x}, k, n_init=n_init, max_iter=max_iter, seed=seed, normalize=False, batch_classes=False
+        )[c]
         mine[c] = (result.centers.float(), result.num_clusters, len(x))
     prototypes = torch.zeros(num_classes, k, dim)
     num_clusters = torch.zeros(num_classes, dtype=torch.long)

@@ -127,17 +127,25 @@ def build_detection_train_loader(cfg):
         kept = label_percentage_subset(dicts, percentage, seed)
         logger.info(
             "DATASETS.TRAIN_LABEL_PERCENTAGE: kept %d of %d images (%g%%) of %s, NumPy seed %d.",
-            len(kept), len(dicts), percentage, ", ".join(cfg.DATASETS.TRAIN), seed,
-        )  # fmt: skip
+            len(kept),
+            len(dicts),
+            percentage,
+            ", ".join(cfg.DATASETS.TRAIN),
+            seed,
+        )
         dicts = kept
     sampler = build_store_train_sampler(cfg, dicts)  # None: detectron2's sampler (DATALOADER.SAMPLER_TRAIN)
     if sampler is None:
         loader = d2_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
     else:  # a store: no detectron2 MapDataset (it keeps a set of every index; see data/store_dataset.py)
         loader = d2_train_loader(
-            StoreMapDataset(dicts, mapper), mapper=None, sampler=sampler, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
-            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS,
-        )  # fmt: skip
+            StoreMapDataset(dicts, mapper),
+            mapper=None,
+            sampler=sampler,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
     loader.resumable_sampler = sampler  # Trainer.resume_or_load skips what the resumed run already saw
     return loader
 

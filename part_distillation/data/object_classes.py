@@ -161,8 +161,10 @@ def model_class_codes(path: str, train_dataset: str = ""):
         else:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("class_codes"), list):
-            raise ConfigError(f"TEST.MODEL_CLASS_CODES={path!r} is not an object_classes.json (or a store folder with "
-                              "one); give the one of the store the model was trained on.")  # fmt: skip
+            raise ConfigError(
+                f"TEST.MODEL_CLASS_CODES={path!r} is not an object_classes.json (or a store folder with "
+                "one); give the one of the store the model was trained on."
+            )
         return list(data["class_codes"])
     codes = store_classes_of_dataset(train_dataset) if train_dataset else None
     if not codes:
@@ -212,6 +214,11 @@ def synset_class_map(model_codes, target_codes, use_hypernyms: bool = True) -> l
         out.append(found)
     missing = [t for t, c in zip(target_codes, out) if c < 0]
     if missing:
-        logger.warning("%d of %d target classes have no class in the model's label space (e.g. %s); their objects "
-                       "are not evaluated.", len(missing), len(out), missing[:5])  # fmt: skip
+        logger.warning(
+            "%d of %d target classes have no class in the model's label space (e.g. %s); their objects "
+            "are not evaluated.",
+            len(missing),
+            len(out),
+            missing[:5],
+        )
     return out

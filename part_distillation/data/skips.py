@@ -43,8 +43,14 @@ def note_skip(reason: str, file_name: str, detail: str = "", what: str = "Skippi
     _COUNTS[reason] += count
     n = _COUNTS[reason]
     if n <= _ALWAYS_LOGGED or str(n).rstrip("0") == "1":  # 1..5, 10, 100, 1000, ...
-        logger.warning("%s %s: %s%s (%d skipped for this reason in this process)", what, file_name, reason,
-                       f": {detail}" if detail else "", n)  # fmt: skip
+        logger.warning(
+            "%s %s: %s%s (%d skipped for this reason in this process)",
+            what,
+            file_name,
+            reason,
+            f": {detail}" if detail else "",
+            n,
+        )
     return f"{reason}: {detail}" if detail else reason
 
 

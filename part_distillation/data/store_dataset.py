@@ -306,6 +306,10 @@ def build_store_train_sampler(cfg, dataset):
     dataset.cache_shards = max(dataset.cache_shards, window)
     logger.info(
         "Training on pseudo-label store %s (%d images, %d shards): shard-window order, %d shards a window, seed %d",
-        dataset.dir, len(dataset), dataset.num_shards, window, seed,
-    )  # fmt: skip
+        dataset.dir,
+        len(dataset),
+        dataset.num_shards,
+        window,
+        seed,
+    )
     return ShardWindowTrainingSampler(dataset.shard_lengths(), window=window, seed=seed)

@@ -170,18 +170,23 @@ def check_image_file(path, expected_hw=None):
     if mode in _HIGH_BIT_DEPTH_MODES:
         findings.append(
             Finding(
-                WARNING, "high_bit_depth", path,
-                f"{fmt} mode {mode}" + (f" ({bit_depth}-bit)" if bit_depth else "")
+                WARNING,
+                "high_bit_depth",
+                path,
+                f"{fmt} mode {mode}"
+                + (f" ({bit_depth}-bit)" if bit_depth else "")
                 + "; the loader rescales it to 8 bits (part_distillation.data.image_io)",
             )
-        )  # fmt: skip
+        )
     elif bit_depth == 16:
         findings.append(
             Finding(
-                WARNING, "high_bit_depth", path,
+                WARNING,
+                "high_bit_depth",
+                path,
                 f"16-bit PNG opened by PIL as 8-bit mode {mode} (each sample reduced to its high byte)",
             )
-        )  # fmt: skip
+        )
 
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and has_transparency):
         findings.append(Finding(WARNING, "alpha_channel", path, f"mode {mode}: the loader drops the alpha channel"))
@@ -193,31 +198,37 @@ def check_image_file(path, expected_hw=None):
     elif max(loaded_hw) / min(loaded_hw) > MAX_ASPECT_RATIO:
         findings.append(
             Finding(
-                ERROR, "extreme_aspect_ratio", path,
+                ERROR,
+                "extreme_aspect_ratio",
+                path,
                 f"image is {loaded_hw[0]}x{loaded_hw[1]} (HxW), aspect ratio above {MAX_ASPECT_RATIO:g}: stage 1 "
                 "skips it; crop or pad it",
             )
-        )  # fmt: skip
+        )
     if expected_hw is not None and None not in tuple(expected_hw):
         expected_hw = (int(expected_hw[0]), int(expected_hw[1]))
         if loaded_hw != expected_hw:
             if orientation in _TRANSPOSING_ORIENTATIONS and raw_hw == expected_hw:
                 findings.append(
                     Finding(
-                        ERROR, "exif_rotation", path,
+                        ERROR,
+                        "exif_rotation",
+                        path,
                         f"EXIF orientation {orientation}: decoded as {loaded_hw[0]}x{loaded_hw[1]} but recorded "
                         f"{expected_hw[0]}x{expected_hw[1]} (the stored, unrotated size; annotations are likely in "
                         "that frame); detectron2 read_image rotates, so the size check fails",
                     )
-                )  # fmt: skip
+                )
             else:
                 extra = f" (after EXIF orientation {orientation})" if orientation != 1 else ""
                 findings.append(
                     Finding(
-                        ERROR, "size_mismatch", path,
+                        ERROR,
+                        "size_mismatch",
+                        path,
                         f"recorded {expected_hw[0]}x{expected_hw[1]}, image is {loaded_hw[0]}x{loaded_hw[1]}{extra}",
                     )
-                )  # fmt: skip
+                )
     return findings
 
 
@@ -294,11 +305,13 @@ def _check_segmentation_shape(segm, hw, where, file):
                 outside = max(xs) <= 0 or max(ys) <= 0 or min(xs) >= w or min(ys) >= h
                 findings.append(
                     Finding(
-                        ERROR if outside else WARNING, "mask_outside_image", file,
+                        ERROR if outside else WARNING,
+                        "mask_outside_image",
+                        file,
                         f"{where}: polygon {k} spans x [{min(xs):g}, {max(xs):g}], y [{min(ys):g}, {max(ys):g}] "
                         f"for a {w}x{h} (WxH) image" + (" (entirely outside)" if outside else ""),
                     )
-                )  # fmt: skip
+                )
         if total_area == 0 and not any(f.check == "invalid_mask" for f in findings):
             findings.append(Finding(WARNING, "empty_mask", file, f"{where}: polygons have zero area"))
         return findings
@@ -358,10 +371,12 @@ def check_annotations(record, metadata=None, min_mask_pixels=0):
                 if not isinstance(index, numbers.Integral) or not 0 <= index < len(objects):
                     findings.append(
                         Finding(
-                            ERROR, "dangling_object_ref", file,
+                            ERROR,
+                            "dangling_object_ref",
+                            file,
                             f"{where}: object_index {index!r} but {objects_key} has {len(objects)} entries",
                         )
-                    )  # fmt: skip
+                    )
                     continue
             object_id = part.get("object_id")
             if object_id is None:
@@ -375,11 +390,13 @@ def check_annotations(record, metadata=None, min_mask_pixels=0):
             elif index is not None and object_id not in (objects[index].get("id"), objects[index].get("object_id")):
                 findings.append(
                     Finding(
-                        ERROR, "dangling_object_ref", file,
+                        ERROR,
+                        "dangling_object_ref",
+                        file,
                         f"{where}: object_index {index} is object {objects[index].get('id')!r}, "
                         f"but object_id is {object_id!r}",
                     )
-                )  # fmt: skip
+                )
     return findings
 
 

@@ -55,8 +55,11 @@ def removed_synsets(words=PAPER_REMOVED_SUBTREES, wn=None) -> set:
     wn = wn or load_wordnet()
     roots = []
     for word in words:
-        senses = [s for s in wn.synsets(word.replace(" ", "_"), pos="n") if word.replace(" ", "_") in
-                  [n.lower() for n in s.lemma_names()]]  # fmt: skip
+        senses = [
+            s
+            for s in wn.synsets(word.replace(" ", "_"), pos="n")
+            if word.replace(" ", "_") in [n.lower() for n in s.lemma_names()]
+        ]
         if not senses:
             raise ConfigError(f"{word!r} has no WordNet noun sense; fix the subtree list.")
         roots += senses
@@ -71,8 +74,14 @@ def inside_synsets(roots=PARTIMAGENET_ROOTS, wn=None) -> set:
         raise ConfigError(f"inside roots {roots}: {e}; give WordNet synset names such as dog.n.01.")
 
 
-def select_classes(synsets, num_classes: int = 10000, balanced: int = 0, seed: int = 0,
-                   removed=PAPER_REMOVED_SUBTREES, inside_roots=PARTIMAGENET_ROOTS) -> dict:  # fmt: skip
+def select_classes(
+    synsets,
+    num_classes: int = 10000,
+    balanced: int = 0,
+    seed: int = 0,
+    removed=PAPER_REMOVED_SUBTREES,
+    inside_roots=PARTIMAGENET_ROOTS,
+) -> dict:
     """Filter and sample the wnids ``synsets``.
 
     Returns ``{"kept": [...] (after the subtree removal), "sampled": [...] (num_classes of them, or all),

@@ -159,8 +159,10 @@ def check_stage_weights(cfg, eval_only: bool = False, resume: bool = False) -> N
     pg = cfg.MODEL.PIXEL_GROUPING
     object_model = arch == "PixelGroupingModel" and pg.OBJECT_MASK_SOURCE in ("model", "detic")
     if object_model:
-        files += [("MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG", pg.OBJECT_MODEL_CONFIG),
-                  ("MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS", pg.OBJECT_MODEL_WEIGHTS)]  # fmt: skip
+        files += [
+            ("MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG", pg.OBJECT_MODEL_CONFIG),
+            ("MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS", pg.OBJECT_MODEL_WEIGHTS),
+        ]
     for key, path in files:
         if _is_local(path) and not os.path.isfile(path):
             raise ConfigError(_missing_file_message(key, path))
@@ -173,14 +175,18 @@ def check_stage_weights(cfg, eval_only: bool = False, resume: bool = False) -> N
             )
         if object_model and not pg.OBJECT_MODEL_WEIGHTS:
             if not pg.OBJECT_MODEL_CONFIG:
-                raise ConfigError(f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={pg.OBJECT_MASK_SOURCE!r} needs "
-                                  "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG and OBJECT_MODEL_WEIGHTS.")  # fmt: skip
+                raise ConfigError(
+                    f"MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE={pg.OBJECT_MASK_SOURCE!r} needs "
+                    "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG and OBJECT_MODEL_WEIGHTS."
+                )
             # the object config's own MODEL.WEIGHTS is checked when the object model is built
         return
     if arch == "PartRankingModel":
         if not cfg.MODEL.WEIGHTS:
-            raise ConfigError("stage 3 ranks with the stage-2 model: set MODEL.WEIGHTS to its checkpoint, e.g. "
-                              "output/stage2_proposals/model_final.pth.")  # fmt: skip
+            raise ConfigError(
+                "stage 3 ranks with the stage-2 model: set MODEL.WEIGHTS to its checkpoint, e.g. "
+                "output/stage2_proposals/model_final.pth."
+            )
         return
     if eval_only or resuming or arch not in _MASK2FORMER_FAMILY:
         return

@@ -141,14 +141,26 @@ def prediction_record(file_name, prediction: dict, labels, legend, picture: str,
     for j in range(len(objects)):
         m = objects.pred_masks[j].numpy()
         c = int(objects.pred_classes[j])
-        record["objects"].append({
-            "id": j, "category_id": c, "category_name": names.get(c), "score": float(objects.scores[j]),
-            "bbox": _bbox_xywh(m), "segmentation": encode_mask(m),
-        })  # fmt: skip
+        record["objects"].append(
+            {
+                "id": j,
+                "category_id": c,
+                "category_name": names.get(c),
+                "score": float(objects.scores[j]),
+                "bbox": _bbox_xywh(m),
+                "segmentation": encode_mask(m),
+            }
+        )
     for i in range(len(parts)):
         m = parts.pred_masks[i].numpy()
-        record["parts"].append({
-            "object_id": int(parts.object_index[i]), "part_class": int(parts.pred_classes[i]), "label": labels[i],
-            "score": float(parts.scores[i]), "bbox": _bbox_xywh(m), "segmentation": encode_mask(m),
-        })  # fmt: skip
+        record["parts"].append(
+            {
+                "object_id": int(parts.object_index[i]),
+                "part_class": int(parts.pred_classes[i]),
+                "label": labels[i],
+                "score": float(parts.scores[i]),
+                "bbox": _bbox_xywh(m),
+                "segmentation": encode_mask(m),
+            }
+        )
     return record

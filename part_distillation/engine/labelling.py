@@ -153,15 +153,23 @@ def label_dataset(cfg, *, stage: str = "grouping", shard_size: int = 1000, resum
         )
     dicts = DatasetCatalog.get(dataset_name)
     writer = PseudoLabelWriter(
-        cfg.DATASETS.PSEUDO_LABEL_ROOT, dataset_name, stage, shard_size=shard_size,
-        config=label_config(cfg), num_images=len(dicts), resume=resume,
-    )  # fmt: skip
+        cfg.DATASETS.PSEUDO_LABEL_ROOT,
+        dataset_name,
+        stage,
+        shard_size=shard_size,
+        config=label_config(cfg),
+        num_images=len(dicts),
+        resume=resume,
+    )
     indices = writer.pending_indices(rank=comm.get_rank(), world_size=comm.get_world_size())
     logger.info("Rank %d labels %d of %d images of %s", comm.get_rank(), len(indices), len(dicts), dataset_name)
     loader = build_labelling_loader(
-        dicts, indices, build_dataset_mapper(cfg, is_train=False),
-        batch_size=batch, num_workers=cfg.DATALOADER.NUM_WORKERS,
-    )  # fmt: skip
+        dicts,
+        indices,
+        build_dataset_mapper(cfg, is_train=False),
+        batch_size=batch,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
     summary = _write_store(cfg, model, loader, writer)
     if summary is None:
         return {}
@@ -248,8 +256,9 @@ def num_object_classes(cfg, dataset_name, classes) -> int:
     return n
 
 
-def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resume: bool = False,
-                   prototypes: str = "") -> dict:  # fmt: skip
+def rank_and_label(
+    cfg, *, stage: str = "ranking", shard_size: int = 1000, resume: bool = False, prototypes: str = ""
+) -> dict:
     """Stage 3 (``tools/rank_parts.py``): the cluster pass (prototypes per object class) and the labelling pass
     (module doc). Returns rank 0's summary ({} on other ranks).
 
@@ -286,9 +295,16 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
         classes, feats = gather_features(*collect_features(model, loader))
         num_classes = num_object_classes(cfg, dataset_name, classes)
         prototypes, num_clusters, counts = cluster_prototypes(
-            classes, feats, num_classes, ranking.NUM_CLUSTERS, ranking.KMEANS_N_INIT, ranking.KMEANS_MAX_ITER,
-            ranking.KMEANS_SEED, rank, world,
-        )  # fmt: skip
+            classes,
+            feats,
+            num_classes,
+            ranking.NUM_CLUSTERS,
+            ranking.KMEANS_N_INIT,
+            ranking.KMEANS_MAX_ITER,
+            ranking.KMEANS_SEED,
+            rank,
+            world,
+        )
         if comm.is_main_process():
             save_prototypes(path, prototypes, num_clusters, counts)
             logger.info("Saved prototypes %s for %d classes (%d features)", path, num_classes, len(classes))
@@ -300,9 +316,14 @@ def rank_and_label(cfg, *, stage: str = "ranking", shard_size: int = 1000, resum
     # toyparts_train_pseudo_grouping → <root>/toyparts_train/ranking = toyparts_train_pseudo_ranking
     source = MetadataCatalog.get(dataset_name).get("pseudo_label_source", dataset_name)
     writer = PseudoLabelWriter(
-        cfg.DATASETS.PSEUDO_LABEL_ROOT, source, stage, shard_size=shard_size,
-        config=label_config(cfg), num_images=len(dicts), resume=resume,
-    )  # fmt: skip
+        cfg.DATASETS.PSEUDO_LABEL_ROOT,
+        source,
+        stage,
+        shard_size=shard_size,
+        config=label_config(cfg),
+        num_images=len(dicts),
+        resume=resume,
+    )
     indices = writer.pending_indices(rank=rank, world_size=world)
     loader = build_labelling_loader(dicts, indices, mapper, 1, cfg.DATALOADER.NUM_WORKERS)
     summary = _write_store(cfg, model, loader, writer)

@@ -13,10 +13,17 @@ __all__ = ["build_optimizer", "freeze_modules"]
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (
-    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
-    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
-)  # fmt: skip
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+)
 
 
 def freeze_modules(model: torch.nn.Module, keys) -> int:

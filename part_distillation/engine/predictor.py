@@ -170,8 +170,9 @@ def _standardise(raw: dict, objects_in, object_masks, object_classes, object_sco
         # stages 1/3 return the objects they used (filtered and re-ordered, or found by an object model);
         # the parts' object_index points into those
         obj = raw["instances"].to("cpu")
-        objects = Instances(hw, pred_masks=_bool_masks(obj.pred_masks), scores=obj.scores.float(),
-                            pred_classes=obj.pred_classes.long())  # fmt: skip
+        objects = Instances(
+            hw, pred_masks=_bool_masks(obj.pred_masks), scores=obj.scores.float(), pred_classes=obj.pred_classes.long()
+        )
     else:
         n = len(object_masks)
         objects = Instances(hw)

@@ -154,6 +154,10 @@ def launch_main(main, args):
 
     run_cli(check)
     return launch(
-        functools.partial(run_worker, main), args.num_gpus, num_machines=args.num_machines,
-        machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
-    )  # fmt: skip
+        functools.partial(run_worker, main),
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

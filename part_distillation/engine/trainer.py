@@ -168,8 +168,13 @@ class Trainer(DefaultTrainer):
         if self.cfg.VIS.NUM_PREDICTION_IMAGES > 0 and self.cfg.DATASETS.TEST:
             from .hooks import PredictionImagesHook
 
-            vis = PredictionImagesHook(self.cfg, self.cfg.DATASETS.TEST[0], self.cfg.VIS.NUM_PREDICTION_IMAGES,
-                                       self.cfg.TEST.EVAL_PERIOD, self.cfg.VIS.WANDB)  # fmt: skip
+            vis = PredictionImagesHook(
+                self.cfg,
+                self.cfg.DATASETS.TEST[0],
+                self.cfg.VIS.NUM_PREDICTION_IMAGES,
+                self.cfg.TEST.EVAL_PERIOD,
+                self.cfg.VIS.WANDB,
+            )
             hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks), vis)
         return hooks
 

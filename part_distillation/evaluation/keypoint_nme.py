@@ -383,9 +383,14 @@ class KeypointNMEEvaluator(DatasetEvaluator):
         results["fit_on_same_split"] = int(fit is images)
         logger.info(
             "Landmark NME (%s) on %s: %.2f%% (%d images; regressor fitted on %s, %d images, K = %d)",
-            normalizer, self.dataset_name, results["NME"], len(images),
-            self.dataset_name if fit is images else self.fit_dataset, len(fit), num_parts,
-        )  # fmt: skip
+            normalizer,
+            self.dataset_name,
+            results["NME"],
+            len(images),
+            self.dataset_name if fit is images else self.fit_dataset,
+            len(fit),
+            num_parts,
+        )
         return {"part_landmark_nme": results}
 
 

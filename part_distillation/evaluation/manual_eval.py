@@ -59,8 +59,15 @@ def records_from_predictions(path: str) -> list:
         for part in image["parts"]:
             objects[part["object_id"]]["parts"].append(part)
         class_names = {o["category_id"]: o.get("category_name") for o in objects}
-        records.append({"file_name": image["file_name"], "height": image["height"], "width": image["width"],
-                        "objects": objects, "class_names": class_names})  # fmt: skip
+        records.append(
+            {
+                "file_name": image["file_name"],
+                "height": image["height"],
+                "width": image["width"],
+                "objects": objects,
+                "class_names": class_names,
+            }
+        )
     return records
 
 
@@ -100,8 +107,13 @@ def sample_part_instances(records, per_part: int = 9, seed: int = 0, max_object_
                 key = (int(obj.get("category_id", -1)), int(part["part_class"]))
                 n = counts.get(key, 0)
                 counts[key] = n + 1
-                item = {"file_name": record["file_name"], "height": record["height"], "width": record["width"],
-                        "object": obj["segmentation"], "part": part["segmentation"]}  # fmt: skip
+                item = {
+                    "file_name": record["file_name"],
+                    "height": record["height"],
+                    "width": record["width"],
+                    "object": obj["segmentation"],
+                    "part": part["segmentation"],
+                }
                 bucket = samples.setdefault(key, [])
                 if n < per_part:
                     bucket.append(item)
@@ -191,25 +203,32 @@ window.addEventListener("load", function () {
 def _index_html(title: str, sections, summary: str) -> str:
     out = io.StringIO()
     out.write('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">')
-    out.write(f"<title>{html.escape(title)}</title>\n<style>body{{font-family:sans-serif;margin:16px}}"
-              "figure{display:inline-block;margin:6px;text-align:center}figure img{width:256px;height:256px;"
-              "border:1px solid #ccc}h2{margin-top:28px}</style></head>\n<body>\n")  # fmt: skip
+    out.write(
+        f"<title>{html.escape(title)}</title>\n<style>body{{font-family:sans-serif;margin:16px}}"
+        "figure{display:inline-block;margin:6px;text-align:center}figure img{width:256px;height:256px;"
+        "border:1px solid #ccc}h2{margin-top:28px}</style></head>\n<body>\n"
+    )
     out.write(f'<h1>{html.escape(title)}</h1>\n<p>{html.escape(summary)}</p>\n<p id="status"></p>\n')
-    out.write("<p>Each collage shows random instances of one discovered part (red) of one object class. "
-              "In collages.csv answer <b>consistent</b> = yes when the red region is the same part in "
-              "(nearly) all instances, else no.</p>\n")  # fmt: skip
+    out.write(
+        "<p>Each collage shows random instances of one discovered part (red) of one object class. "
+        "In collages.csv answer <b>consistent</b> = yes when the red region is the same part in "
+        "(nearly) all instances, else no.</p>\n"
+    )
     for heading, figures in sections:
         out.write(f"<h2>{html.escape(heading)}</h2>\n<div>\n")
         for src, caption in figures:
-            out.write(f"<figure><img src=\"{html.escape(src)}\" alt=\"{html.escape(caption)}\">"
-                      f"<figcaption>{html.escape(caption)}</figcaption></figure>\n")  # fmt: skip
+            out.write(
+                f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>\n"
+            )
         out.write("</div>\n")
     out.write(_PAGE_SCRIPT + "\n</body></html>\n")
     return out.getvalue()
 
 
-def write_collages(samples, counts, out_dir: str, class_names=None, title="Discovered parts", tile_size=160,
-                   progress=None) -> dict:  # fmt: skip
+def write_collages(
+    samples, counts, out_dir: str, class_names=None, title="Discovered parts", tile_size=160, progress=None
+) -> dict:
     """Write ``<out_dir>/collages/<class>/part_<k>.png``, ``index.html`` and ``collages.csv`` (all atomically).
 
     Returns ``{"collages": n, "classes": n, "skipped_instances": n, "index": path, "csv": path}``.
@@ -237,8 +256,16 @@ def write_collages(samples, counts, out_dir: str, class_names=None, title="Disco
             raise RuntimeError(f"cv2 could not encode {rel}")
         os.makedirs(os.path.dirname(os.path.join(out_dir, rel)), exist_ok=True)
         atomic_write_bytes(os.path.join(out_dir, rel), png.tobytes())
-        rows.append({"object_class": obj_cls, "class_name": name, "part_class": part_cls,
-                     "num_instances": counts[(obj_cls, part_cls)], "collage": rel, "consistent": ""})  # fmt: skip
+        rows.append(
+            {
+                "object_class": obj_cls,
+                "class_name": name,
+                "part_class": part_cls,
+                "num_instances": counts[(obj_cls, part_cls)],
+                "collage": rel,
+                "consistent": "",
+            }
+        )
     for obj_cls in sorted(by_class):
         figures = [
             (r["collage"], f"part {r['part_class']} ({r['num_instances']} instances)")

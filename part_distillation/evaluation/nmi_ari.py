@@ -390,9 +390,14 @@ class PartNMIARIEvaluator(DatasetEvaluator):
         results["num_fg_samples"] = int(fg.sum())
         logger.info(
             "Part NMI/ARI (%s) on %s (%d images): NMI %.2f | ARI %.2f | FG-NMI %.2f | FG-ARI %.2f",
-            self.target, self.dataset_name, num_images,
-            results["NMI"], results["ARI"], results["FG-NMI"], results["FG-ARI"],
-        )  # fmt: skip
+            self.target,
+            self.dataset_name,
+            num_images,
+            results["NMI"],
+            results["ARI"],
+            results["FG-NMI"],
+            results["FG-ARI"],
+        )
         return {f"part_nmi_ari_{self.target}": results}
 
 

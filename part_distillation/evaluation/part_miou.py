@@ -154,9 +154,15 @@ def miou_from_confusion(confusion: np.ndarray):
         return float(values[has_gt].sum() / denominator) if denominator else float("nan")
 
     return {
-        "iou": iou, "acc": acc, "prec": prec, "gt": gt, "pred": pred,
-        "miou": mean(iou), "macc": mean(acc), "mprec": mean(prec),
-    }  # fmt: skip
+        "iou": iou,
+        "acc": acc,
+        "prec": prec,
+        "gt": gt,
+        "pred": pred,
+        "miou": mean(iou),
+        "macc": mean(acc),
+        "mprec": mean(prec),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,8 +468,11 @@ class PartMIoUEvaluator(DatasetEvaluator):
         results = self._summarise(per_class)
         if self.drop_object_like_iou > 0:
             results["num_dropped_object_like"] = int(dropped)
-            logger.info("PartMIoUEvaluator: dropped %d part predictions with IoU > %.2f with their object.",
-                        dropped, self.drop_object_like_iou)  # fmt: skip
+            logger.info(
+                "PartMIoUEvaluator: dropped %d part predictions with IoU > %.2f with their object.",
+                dropped,
+                self.drop_object_like_iou,
+            )
         self._write_mapping(mappings)
         self._log(results, len(objects))
         return {f"part_miou_{self.mode}": results}
@@ -486,8 +495,11 @@ class PartMIoUEvaluator(DatasetEvaluator):
             logger.info(
                 "within_object mIoU: object class %s has %d part classes; predicted indices %d..%d count as "
                 "background.",
-                self._object_name(object_class), len(parts), len(parts), num_ids - 1,
-            )  # fmt: skip
+                self._object_name(object_class),
+                len(parts),
+                len(parts),
+                num_ids - 1,
+            )
         return mapping
 
     # ------------------------------------------------------------------ reporting
@@ -537,9 +549,14 @@ class PartMIoUEvaluator(DatasetEvaluator):
     def _log(self, results, num_objects):
         logger.info(
             "Part mIoU-%s on %s (%d objects): C-mIoU %.2f | A-mIoU %.2f | C-mACC %.2f | A-mACC %.2f",
-            self.mode, self.dataset_name, num_objects,
-            results["C-mIoU"], results["A-mIoU"], results["C-mACC"], results["A-mACC"],
-        )  # fmt: skip
+            self.mode,
+            self.dataset_name,
+            num_objects,
+            results["C-mIoU"],
+            results["A-mIoU"],
+            results["C-mACC"],
+            results["A-mACC"],
+        )
 
 
 def _miou_evaluator_from_cfg(cfg, dataset_name, output_folder, mode):

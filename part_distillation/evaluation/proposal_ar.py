@@ -178,8 +178,12 @@ class ProposalAREvaluator(DatasetEvaluator):
         values = " | ".join(f"{results[f'AR@{k}']:.2f}" for k in self.max_dets)
         logger.info(
             "Part proposals on %s (%d images, %d GT parts):\n| %s |\n| %s |",
-            self.dataset_name, results["num_images"], results["num_gt_parts"], header, values,
-        )  # fmt: skip
+            self.dataset_name,
+            results["num_images"],
+            results["num_gt_parts"],
+            header,
+            values,
+        )
 
 
 @register_evaluator("part_proposal")

@@ -22,9 +22,15 @@ from detectron2.utils import comm
 
 from ..data.object_classes import read_store_classes, write_store_classes
 from ..data.pseudo_labels import (
-    PseudoLabelWriter, make_object, make_part, merge_shard_counts, record_store_outcome, shard_index_range, shard_of,
+    PseudoLabelWriter,
+    make_object,
+    make_part,
+    merge_shard_counts,
+    record_store_outcome,
+    shard_index_range,
+    shard_of,
     write_shard_counts,
-)  # fmt: skip
+)
 from ..data.skips import reason_key
 from ..utils.errors import UserError
 
@@ -118,8 +124,11 @@ class PseudoLabelWriterEvaluator(DatasetEvaluator):
         shard, so a kept (complete) shard always has its counts, also after a kill and ``--resume``."""
         counts["seen"] += 1
         if counts["seen"] == len(shard_index_range(k, self.writer.shard_size, self.writer.num_images)):
-            write_shard_counts(self.writer.shard_dir, k, {key: dict(v) if isinstance(v, Counter) else v
-                                                          for key, v in counts.items() if key != "seen"})  # fmt: skip
+            write_shard_counts(
+                self.writer.shard_dir,
+                k,
+                {key: dict(v) if isinstance(v, Counter) else v for key, v in counts.items() if key != "seen"},
+            )
         self.writer.add(index, record)
 
     def process(self, inputs, outputs):

@@ -40,11 +40,18 @@ def _annotations(image_id, ann_id, size=(SIZE, SIZE)):
     xm = (x0 + x1) // 2
     out = []
     for k, (a, b) in enumerate(((x0, xm), (xm, x1))):
-        out.append({
-            "id": ann_id + k, "image_id": image_id, "category_id": k + 1, "iscrowd": 0,
-            "segmentation": _box_polygon(a, y0, b, y1), "bbox": [float(a), float(y0), float(b - a), float(y1 - y0)],
-            "area": float((b - a) * (y1 - y0)), "object_id": image_id,
-        })  # fmt: skip
+        out.append(
+            {
+                "id": ann_id + k,
+                "image_id": image_id,
+                "category_id": k + 1,
+                "iscrowd": 0,
+                "segmentation": _box_polygon(a, y0, b, y1),
+                "bbox": [float(a), float(y0), float(b - a), float(y1 - y0)],
+                "area": float((b - a) * (y1 - y0)),
+                "object_id": image_id,
+            }
+        )
     return out
 
 

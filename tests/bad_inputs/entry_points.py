@@ -105,11 +105,31 @@ def label(
     eval_parts="",
     resume=False,
 ):
-    argv = ["--config-file", config, *(["--resume"] if resume else []), "--shard-size", "2", "--stage", stage, *TINY,
-            "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", eval_parts,
-            "DATASETS.PSEUDO_LABEL_ROOT", str(store_root), "OUTPUT_DIR", str(out_dir),
-            "DATASETS.TEST", f"('{dataset}',)", "MODEL.PIXEL_GROUPING.KMEANS_N_INIT", "1",
-            "DATALOADER.LABELLING_IMS_PER_BATCH", "2", "MODEL.PIXEL_GROUPING.CRF.ENABLED", "False", *extra]  # fmt: skip
+    argv = [
+        "--config-file",
+        config,
+        *(["--resume"] if resume else []),
+        "--shard-size",
+        "2",
+        "--stage",
+        stage,
+        *TINY,
+        "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET",
+        eval_parts,
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        str(store_root),
+        "OUTPUT_DIR",
+        str(out_dir),
+        "DATASETS.TEST",
+        f"('{dataset}',)",
+        "MODEL.PIXEL_GROUPING.KMEANS_N_INIT",
+        "1",
+        "DATALOADER.LABELLING_IMS_PER_BATCH",
+        "2",
+        "MODEL.PIXEL_GROUPING.CRF.ENABLED",
+        "False",
+        *extra,
+    ]
     if module is rank_parts:  # an untrained stage-2 model scores low: keep every part it proposes
         argv += ["MODEL.PART_RANKING.MIN_SCORE", "0.0", "MODEL.PART_RANKING.MIN_AREA_RATIO", "0.0"]
     res = run_tool(module.main, _parse(module, argv))

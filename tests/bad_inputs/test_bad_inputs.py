@@ -65,16 +65,18 @@ OTHER_CASES = {
     "missing_shard": "a store shard deleted",
 }
 _CONFIG_ERROR = dict(validate="-", stage1=_E, stage0=_E, stage2=_E, rank=_E, stage4=_E)
-EXPECTED.update({
-    "unknown_config_key": _CONFIG_ERROR,
-    "malformed_yaml": _CONFIG_ERROR,
-    "missing_checkpoint": _CONFIG_ERROR,
-    "garbage_checkpoint": _CONFIG_ERROR,
-    "nonfinite_loss": dict(validate="-", stage1="-", stage0=_E, stage2=_E, rank="-", stage4=_E),
-    # stage 1 --resume relabels the shard that is bad or missing
-    "flipped_byte_shard": dict(validate="-", stage1="ok", stage0="-", stage2=_E, rank=_E, stage4=_E),
-    "missing_shard": dict(validate="-", stage1="ok", stage0="-", stage2=_E, rank=_E, stage4=_E),
-})  # fmt: skip
+EXPECTED.update(
+    {
+        "unknown_config_key": _CONFIG_ERROR,
+        "malformed_yaml": _CONFIG_ERROR,
+        "missing_checkpoint": _CONFIG_ERROR,
+        "garbage_checkpoint": _CONFIG_ERROR,
+        "nonfinite_loss": dict(validate="-", stage1="-", stage0=_E, stage2=_E, rank="-", stage4=_E),
+        # stage 1 --resume relabels the shard that is bad or missing
+        "flipped_byte_shard": dict(validate="-", stage1="ok", stage0="-", stage2=_E, rank=_E, stage4=_E),
+        "missing_shard": dict(validate="-", stage1="ok", stage0="-", stage2=_E, rank=_E, stage4=_E),
+    }
+)
 
 RESULTS = {}  # case -> entry point -> Result
 
@@ -86,8 +88,9 @@ def corpus(tmp_path_factory, datasets_root):
     root = str(tmp_path_factory.mktemp("bad_inputs"))
     for case in DATA_CASES:
         json_file, image_root = make_case(root, case)
-        register_part_coco(f"bi_{case}_parts", json_file, image_root, objects_name=f"bi_{case}",
-                           metadata={"evaluator_type": "coco"})  # fmt: skip
+        register_part_coco(
+            f"bi_{case}_parts", json_file, image_root, objects_name=f"bi_{case}", metadata={"evaluator_type": "coco"}
+        )
     return root
 
 
@@ -152,18 +155,41 @@ def run_data_case(root, case, clean):
     if has_store:
         row["stage2"] = ep.train(ep.STAGE2, out("stage2"), _stage2_opts(store, case))
         weights = os.path.join(out("stage2"), "model_final.pth") if case == "clean" else clean["stage2"]
-        row["rank"] = ep.label(f"bi_{case}_pseudo_grouping", store, out("rank"), config=ep.STAGE3,
-                               module=ep.rank_parts, stage="ranking", extra=["MODEL.WEIGHTS", weights])  # fmt: skip
+        row["rank"] = ep.label(
+            f"bi_{case}_pseudo_grouping",
+            store,
+            out("rank"),
+            config=ep.STAGE3,
+            module=ep.rank_parts,
+            stage="ranking",
+            extra=["MODEL.WEIGHTS", weights],
+        )
     else:  # the dataset was refused before any store existed: evaluation is where stage 2/4 read it
-        row["stage2"] = ep.train(ep.STAGE2, out("stage2"), _stage2_opts(clean["store"], case)[:4] + [
-            "DATASETS.TEST", f"('bi_{case}_parts',)", "MODEL.WEIGHTS", clean["stage2"]], eval_only=True)  # fmt: skip
+        row["stage2"] = ep.train(
+            ep.STAGE2,
+            out("stage2"),
+            _stage2_opts(clean["store"], case)[:4]
+            + ["DATASETS.TEST", f"('bi_{case}_parts',)", "MODEL.WEIGHTS", clean["stage2"]],
+            eval_only=True,
+        )
         row["rank"] = ep.Result("-", "no store to rank")
     if os.path.isdir(os.path.join(store, f"bi_{case}", "ranking")) and row["rank"].outcome != "error":
         row["stage4"] = ep.train(ep.STAGE4, out("stage4"), _stage4_opts(store, case))
     elif not has_store:
-        row["stage4"] = ep.train(ep.STAGE4, out("stage4"), _stage4_opts(clean["store"], "clean")[:4] + [
-            "DATASETS.TEST", f"('bi_{case}_parts',)", "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES", "1",
-            "MODEL.WEIGHTS", clean["stage4"]], eval_only=True)  # fmt: skip
+        row["stage4"] = ep.train(
+            ep.STAGE4,
+            out("stage4"),
+            _stage4_opts(clean["store"], "clean")[:4]
+            + [
+                "DATASETS.TEST",
+                f"('bi_{case}_parts',)",
+                "MODEL.PART_DISTILLATION.NUM_OBJECT_CLASSES",
+                "1",
+                "MODEL.WEIGHTS",
+                clean["stage4"],
+            ],
+            eval_only=True,
+        )
     else:
         row["stage4"] = ep.Result("-", "no ranked store")
     return row
@@ -176,10 +202,11 @@ def clean(corpus):
     RESULTS["clean"] = row
     folder = os.path.join(corpus, "clean")
     return {
-        "row": row, "store": os.path.join(folder, "pl"),
+        "row": row,
+        "store": os.path.join(folder, "pl"),
         "stage2": os.path.join(folder, "out_stage2", "model_final.pth"),
         "stage4": os.path.join(folder, "out_stage4", "model_final.pth"),
-    }  # fmt: skip
+    }
 
 
 def _check_row(case, row):
@@ -249,12 +276,16 @@ def _config_case_row(tmp, case, clean):
     tmp = str(tmp)
     store = clean["store"]
     if case == "unknown_config_key":
-        configs = {k: _write_yaml(os.path.join(tmp, f"{k}.yaml"), f'_BASE_: "{base}"\nMODEL:\n  NOT_A_KEY: 1\n')
-                   for k, base in _BASES.items()}  # fmt: skip
+        configs = {
+            k: _write_yaml(os.path.join(tmp, f"{k}.yaml"), f'_BASE_: "{base}"\nMODEL:\n  NOT_A_KEY: 1\n')
+            for k, base in _BASES.items()
+        }
         extra, names = [], "NOT_A_KEY"
     elif case == "malformed_yaml":
-        configs = {k: _write_yaml(os.path.join(tmp, f"{k}.yaml"), f'_BASE_: "{base}"\nMODEL: [unclosed\n')
-                   for k, base in _BASES.items()}  # fmt: skip
+        configs = {
+            k: _write_yaml(os.path.join(tmp, f"{k}.yaml"), f'_BASE_: "{base}"\nMODEL: [unclosed\n')
+            for k, base in _BASES.items()
+        }
         extra, names = [], ".yaml"
     else:
         configs = dict(_BASES)
@@ -265,9 +296,12 @@ def _config_case_row(tmp, case, clean):
             with open(path, "wb") as f:
                 f.write(np.random.RandomState(0).bytes(4096))
         if case == "nonfinite_loss":
-            configs = {k: _write_yaml(os.path.join(tmp, f"{k}.yaml"),
-                                      f'_BASE_: "{base}"\nMODEL:\n  MASK_FORMER:\n    DICE_WEIGHT: .nan\n')
-                       for k, base in _BASES.items()}  # fmt: skip
+            configs = {
+                k: _write_yaml(
+                    os.path.join(tmp, f"{k}.yaml"), f'_BASE_: "{base}"\nMODEL:\n  MASK_FORMER:\n    DICE_WEIGHT: .nan\n'
+                )
+                for k, base in _BASES.items()
+            }
             extra, names = [], "iteration 0"
         else:
             extra, names = ["MODEL.WEIGHTS", path], path
@@ -276,11 +310,18 @@ def _config_case_row(tmp, case, clean):
         row["stage1"] = ep.Result("-", "trains nothing")
         row["rank"] = ep.Result("-", "trains nothing")
     else:
-        row["stage1"] = ep.label("bi_clean", os.path.join(tmp, "pl"), os.path.join(tmp, "o1"), config=configs["stage1"],
-                                 extra=extra)  # fmt: skip
-        row["rank"] = ep.label("bi_clean_pseudo_grouping", store, os.path.join(tmp, "o3"), config=configs["stage3"],
-                               module=ep.rank_parts, stage="ranking_bad",
-                               extra=["MODEL.WEIGHTS", clean["stage2"], *extra])  # fmt: skip
+        row["stage1"] = ep.label(
+            "bi_clean", os.path.join(tmp, "pl"), os.path.join(tmp, "o1"), config=configs["stage1"], extra=extra
+        )
+        row["rank"] = ep.label(
+            "bi_clean_pseudo_grouping",
+            store,
+            os.path.join(tmp, "o3"),
+            config=configs["stage3"],
+            module=ep.rank_parts,
+            stage="ranking_bad",
+            extra=["MODEL.WEIGHTS", clean["stage2"], *extra],
+        )
     row["stage0"] = ep.train(configs["stage0"], os.path.join(tmp, "o0"), _stage0_opts("bi_clean") + extra)
     row["stage2"] = ep.train(configs["stage2"], os.path.join(tmp, "o2"), _stage2_opts(store, "clean") + extra)
     row["stage4"] = ep.train(configs["stage4"], os.path.join(tmp, "o4"), _stage4_opts(store, "clean") + extra)
@@ -298,8 +339,9 @@ def _config_case_row(tmp, case, clean):
 _BASES = {"stage0": ep.STAGE0, "stage1": ep.STAGE1, "stage2": ep.STAGE2, "stage3": ep.STAGE3, "stage4": ep.STAGE4}
 
 
-@pytest.mark.parametrize("case", ["unknown_config_key", "malformed_yaml", "missing_checkpoint", "garbage_checkpoint",
-                                  "nonfinite_loss"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["unknown_config_key", "malformed_yaml", "missing_checkpoint", "garbage_checkpoint", "nonfinite_loss"]
+)
 def test_config_case(tmp_path, clean, case):
     _check_row(case, _config_case_row(tmp_path, case, clean))
 
@@ -327,9 +369,14 @@ def test_store_case(tmp_path, clean, case):
     row = {"validate": ep.Result("-", "reads no store"), "stage0": ep.Result("-", "reads no store")}
     row["stage2"] = ep.train(ep.STAGE2, str(tmp_path / "o2"), _stage2_opts(store, "clean"))
     row["rank"] = ep.label(
-        "bi_clean_pseudo_grouping", store, str(tmp_path / "o3"), config=ep.STAGE3,
-        module=ep.rank_parts, stage="ranking_new", extra=["MODEL.WEIGHTS", clean["stage2"]],
-    )  # fmt: skip
+        "bi_clean_pseudo_grouping",
+        store,
+        str(tmp_path / "o3"),
+        config=ep.STAGE3,
+        module=ep.rank_parts,
+        stage="ranking_new",
+        extra=["MODEL.WEIGHTS", clean["stage2"]],
+    )
     row["stage4"] = ep.train(ep.STAGE4, str(tmp_path / "o4"), _stage4_opts(store, "clean"))
     for entry, shard in (("stage2", damaged[0]), ("rank", damaged[0]), ("stage4", damaged[1])):
         assert os.path.dirname(os.path.dirname(shard)) in row[entry].message, (entry, row[entry].message)
@@ -352,8 +399,7 @@ _BEGIN, _END = "<!-- outcome table: generated by test_bad_inputs.py -->", "<!-- 
 def outcome_table(results):
     descriptions = {case: desc for case, (desc, _) in DATA_CASES.items()}
     descriptions.update(OTHER_CASES)
-    lines = ["| case | " + " | ".join(HEADERS[e] for e in ENTRY_POINTS) + " |",
-             "|---|" + "---|" * len(ENTRY_POINTS)]  # fmt: skip
+    lines = ["| case | " + " | ".join(HEADERS[e] for e in ENTRY_POINTS) + " |", "|---|" + "---|" * len(ENTRY_POINTS)]
     for case in EXPECTED:
         cells = [results[case][e].outcome for e in ENTRY_POINTS]
         lines.append(f"| `{case}`: {descriptions[case]} | " + " | ".join(cells) + " |")

@@ -12,15 +12,18 @@ def _ramp():
     return np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # 8×64, values 0..252
 
 
-@pytest.mark.parametrize("mode,make", [
-    ("I;16", lambda g: Image.fromarray(g.astype(np.uint16) * 257)),
-    ("I", lambda g: Image.fromarray(g.astype(np.int32) * 257, mode="I")),
-    ("F", lambda g: Image.fromarray(g.astype(np.float32) / 255.0, mode="F")),
-    ("L", lambda g: Image.fromarray(g)),
-    ("LA", lambda g: Image.fromarray(np.dstack([g, np.zeros_like(g)]), mode="LA")),
-    ("P", lambda g: Image.fromarray(g).convert("P")),
-    ("1", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode,make",
+    [
+        ("I;16", lambda g: Image.fromarray(g.astype(np.uint16) * 257)),
+        ("I", lambda g: Image.fromarray(g.astype(np.int32) * 257, mode="I")),
+        ("F", lambda g: Image.fromarray(g.astype(np.float32) / 255.0, mode="F")),
+        ("L", lambda g: Image.fromarray(g)),
+        ("LA", lambda g: Image.fromarray(np.dstack([g, np.zeros_like(g)]), mode="LA")),
+        ("P", lambda g: Image.fromarray(g).convert("P")),
+        ("1", None),
+    ],
+)
 def test_gray_modes_load_as_their_8_bit_values(tmp_path, mode, make):
     gray = _ramp()
     if mode == "1":

@@ -41,15 +41,27 @@ def test_register_part_coco_parts_and_objects_views(tmp_path):
     assert MetadataCatalog.get("pc_test").thing_classes == ["object"]
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"annotations": [{"id": 1, "image_id": 5, "category_id": 3, "segmentation": []},
-                      {"id": 1, "image_id": 5, "category_id": 3, "segmentation": []}]}, "annotation id 1 used 2 times"),
-    ({"annotations": [{"id": 1, "image_id": 5, "category_id": 4, "segmentation": []}]}, "category_id 4 is not in"),
-    ({"annotations": [{"id": 1, "image_id": 5, "category_id": 3}]}, "no 'segmentation'"),
-    ({"annotations": [{"id": 1, "image_id": 5, "category_id": 3, "segmentation": [], "bbox": [0, 0, -1, 2]}]},
-     "negative width"),
-    ({"images": [{"id": 5, "file_name": "a.jpg"}]}, "no id/file_name/height/width"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {
+                "annotations": [
+                    {"id": 1, "image_id": 5, "category_id": 3, "segmentation": []},
+                    {"id": 1, "image_id": 5, "category_id": 3, "segmentation": []},
+                ]
+            },
+            "annotation id 1 used 2 times",
+        ),
+        ({"annotations": [{"id": 1, "image_id": 5, "category_id": 4, "segmentation": []}]}, "category_id 4 is not in"),
+        ({"annotations": [{"id": 1, "image_id": 5, "category_id": 3}]}, "no 'segmentation'"),
+        (
+            {"annotations": [{"id": 1, "image_id": 5, "category_id": 3, "segmentation": [], "bbox": [0, 0, -1, 2]}]},
+            "negative width",
+        ),
+        ({"images": [{"id": 5, "file_name": "a.jpg"}]}, "no id/file_name/height/width"),
+    ],
+)
 def test_unusable_json_is_one_line_naming_the_file(tmp_path, change, message):
     json_file, _ = _coco(tmp_path, **change)
     with pytest.raises(DatasetFormatError) as e:

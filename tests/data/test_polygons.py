@@ -66,8 +66,10 @@ def _write_part_imagenet_polygons(root):
                     "area": bbox[2] * bbox[3],
                 }
             )
-    categories = [{"id": i, "name": n, "supercategory": n.split(" ")[0]}
-                  for i, n in enumerate(part_imagenet.PART_IMAGENET_PART_CLASSES)]  # fmt: skip
+    categories = [
+        {"id": i, "name": n, "supercategory": n.split(" ")[0]}
+        for i, n in enumerate(part_imagenet.PART_IMAGENET_PART_CLASSES)
+    ]
     (pin / "annotations").mkdir(parents=True)
     with open(pin / "annotations" / "train.json", "w") as f:
         json.dump({"categories": categories, "images": images, "annotations": annotations}, f)
@@ -87,8 +89,10 @@ def test_lsj_mapper_crops_polygons_like_masks(pin_root, view):
     records = DatasetCatalog.get(view)
     assert any(isinstance(a["segmentation"], list) for r in records for a in r["annotations"])
     # a zoom that always crops: the crop must cut polygons (detectron2 would need shapely here)
-    augs = [T.ResizeScale(min_scale=2.0, max_scale=2.0, target_height=SIZE, target_width=SIZE),
-            T.FixedSizeCrop(crop_size=(SIZE, SIZE), seg_pad_value=0)]  # fmt: skip
+    augs = [
+        T.ResizeScale(min_scale=2.0, max_scale=2.0, target_height=SIZE, target_width=SIZE),
+        T.FixedSizeCrop(crop_size=(SIZE, SIZE), seg_pad_value=0),
+    ]
     mapper = InstanceLSJDatasetMapper(is_train=True, augmentations=augs, image_format="RGB")
     for record in records:
         torch.manual_seed(0)
@@ -129,7 +133,7 @@ def test_stage0_trains_on_part_imagenet_polygons(pin_root, tmp_path):
             str(SIZE),
             "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
             str(len(part_imagenet.PART_IMAGENET_OBJECT_CLASSES)),
-        ],  # fmt: skip
+        ],
     )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

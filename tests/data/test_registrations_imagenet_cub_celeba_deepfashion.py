@@ -34,12 +34,20 @@ ALL_NAMES = [
     *(f"part_imagenet_parts_{s}" for s in ("train", "val", "test")),
     *(f"part_imagenet_{s}" for s in ("train", "val", "test")),
     *(f"partimagenet_seg_{s}" for s in ("train", "val", "test")),
-    "cub_train", "cub_test",
-    "celeba_train", "celeba_test", "mafl_train", "mafl_test",
-    "celeba_wild_train", "mafl_wild_train", "mafl_wild_test",
-    "deepfashion_train", "deepfashion_test",
-    "imagenet_1k_train", "imagenet_21k_train",
-]  # fmt: skip
+    "cub_train",
+    "cub_test",
+    "celeba_train",
+    "celeba_test",
+    "mafl_train",
+    "mafl_test",
+    "celeba_wild_train",
+    "mafl_wild_train",
+    "mafl_wild_test",
+    "deepfashion_train",
+    "deepfashion_test",
+    "imagenet_1k_train",
+    "imagenet_21k_train",
+]
 
 REGISTER = [
     part_imagenet.register_part_imagenet,
@@ -111,16 +119,44 @@ def _write_part_imagenet(root):
             {"id": 2, "file_name": "n02814533_3.JPEG", "height": 32, "width": 32},
         ],
         "annotations": [
-            {"id": 10, "image_id": 0, "category_id": 0, "iscrowd": 0, "bbox": [2, 2, 8, 8],
-             "segmentation": [_square(2, 2, 10, 10)], "area": 64},
-            {"id": 11, "image_id": 0, "category_id": 1, "iscrowd": 0, "bbox": [10, 10, 20, 20],
-             "segmentation": [_square(10, 10, 30, 30)], "area": 400},
-            {"id": 12, "image_id": 2, "category_id": 24, "iscrowd": 0, "bbox": [4, 4, 24, 16],
-             "segmentation": [_square(4, 4, 28, 20)], "area": 384},
-            {"id": 13, "image_id": 2, "category_id": 25, "iscrowd": 0, "bbox": [4, 20, 8, 8],
-             "segmentation": rle, "area": 64},
+            {
+                "id": 10,
+                "image_id": 0,
+                "category_id": 0,
+                "iscrowd": 0,
+                "bbox": [2, 2, 8, 8],
+                "segmentation": [_square(2, 2, 10, 10)],
+                "area": 64,
+            },
+            {
+                "id": 11,
+                "image_id": 0,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [10, 10, 20, 20],
+                "segmentation": [_square(10, 10, 30, 30)],
+                "area": 400,
+            },
+            {
+                "id": 12,
+                "image_id": 2,
+                "category_id": 24,
+                "iscrowd": 0,
+                "bbox": [4, 4, 24, 16],
+                "segmentation": [_square(4, 4, 28, 20)],
+                "area": 384,
+            },
+            {
+                "id": 13,
+                "image_id": 2,
+                "category_id": 25,
+                "iscrowd": 0,
+                "bbox": [4, 20, 8, 8],
+                "segmentation": rle,
+                "area": 64,
+            },
         ],
-    }  # fmt: skip
+    }
     _json(str(pin / "annotations" / "train.json"), train)
     for image in train["images"]:  # train: per-wnid sub-folders
         name = image["file_name"]

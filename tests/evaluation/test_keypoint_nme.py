@@ -164,10 +164,16 @@ def test_bbox_normaliser_per_axis(via_mapper):
     names = [f"kp{i}" for i in range(L)]
     train = register_records("nme_bbox_train", keypoint_names=names)
     records = [
-        {"image_id": i, "height": S, "width": S, "bbox": [3.0, 4.0, *boxes[i]], "bbox_mode": BoxMode.XYWH_ABS,
-         "keypoints": kps.tolist()}
+        {
+            "image_id": i,
+            "height": S,
+            "width": S,
+            "bbox": [3.0, 4.0, *boxes[i]],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "keypoints": kps.tolist(),
+        }
         for i, (_, kps, _) in enumerate(noisy_data)
-    ]  # fmt: skip
+    ]
     test = register_records("nme_bbox_test", records, keypoint_names=names)
     _evaluate(train, clean_data, fit_dataset=train)
     ev = KeypointNMEEvaluator(test, fit_dataset=train, distributed=False)
@@ -177,8 +183,12 @@ def test_bbox_normaliser_per_axis(via_mapper):
         if via_mapper:  # the mapper halved the image: keypoints and box scaled by 0.5
             half = kps.copy()
             half[:, :2] *= 0.5
-            inp.update(keypoints=torch.from_numpy(half), height=S // 2, width=S // 2,
-                       transform=torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]))  # fmt: skip
+            inp.update(
+                keypoints=torch.from_numpy(half),
+                height=S // 2,
+                width=S // 2,
+                transform=torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]),
+            )
         ev.process([inp], [{"part_seg": seg}])
     assert ev.normalizer == "bbox"
     res = ev.evaluate()["part_landmark_nme"]

@@ -192,8 +192,9 @@ def test_keypoints_pooled_equal_sklearn():
     for i in range(6):
         seg = rng.integers(0, 4, (20, 30))
         probs = rng.random((4, 20, 30)).astype(np.float32)
-        kps = np.concatenate([rng.integers(0, 30, (6, 1)) + 0.5, rng.integers(0, 20, (6, 1)) + 0.5,
-                              (rng.random((6, 1)) < 0.7)], axis=1)  # fmt: skip
+        kps = np.concatenate(
+            [rng.integers(0, 30, (6, 1)) + 0.5, rng.integers(0, 20, (6, 1)) + 0.5, (rng.random((6, 1)) < 0.7)], axis=1
+        )
         vis = kps[:, 2] > 0.5
         cols, rows = kps[vis, 0].astype(int), kps[vis, 1].astype(int)
         gt_all.append(np.nonzero(vis)[0])

@@ -128,8 +128,12 @@ def test_confusion_helpers_by_hand():
 
 
 def test_mapped_hand_computed(two_objects, tmp_path):
-    res = _run(two_objects, [{"part_instances": _instances(PRED_A)}, {"part_instances": _instances(PRED_B)}],
-               mode="mapped", output_dir=str(tmp_path))["part_miou_mapped"]  # fmt: skip
+    res = _run(
+        two_objects,
+        [{"part_instances": _instances(PRED_A)}, {"part_instances": _instances(PRED_B)}],
+        mode="mapped",
+        output_dir=str(tmp_path),
+    )["part_miou_mapped"]
     assert res["mIoU-A"] == pytest.approx(100 * MIOU_A)
     assert res["mIoU-B"] == pytest.approx(100 * MIOU_B)
     assert res["C-mIoU"] == pytest.approx(100 * (MIOU_A + MIOU_B) / 2)
@@ -164,8 +168,9 @@ def test_direct_mode_predicted_but_absent(two_objects):
     """Supervised ids: a part predicted on B but absent from its GT is a 0 in B's mean."""
     preds_b = [(_box(0, 2, 0, 2), 2), (_box(3, 4, 0, 5), 3)]  # "B x" exact, "B y" on background
     preds_a = [(GT_A == 0, 0), (GT_A == 1, 1)]
-    res = _run(two_objects, [{"part_instances": _instances(preds_a)}, {"part_instances": _instances(preds_b)}],
-               mode="direct")["part_miou_direct"]  # fmt: skip
+    res = _run(
+        two_objects, [{"part_instances": _instances(preds_a)}, {"part_instances": _instances(preds_b)}], mode="direct"
+    )["part_miou_direct"]
     assert res["mIoU-A"] == pytest.approx(100.0)
     assert res["mIoU-B"] == pytest.approx(50.0)
     assert res["A-mIoU"] == pytest.approx(100.0)

@@ -29,8 +29,16 @@ def _random_dataset(rng, num_images=12):
             m[y : y + rng.integers(4, 20), x : x + rng.integers(4, 20)] = 1
             rle = mask_util.encode(np.asfortranarray(m))
             rle["counts"] = rle["counts"].decode()
-            anns.append({"segmentation": rle, "category_id": int(rng.integers(0, 4)), "object_id": 1000 * i + j,
-                         "iscrowd": 0, "bbox": list(mask_util.toBbox(rle)), "area": float(m.sum())})  # fmt: skip
+            anns.append(
+                {
+                    "segmentation": rle,
+                    "category_id": int(rng.integers(0, 4)),
+                    "object_id": 1000 * i + j,
+                    "iscrowd": 0,
+                    "bbox": list(mask_util.toBbox(rle)),
+                    "area": float(m.sum()),
+                }
+            )
         records.append({"image_id": i, "height": H, "width": W, "file_name": f"{i}.jpg", "annotations": anns})
     return records
 
@@ -59,8 +67,9 @@ def _cocoeval_ar(records, preds, max_dets):
     for r in records:
         gt["images"].append({"id": r["image_id"], "height": H, "width": W})
         for k, ann in enumerate(r["annotations"]):
-            gt["annotations"].append(dict(copy.deepcopy(ann), id=len(gt["annotations"]) + 1,
-                                          image_id=r["image_id"], category_id=1))  # fmt: skip
+            gt["annotations"].append(
+                dict(copy.deepcopy(ann), id=len(gt["annotations"]) + 1, image_id=r["image_id"], category_id=1)
+            )
     coco_gt = COCO()
     coco_gt.dataset = gt
     coco_gt.createIndex()

@@ -239,10 +239,21 @@ def fixed_pair(datasets_root, tmp_path_factory):
 
 def test_trains_through_the_trainer_and_checkpoints(fixed_pair, tmp_path):
     iters = 10
-    cfg = load_cfg(QUICK, [
-        "OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", f"('{fixed_pair}',)", "DATASETS.TEST", "()",
-        "INPUT.PAIRED_VIEW.FLIP_PROB", "0.0", "SOLVER.MAX_ITER", str(iters),
-    ])  # fmt: skip
+    cfg = load_cfg(
+        QUICK,
+        [
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "DATASETS.TRAIN",
+            f"('{fixed_pair}',)",
+            "DATASETS.TEST",
+            "()",
+            "INPUT.PAIRED_VIEW.FLIP_PROB",
+            "0.0",
+            "SOLVER.MAX_ITER",
+            str(iters),
+        ],
+    )
     torch.manual_seed(0)
     trainer = Trainer(cfg)
     recorder = _RecordLosses()
@@ -273,10 +284,23 @@ def test_trains_through_the_trainer_and_checkpoints(fixed_pair, tmp_path):
     # --eval-only through the CLI, part_nmi_ari on toyparts_parts_val
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK, "--eval-only",
-         "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env=dict(os.environ),
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            QUICK,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            weights,
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+        env=dict(os.environ),
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "Part NMI/ARI (masks) on toyparts_parts_val (6 images)" in log and "FG-NMI" in log

@@ -72,9 +72,20 @@ def test_two_colours_become_two_class_prototypes():
 def onestage(datasets_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("onestage")
     args = rank_parts.parse_args(
-        ["--config-file", CONFIG, "--stage", "onestage", "--shard-size", "5", "OUTPUT_DIR", str(base / "out"),
-         "DATASETS.PSEUDO_LABEL_ROOT", str(base / "pl"), *SIZE]
-    )  # fmt: skip
+        [
+            "--config-file",
+            CONFIG,
+            "--stage",
+            "onestage",
+            "--shard-size",
+            "5",
+            "OUTPUT_DIR",
+            str(base / "out"),
+            "DATASETS.PSEUDO_LABEL_ROOT",
+            str(base / "pl"),
+            *SIZE,
+        ]
+    )
     return str(base), rank_parts.main(args)
 
 
@@ -96,10 +107,19 @@ def test_onestage_store_has_class_consistent_part_classes(onestage):
 def test_eval_only_with_train_prototypes(onestage, tmp_path):
     base, _ = onestage
     args = train_net.default_argument_parser().parse_args(
-        ["--config-file", CONFIG, "--eval-only", "MODEL.ONE_STAGE.PROTOTYPES", os.path.join(base, "out",
-                                                                                            "prototypes.pth"),
-         "DATASETS.TEST", "('toyparts_parts_val',)", "OUTPUT_DIR", str(tmp_path), *SIZE]
-    )  # fmt: skip
+        [
+            "--config-file",
+            CONFIG,
+            "--eval-only",
+            "MODEL.ONE_STAGE.PROTOTYPES",
+            os.path.join(base, "out", "prototypes.pth"),
+            "DATASETS.TEST",
+            "('toyparts_parts_val',)",
+            "OUTPUT_DIR",
+            str(tmp_path),
+            *SIZE,
+        ]
+    )
     results = train_net.main(args)
     miou = results["part_miou_clustered"]
     assert miou["num_objects"] > 0 and 0 < miou["C-mIoU"] <= 100 and 0 < miou["A-mIoU"] <= 100

@@ -119,10 +119,22 @@ def test_partformer_configs_warp_both_views_with_its_betas():
 # ------------------------------------------------------------------------------------------------
 def _choudhury_model(losses_on_jittered):
     head = Choudhury21Head(
-        num_parts=3, feature_levels=["res3"], in_channels=4, two_branch=False, dilations=(1,), lambda_feat=0,
-        lambda_contrastive=0, lambda_visual=1.0, lambda_eqv=1.0, losses_on_jittered=losses_on_jittered,
-        brightness=0.9, jitter_prob=1.0, grayscale_prob=0.0, tps_sigma=0.0, seed=0,
-    )  # fmt: skip
+        num_parts=3,
+        feature_levels=["res3"],
+        in_channels=4,
+        two_branch=False,
+        dilations=(1,),
+        lambda_feat=0,
+        lambda_contrastive=0,
+        lambda_visual=1.0,
+        lambda_eqv=1.0,
+        losses_on_jittered=losses_on_jittered,
+        brightness=0.9,
+        jitter_prob=1.0,
+        grayscale_prob=0.0,
+        tps_sigma=0.0,
+        seed=0,
+    )
     return _model(head, freeze=False).train()
 
 
@@ -184,9 +196,13 @@ def test_deepfashion_parsing_map_is_the_foreground(tmp_path):
 def test_a_head_that_needs_a_mask_refuses_inputs_without_one():
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     model = PartDiscovery(
-        backbone=_Backbone(), head=_ConstantPartsHead(), freeze_backbone=True, pixel_mean=[127.0] * 3,
-        pixel_std=[128.0] * 3, require_fg_mask=True,
-    ).eval()  # fmt: skip
+        backbone=_Backbone(),
+        head=_ConstantPartsHead(),
+        freeze_backbone=True,
+        pixel_mean=[127.0] * 3,
+        pixel_std=[128.0] * 3,
+        require_fg_mask=True,
+    ).eval()
     with pytest.raises(ConfigError, match="REQUIRE_FG_MASK.*foreground|x.jpg"):
         model([{"image": image, "file_name": "x.jpg"}])
     assert model([{"image": image, "fg_mask": torch.ones(16, 16, dtype=torch.bool)}])[0]["part_seg"].min() > 0
@@ -284,8 +300,11 @@ def test_choudhury_port_configs(name, k, lambdas, size):
     assert cfg.MODEL.PART_DISCOVERY.NUM_PARTS == k and cfg.INPUT.PAIRED_VIEW.IMAGE_SIZE == size
     assert cfg.MODEL.BACKBONE.NAME == "D2SwinTransformer" and cfg.MODEL.SWIN.EMBED_DIM == 192
     assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH) == (
-        "ADAMW", 1e-5, 30000, 16,
-    )  # fmt: skip
+        "ADAMW",
+        1e-5,
+        30000,
+        16,
+    )
 
 
 def test_choudhury_cub_nme_config():

@@ -40,9 +40,17 @@ def store_root(datasets_root, tmp_path_factory):
     objects with their class (data/gt_parts.py)."""
     root = str(tmp_path_factory.mktemp("pseudo_labels"))
     # category_id = part_class: detectron2's class histogram needs P thing classes
-    write_gt_part_store("toyparts_parts_train", root, "toyparts_train", "ranking", part_classes=True, shard_size=6,
-                        config="toyparts GT, part_class", register_as=STORE_NAME,
-                        thing_classes=[f"part {k}" for k in range(P)])  # fmt: skip
+    write_gt_part_store(
+        "toyparts_parts_train",
+        root,
+        "toyparts_train",
+        "ranking",
+        part_classes=True,
+        shard_size=6,
+        config="toyparts GT, part_class",
+        register_as=STORE_NAME,
+        thing_classes=[f"part {k}" for k in range(P)],
+    )
     return root
 
 
@@ -50,8 +58,11 @@ def store_root(datasets_root, tmp_path_factory):
 def stage4_cfg(store_root, tmp_path):
     def make(max_iter=4, extra=()):
         opts = tiny_quick_opts(tmp_path / "out", max_iter) + [
-            "DATASETS.PSEUDO_LABEL_ROOT", store_root, "DATASETS.TRAIN", f"('{STORE_NAME}',)",
-        ]  # fmt: skip
+            "DATASETS.PSEUDO_LABEL_ROOT",
+            store_root,
+            "DATASETS.TRAIN",
+            f"('{STORE_NAME}',)",
+        ]
         return load_cfg(QUICK_STAGE4, opts + list(extra))
 
     return make

@@ -121,13 +121,29 @@ def test_fast_eval_api_shim():
 @pytest.mark.parametrize(
     "backbone_opts",
     [
-        ["MODEL.BACKBONE.NAME", "D2SwinTransformer", "MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.DEPTHS", "[1, 1, 1, 1]",
-         "MODEL.SWIN.NUM_HEADS", "[1, 2, 4, 8]", "MODEL.SWIN.WINDOW_SIZE", "4"],
-        ["MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RESNETS.DEPTH", "18",
-         "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"],
+        [
+            "MODEL.BACKBONE.NAME",
+            "D2SwinTransformer",
+            "MODEL.SWIN.EMBED_DIM",
+            "32",
+            "MODEL.SWIN.DEPTHS",
+            "[1, 1, 1, 1]",
+            "MODEL.SWIN.NUM_HEADS",
+            "[1, 2, 4, 8]",
+            "MODEL.SWIN.WINDOW_SIZE",
+            "4",
+        ],
+        [
+            "MODEL.BACKBONE.NAME",
+            "build_resnet_backbone",
+            "MODEL.RESNETS.DEPTH",
+            "18",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            "64",
+        ],
     ],
     ids=["swin", "resnet18"],
-)  # fmt: skip
+)
 def test_upstream_backbones_still_build(quick_cfg, backbone_opts):
     """Users with Swin/ResNet checkpoints keep Mask2Former's and detectron2's backbones."""
     cfg = quick_cfg(extra=backbone_opts + ["MODEL.PIXEL_MEAN", "[123.675, 116.28, 103.53]"])

@@ -134,8 +134,16 @@ def test_sincos_pos_embed():
     assert emb.shape == (6, 8)
     torch.testing.assert_close(emb[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
     r, c = 1.0, 2.0  # the last cell (row 1, column 2)
-    want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
-            math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]  # fmt: skip
+    want = [
+        math.sin(r),
+        math.sin(r / 100),
+        math.cos(r),
+        math.cos(r / 100),
+        math.sin(c),
+        math.sin(c / 100),
+        math.cos(c),
+        math.cos(c / 100),
+    ]
     torch.testing.assert_close(emb[5], torch.tensor(want))
 
 
@@ -143,10 +151,24 @@ def test_sincos_pos_embed():
 # The head from plain arguments
 # ------------------------------------------------------------------------------------------------
 def _small_head(**kw):
-    args = dict(num_parts=K, feature_levels=["res4"], input_shape={"res4": ShapeSpec(channels=112, stride=16)},
-                image_size=SIZE, feature_dim=32, descriptor_patch_size=16, descriptor_width=32, descriptor_depth=1,
-                descriptor_heads=2, descriptor_mlp_dim=64, mae_patch_size=16, mae_dim=32, encoder_layers=1,
-                encoder_heads=2, decoder_layers=1, group_size=2)  # fmt: skip
+    args = dict(
+        num_parts=K,
+        feature_levels=["res4"],
+        input_shape={"res4": ShapeSpec(channels=112, stride=16)},
+        image_size=SIZE,
+        feature_dim=32,
+        descriptor_patch_size=16,
+        descriptor_width=32,
+        descriptor_depth=1,
+        descriptor_heads=2,
+        descriptor_mlp_dim=64,
+        mae_patch_size=16,
+        mae_dim=32,
+        encoder_layers=1,
+        encoder_heads=2,
+        decoder_layers=1,
+        group_size=2,
+    )
     args.update(kw)
     return MPAEHead(**args)
 
@@ -167,8 +189,16 @@ def test_head_builds_from_plain_args():
 def test_restorer_fills_masked_cells_from_r():
     """With mask ratio 0.9 on an 8×8 grid 6 cells are encoded; the other 58 decode from R alone."""
     torch.manual_seed(0)
-    mae = MaskedRestorer(patch_size=16, dim=32, encoder_layers=1, encoder_heads=2, decoder_dim=32, decoder_layers=0,
-                         rec_patch_size=4, mask_ratio=0.9)  # fmt: skip
+    mae = MaskedRestorer(
+        patch_size=16,
+        dim=32,
+        encoder_layers=1,
+        encoder_heads=2,
+        decoder_dim=32,
+        decoder_layers=0,
+        rec_patch_size=4,
+        mask_ratio=0.9,
+    )
     image, filled = torch.randn(1, 3, 128, 128), torch.randn(1, 32, 8, 8)
     out = mae(image, filled)
     assert out.shape == (1, 3, 32, 32)
@@ -269,10 +299,23 @@ def test_trains_checkpoints_and_evaluates(datasets_root, tmp_path):
     # --eval-only through the CLI with the part_nmi_ari evaluator on the part annotations
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK, "--eval-only",
-         "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            QUICK,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            weights,
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "Part NMI/ARI (masks) on toyparts_parts_val (6 images)" in log and "FG-NMI" in log

@@ -207,11 +207,27 @@ def test_a_trainable_head_trains_through_the_trainer(datasets_root, tmp_path):
     """The engine contract for learned heads: paired views in, weighted losses logged, frozen backbone untouched."""
     if "_ToyEquivarianceHead" not in PART_HEAD_REGISTRY:
         PART_HEAD_REGISTRY.register(_ToyEquivarianceHead)
-    cfg = _cfg("kmeans", [
-        "MODEL.PART_DISCOVERY.HEAD", "_ToyEquivarianceHead", "MODEL.PART_DISCOVERY.FEATURE_LEVELS", "['res3']",
-        "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
-        "SOLVER.BASE_LR", "0.01", "DATASETS.TEST", "()",
-    ])  # fmt: skip
+    cfg = _cfg(
+        "kmeans",
+        [
+            "MODEL.PART_DISCOVERY.HEAD",
+            "_ToyEquivarianceHead",
+            "MODEL.PART_DISCOVERY.FEATURE_LEVELS",
+            "['res3']",
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "SOLVER.MAX_ITER",
+            "3",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.WARMUP_ITERS",
+            "0",
+            "SOLVER.BASE_LR",
+            "0.01",
+            "DATASETS.TEST",
+            "()",
+        ],
+    )
     trainer = Trainer(cfg)
     model = trainer.model
     train_frozen_backbone(trainer, "head.classifier.weight")

@@ -28,8 +28,19 @@ PROPOSAL = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage2_proposa
 
 
 def _decoder_args():
-    return dict(in_channels=16, mask_classification=True, num_classes=1, hidden_dim=16, num_queries=5, nheads=2,
-                dim_feedforward=32, dec_layers=4, pre_norm=False, mask_dim=16, enforce_input_project=False)  # fmt: skip
+    return dict(
+        in_channels=16,
+        mask_classification=True,
+        num_classes=1,
+        hidden_dim=16,
+        num_queries=5,
+        nheads=2,
+        dim_feedforward=32,
+        dec_layers=4,
+        pre_norm=False,
+        mask_dim=16,
+        enforce_input_project=False,
+    )
 
 
 def test_query_decoder_is_mask2formers_decoder_plus_features():
@@ -106,9 +117,15 @@ def test_cat_instances_is_empty_safe():
 def test_ranking_model_gives_mIoU_clustered(datasets_root, tmp_path):
     """PartRankingModel's parts carry ``features`` (one per kept query) that mIoU-clustered clusters."""
     opts = tiny_quick_opts(tmp_path, 1) + [
-        "DATASETS.TEST", "('toyparts_parts_val',)", "INPUT.TEST_DATASET_MAPPER_NAME", "PartEvalDatasetMapper",
-        "MODEL.PART_RANKING.MIN_SCORE", "0.0", "MODEL.PART_RANKING.MIN_AREA_RATIO", "0.0",
-    ]  # fmt: skip
+        "DATASETS.TEST",
+        "('toyparts_parts_val',)",
+        "INPUT.TEST_DATASET_MAPPER_NAME",
+        "PartEvalDatasetMapper",
+        "MODEL.PART_RANKING.MIN_SCORE",
+        "0.0",
+        "MODEL.PART_RANKING.MIN_AREA_RATIO",
+        "0.0",
+    ]
     cfg = load_cfg(RANKING, opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()

@@ -126,10 +126,17 @@ class _PixelNetwork(PerceptualNetwork):
 
 def _head(**kwargs):
     args = dict(
-        num_parts=K, feature_levels=["res3"], input_shape={"res3": ShapeSpec(channels=8, stride=8)},
-        perceptual=PerceptualLoss(network=_PixelNetwork(), layer_weights=[1.0]), compress_dims=[16, 8],
-        width=16, depth=1, heads=2, mlp_dim=32, patch_size=8,
-    )  # fmt: skip
+        num_parts=K,
+        feature_levels=["res3"],
+        input_shape={"res3": ShapeSpec(channels=8, stride=8)},
+        perceptual=PerceptualLoss(network=_PixelNetwork(), layer_weights=[1.0]),
+        compress_dims=[16, 8],
+        width=16,
+        depth=1,
+        heads=2,
+        mlp_dim=32,
+        patch_size=8,
+    )
     args.update(kwargs)
     return PartFormerHead(**args)
 
@@ -147,10 +154,17 @@ def _batch(views=2, size=64, b=2, inputs=None, seed=0):
 
     valid = torch.ones(b, size, size, dtype=torch.bool)
     batch = DiscoveryBatch(
-        inputs=inputs or [{} for _ in range(b)], images=_Images(raw), raw_images=raw, valid=valid, fg_masks=valid,
-        fg_given=torch.zeros(b, dtype=torch.bool), input_format="RGB", features_of=lambda t: feats2,
-        images2=_Images(raw2) if views == 2 else None, raw_images2=raw2,
-    )  # fmt: skip
+        inputs=inputs or [{} for _ in range(b)],
+        images=_Images(raw),
+        raw_images=raw,
+        valid=valid,
+        fg_masks=valid,
+        fg_given=torch.zeros(b, dtype=torch.bool),
+        input_format="RGB",
+        features_of=lambda t: feats2,
+        images2=_Images(raw2) if views == 2 else None,
+        raw_images2=raw2,
+    )
     return feats, batch
 
 
@@ -163,8 +177,13 @@ def test_head_from_plain_args_losses_and_inference():
     losses = head.losses(feats, batch)
     assert set(losses) == {"loss_rec", "loss_con", "loss_area", "loss_sc"}
     sum(losses.values()).backward()
-    for name in ("compress.0.weight", "partformer.part_tokens", "partformer.patch_embed.weight",
-                 "decoder.layers.0.0.weight", "arcface_weight"):  # fmt: skip
+    for name in (
+        "compress.0.weight",
+        "partformer.part_tokens",
+        "partformer.patch_embed.weight",
+        "decoder.layers.0.0.weight",
+        "arcface_weight",
+    ):
         assert dict(head.named_parameters())[name].grad.abs().sum() > 0, name
     head.eval()
     with torch.no_grad():
@@ -286,10 +305,23 @@ def test_trains_through_trainer_checkpoint_and_eval_only(datasets_root, tmp_path
     # --eval-only through the CLI with the part_nmi_ari evaluator on the part annotations
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK, "--eval-only",
-         "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env=dict(os.environ),
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            QUICK,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            weights,
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+        env=dict(os.environ),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "Part NMI/ARI (masks) on toyparts_parts_val (6 images)" in log and "FG-NMI" in log

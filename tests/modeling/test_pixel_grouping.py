@@ -133,11 +133,20 @@ def test_model_source_uses_a_stage0_checkpoint(datasets_root, tmp_path):
     DetectionCheckpointer(build_model(stage0), save_dir=str(tmp_path)).save("stage0")
     cfg_file = tmp_path / "stage0.yaml"
     cfg_file.write_text(stage0.dump())
-    cfg = _cfg("MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE", "model", "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG",
-               str(cfg_file),
-               "MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS", weights, "MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH", "0.0",
-               "MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO", "0.0", "MODEL.PIXEL_GROUPING.OBJECT_TOPK",
-               "2")  # fmt: skip
+    cfg = _cfg(
+        "MODEL.PIXEL_GROUPING.OBJECT_MASK_SOURCE",
+        "model",
+        "MODEL.PIXEL_GROUPING.OBJECT_MODEL_CONFIG",
+        str(cfg_file),
+        "MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS",
+        weights,
+        "MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH",
+        "0.0",
+        "MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO",
+        "0.0",
+        "MODEL.PIXEL_GROUPING.OBJECT_TOPK",
+        "2",
+    )
     _, outputs = _run(cfg, n=2)
     for out in outputs:
         assert len(out["instances"]) <= 2  # top-k of the detector's (untrained) instances

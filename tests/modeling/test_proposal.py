@@ -33,8 +33,16 @@ STORE_NAME = "toyparts_train_pseudo_grouping"
 def store_root(datasets_root, tmp_path_factory):
     """The toyparts GT parts as a class-agnostic stage-1 store, registered as toyparts_train_pseudo_grouping."""
     root = str(tmp_path_factory.mktemp("pseudo_labels"))
-    write_gt_part_store("toyparts_parts_train", root, "toyparts_train", "grouping", part_classes=False, shard_size=5,
-                        config="toyparts GT parts", register_as=STORE_NAME)  # fmt: skip
+    write_gt_part_store(
+        "toyparts_parts_train",
+        root,
+        "toyparts_train",
+        "grouping",
+        part_classes=False,
+        shard_size=5,
+        config="toyparts GT parts",
+        register_as=STORE_NAME,
+    )
     return root
 
 
@@ -84,8 +92,17 @@ def test_store_from_gt_parts(store_root):
 
 
 def test_training_on_store_lowers_loss_with_reference_freezing(stage2_cfg):
-    cfg = stage2_cfg(max_iter=30, extra=["MODEL.MASK_FORMER.FREEZE_KEYS", '["backbone", "encoder"]',
-                                         "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"])  # fmt: skip
+    cfg = stage2_cfg(
+        max_iter=30,
+        extra=[
+            "MODEL.MASK_FORMER.FREEZE_KEYS",
+            '["backbone", "encoder"]',
+            "TEST.EVAL_PERIOD",
+            "0",
+            "DATASETS.TEST",
+            "()",
+        ],
+    )
     trainer = Trainer(cfg)
     recorder = RecordLoss()
     trainer.register_hooks([recorder])

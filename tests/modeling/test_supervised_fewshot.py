@@ -182,15 +182,26 @@ def test_within_object_miou_hand_computed():
         for c, m in gt.items()
     ]
     records = [{"image_id": 0, "height": H, "width": W, "annotations": annotations}]
-    register_records(name, records, part_classes=["A head", "A body", "B x", "B y"], object_classes=["A", "B"],
-                     part_to_object=[0, 0, 1, 1], is_part_dataset=True)  # fmt: skip
+    register_records(
+        name,
+        records,
+        part_classes=["A head", "A body", "B x", "B y"],
+        object_classes=["A", "B"],
+        part_to_object=[0, 0, 1, 1],
+        is_part_dataset=True,
+    )
     # A: index 0 (→ part 0) on rows 0-1 cols 0-1 (4 px, all head); index 1 (→ part 1) on rows 1-3 cols 0-2
     # (9 px: 3 head, 6 body), painted after index 0. B: index 1 (→ part 3, "B y") on rows 0-3 col 3 (4 px, all "B x"),
     # index 0
     #    (→ part 2) on rows 0-1 cols 4-5 (4 px, all "B y"), index 2 (B has no third part → background) on rows
     #    2-3 cols 4-5 (4 px of "B y").
-    preds = [(_box(0, 2, 0, 2), 0, 0), (_box(1, 4, 0, 3), 1, 0),
-             (_box(0, 4, 3, 4), 1, 1), (_box(0, 2, 4, 6), 0, 1), (_box(2, 4, 4, 6), 2, 1)]  # fmt: skip
+    preds = [
+        (_box(0, 2, 0, 2), 0, 0),
+        (_box(1, 4, 0, 3), 1, 0),
+        (_box(0, 4, 3, 4), 1, 1),
+        (_box(0, 2, 4, 6), 0, 1),
+        (_box(2, 4, 4, 6), 2, 1),
+    ]
     parts = Instances((H, W))
     parts.pred_masks = torch.from_numpy(np.stack([m for m, _, _ in preds]))
     parts.pred_classes = torch.tensor([k for _, k, _ in preds])

@@ -37,18 +37,32 @@ def _checkpoint(layout: str, registers: int = 0, gen=None):
         return torch.randn(*shape, generator=gen)
 
     n = (PRE // P) ** 2
-    sd = {"cls_token": r(1, 1, D), "pos_embed": r(1, 1 + n, D), "patch_embed.proj.weight": r(D, 3, P, P),
-          "patch_embed.proj.bias": r(D), "norm.weight": r(D), "norm.bias": r(D)}  # fmt: skip
+    sd = {
+        "cls_token": r(1, 1, D),
+        "pos_embed": r(1, 1 + n, D),
+        "patch_embed.proj.weight": r(D, 3, P, P),
+        "patch_embed.proj.bias": r(D),
+        "norm.weight": r(D),
+        "norm.bias": r(D),
+    }
     for i in range(DEPTH):
         b = f"blocks.{i}."
-        sd.update({
-            b + "norm1.weight": r(D), b + "norm1.bias": r(D),
-            b + "attn.qkv.weight": r(3 * D, D), b + "attn.qkv.bias": r(3 * D),
-            b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
-            b + "norm2.weight": r(D), b + "norm2.bias": r(D),
-            b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc1.bias": r(4 * D),
-            b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D),
-        })  # fmt: skip
+        sd.update(
+            {
+                b + "norm1.weight": r(D),
+                b + "norm1.bias": r(D),
+                b + "attn.qkv.weight": r(3 * D, D),
+                b + "attn.qkv.bias": r(3 * D),
+                b + "attn.proj.weight": r(D, D),
+                b + "attn.proj.bias": r(D),
+                b + "norm2.weight": r(D),
+                b + "norm2.bias": r(D),
+                b + "mlp.fc1.weight": r(4 * D, D),
+                b + "mlp.fc1.bias": r(4 * D),
+                b + "mlp.fc2.weight": r(D, 4 * D),
+                b + "mlp.fc2.bias": r(D),
+            }
+        )
         if layout == "dinov2":
             sd.update({b + "ls1.gamma": r(D), b + "ls2.gamma": r(D)})
     if layout == "dinov2":
@@ -139,9 +153,22 @@ def test_built_from_config(tmp_path):
     path = str(tmp_path / "v2.pth")
     sd = _checkpoint("dinov2", registers=4)
     torch.save(sd, path)
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.VIT.PATCH_SIZE", str(P), "MODEL.VIT.EMBED_DIM", str(D), "MODEL.VIT.DEPTH",
-            str(DEPTH), "MODEL.VIT.NUM_HEADS", str(HEADS), "MODEL.VIT.PRETRAIN_IMAGE_SIZE", str(PRE),
-            "MODEL.VIT.WEIGHTS", path]  # fmt: skip
+    opts = [
+        "MODEL.DEVICE",
+        "cpu",
+        "MODEL.VIT.PATCH_SIZE",
+        str(P),
+        "MODEL.VIT.EMBED_DIM",
+        str(D),
+        "MODEL.VIT.DEPTH",
+        str(DEPTH),
+        "MODEL.VIT.NUM_HEADS",
+        str(HEADS),
+        "MODEL.VIT.PRETRAIN_IMAGE_SIZE",
+        str(PRE),
+        "MODEL.VIT.WEIGHTS",
+        path,
+    ]
     cfg = load_cfg(MPAE_BASE, opts)
     assert cfg.MODEL.BACKBONE.NAME == "build_dino_vit_backbone" and cfg.MODEL.VIT.NUM_REGISTERS == 4
     backbone = build_backbone(cfg)

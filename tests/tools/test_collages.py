@@ -36,10 +36,11 @@ def _store(tmp_path):
         cv2.imwrite(str(path), image)
         objects = []
         for cls, m in ((0, disc), (1, square)):
-            thirds = [m & (xx < np.percentile(xx[m], 33)), m & (xx >= np.percentile(xx[m],
-                                                                                    33)) & (xx < np.percentile(xx[m],
-                                                                                                               66)),
-                      m & (xx >= np.percentile(xx[m], 66))]  # fmt: skip
+            thirds = [
+                m & (xx < np.percentile(xx[m], 33)),
+                m & (xx >= np.percentile(xx[m], 33)) & (xx < np.percentile(xx[m], 66)),
+                m & (xx >= np.percentile(xx[m], 66)),
+            ]
             parts = [make_part(t, 0.9, k) for k, t in enumerate(thirds)] + [make_part(m, 0.5, 3)]
             objects.append(make_object(m, parts, 1.0, cls))
         writer.add(i, {"image_id": i, "file_name": str(path), "height": H, "width": W, "objects": objects})
@@ -74,8 +75,22 @@ def collages(tmp_path, repo_script):
     store = _store(tmp_path)
     tool = repo_script("tools/make_collages.py")
     out = tmp_path / "collages"
-    result = tool.main(["--root", store, "--source", "shapes_train", "--stage", "ranking", "--output", str(out),
-                        "--drop-object-like", "0.5", "--tile-size", "64"])  # fmt: skip
+    result = tool.main(
+        [
+            "--root",
+            store,
+            "--source",
+            "shapes_train",
+            "--stage",
+            "ranking",
+            "--output",
+            str(out),
+            "--drop-object-like",
+            "0.5",
+            "--tile-size",
+            "64",
+        ]
+    )
     return tool, store, out, result
 
 
@@ -101,8 +116,20 @@ def test_make_and_summarize_collages(collages, tmp_path, repo_script):
         assert all(n > 20 for n in red[:NUM_IMAGES]) and all((c == 255).all() for c in cells[NUM_IMAGES:])
         assert f'src="{r["collage"]}"' in page
     # without the filter the whole-object "part" gets its collage too
-    unfiltered = tool.main(["--root", store, "--source", "shapes_train", "--stage", "ranking", "--output",
-                            str(tmp_path / "all"), "--tile-size", "64"])  # fmt: skip
+    unfiltered = tool.main(
+        [
+            "--root",
+            store,
+            "--source",
+            "shapes_train",
+            "--stage",
+            "ranking",
+            "--output",
+            str(tmp_path / "all"),
+            "--tile-size",
+            "64",
+        ]
+    )
     assert unfiltered["collages"] == 8 and unfiltered["dropped_object_like"] == 0
     # annotate: class 0 has 3 consistent parts, class 1 one
     answers = {
@@ -140,8 +167,16 @@ def _chromium():
 
 
 def _browser(args, tmp_path):
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", *args]  # fmt: skip
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=5000",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 

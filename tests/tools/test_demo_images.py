@@ -31,10 +31,14 @@ def photos(tmp_path_factory):
     cup = _ellipse(h2, w2, 190, 290, 150, 210)  # cup and saucer
     saucer_spoon = np.zeros((h2, w2), bool)
     saucer_spoon[300:390, 60:560] = True
-    coco = {"images": [{"id": 1, "file_name": "chelsea.png", "height": h, "width": w},
-                       {"id": 2, "file_name": "coffee.png", "height": h2, "width": w2}],
-            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "cup"}],
-            "annotations": []}  # fmt: skip
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "chelsea.png", "height": h, "width": w},
+            {"id": 2, "file_name": "coffee.png", "height": h2, "width": w2},
+        ],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "cup"}],
+        "annotations": [],
+    }
     masks = {"chelsea": [cat], "coffee": [cup, saucer_spoon & ~cup]}
     for image_id, name, cat_id in ((1, "chelsea", 3), (2, "coffee", 7)):
         for m in masks[name]:
@@ -50,9 +54,20 @@ def test_demo_on_real_photos(photos, tmp_path, repo_script):
     root, images, given = photos
     demo = repo_script("demo/demo.py")
     out = tmp_path / "out"
-    result = demo.main(["--input", str(root / "chelsea.png"), str(root / "coffee.png"), str(root / "astro*.png"),
-                        "--output", str(out), "--object-masks", str(root / "objects.json"), "--opts",
-                        *FAST])  # fmt: skip
+    result = demo.main(
+        [
+            "--input",
+            str(root / "chelsea.png"),
+            str(root / "coffee.png"),
+            str(root / "astro*.png"),
+            "--output",
+            str(out),
+            "--object-masks",
+            str(root / "objects.json"),
+            "--opts",
+            *FAST,
+        ]
+    )
     with open(out / "predictions.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(result))
@@ -146,10 +161,22 @@ def test_stage4_model_on_photos_then_collages(photos, tmp_path, repo_script):
         json.dump(coco, f)
     out = tmp_path / "out"
     result = repo_script("demo/demo.py").main(
-        ["--config-file", config, "--input", str(root / "chelsea.png"), str(root / "coffee.png"), "--output", str(out),
-         "--object-masks", str(tmp_path / "objects.json"), "--opts", *small, "MODEL.WEIGHTS",
-         str(tmp_path / "stage4.pth")]
-    )  # fmt: skip
+        [
+            "--config-file",
+            config,
+            "--input",
+            str(root / "chelsea.png"),
+            str(root / "coffee.png"),
+            "--output",
+            str(out),
+            "--object-masks",
+            str(tmp_path / "objects.json"),
+            "--opts",
+            *small,
+            "MODEL.WEIGHTS",
+            str(tmp_path / "stage4.pth"),
+        ]
+    )
     for record in result["images"]:
         assert not record["class_agnostic"] and record["parts"]
         for part in record["parts"]:
@@ -191,10 +218,21 @@ def test_object_model_source(photos, tmp_path):
         PartPredictor(load_cfg(demo, FAST + model_opts))
     torch.manual_seed(0)
     DetectionCheckpointer(build_model(load_cfg(stage0)), str(tmp_path)).save("stage0")
-    cfg = load_cfg(demo, FAST + model_opts + [
-        "MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS", str(tmp_path / "stage0.pth"),
-        "MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH", "0.0", "MODEL.PIXEL_GROUPING.OBJECT_TOPK", "2",
-        "MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO", "0.01"])  # fmt: skip
+    cfg = load_cfg(
+        demo,
+        FAST
+        + model_opts
+        + [
+            "MODEL.PIXEL_GROUPING.OBJECT_MODEL_WEIGHTS",
+            str(tmp_path / "stage0.pth"),
+            "MODEL.PIXEL_GROUPING.OBJECT_SCORE_THRESH",
+            "0.0",
+            "MODEL.PIXEL_GROUPING.OBJECT_TOPK",
+            "2",
+            "MODEL.PIXEL_GROUPING.OBJECT_MIN_AREA_RATIO",
+            "0.01",
+        ],
+    )
     out = PartPredictor(cfg)(np.ascontiguousarray(images["coffee"][::2, ::2, ::-1]))
     assert out["object_source"] == "object model"
     objects, parts = out["objects"], out["parts"]

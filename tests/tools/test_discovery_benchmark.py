@@ -142,8 +142,9 @@ def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(
     from part_distillation.engine.discovery_benchmark import evaluate_discovery_model, method_cfg
     from part_distillation.utils.errors import ConfigError
 
-    records = [{k: v for k, v in r.items() if k != "object_annotations"}
-               for r in DatasetCatalog.get("toyparts_landmarks_val")]  # fmt: skip
+    records = [
+        {k: v for k, v in r.items() if k != "object_annotations"} for r in DatasetCatalog.get("toyparts_landmarks_val")
+    ]
     name = "toyparts_landmarks_val_unclassed_test"
     _register_copy(name, records)
     opts, model = _stage4_model(tmp_path)

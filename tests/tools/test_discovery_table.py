@@ -21,12 +21,30 @@ def test_table_of_heads_baselines_and_partdistillation(datasets_root, tmp_path, 
     torch.manual_seed(0)
     weights = str(tmp_path / "stage4.pth")
     torch.save({"model": build_model(stage4).state_dict()}, weights)
-    opts = ["INPUT.PAIRED_VIEW.IMAGE_SIZE", "128", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TEST", "128",
-            "INPUT.MAX_SIZE_TEST", "128"]  # fmt: skip
+    opts = [
+        "INPUT.PAIRED_VIEW.IMAGE_SIZE",
+        "128",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "INPUT.MIN_SIZE_TEST",
+        "128",
+        "INPUT.MAX_SIZE_TEST",
+        "128",
+    ]
     rows = discovery_table.main(
-        ["--output", str(tmp_path / "out"), "--methods", "kmeans", "choudhury21", "--max-iter", "2",
-         "--stage4-weights", weights, *opts]
-    )  # fmt: skip
+        [
+            "--output",
+            str(tmp_path / "out"),
+            "--methods",
+            "kmeans",
+            "choudhury21",
+            "--max-iter",
+            "2",
+            "--stage4-weights",
+            weights,
+            *opts,
+        ]
+    )
     assert [r["method"] for r in rows] == ["kmeans", "choudhury21", "partdistillation (stage 4)"]
     assert rows[0]["iterations"] == 0 and rows[1]["iterations"] == 2 and rows[1]["seconds"] > 0
     for r in rows:

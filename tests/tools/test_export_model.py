@@ -24,9 +24,20 @@ def test_torchscript_parity_on_toyparts(config, datasets_root, tmp_path, repo_sc
     model = build_model(cfg).eval()  # random weights, saved as a checkpoint: what the tool loads
     DetectionCheckpointer(model, str(tmp_path)).save("weights")
     tool = repo_script("tools/export_model.py")
-    info = tool.main(["--config-file", os.path.join(QUICK, config), "--output", str(tmp_path / "export"),
-                      "--object-class", "1", "--opts", *SMALL, "MODEL.WEIGHTS",
-                      str(tmp_path / "weights.pth")])  # fmt: skip
+    info = tool.main(
+        [
+            "--config-file",
+            os.path.join(QUICK, config),
+            "--output",
+            str(tmp_path / "export"),
+            "--object-class",
+            "1",
+            "--opts",
+            *SMALL,
+            "MODEL.WEIGHTS",
+            str(tmp_path / "weights.pth"),
+        ]
+    )
     assert info["input_size"] == [128, 128] and info["torchscript_max_abs_diff"] <= 1e-4
     with open(tmp_path / "export" / "export.json") as f:
         assert json.load(f)["outputs"] == info["outputs"]
@@ -51,8 +62,18 @@ def test_torchscript_parity_on_toyparts(config, datasets_root, tmp_path, repo_sc
 def test_onnx_export_when_available(datasets_root, tmp_path, repo_script):
     onnx = pytest.importorskip("onnx")
     tool = repo_script("tools/export_model.py")
-    info = tool.main(["--config-file", os.path.join(QUICK, "stage2_proposals_toyparts.yaml"), "--output", str(tmp_path),
-                      "--format", "onnx", "--opts", *SMALL])  # fmt: skip
+    info = tool.main(
+        [
+            "--config-file",
+            os.path.join(QUICK, "stage2_proposals_toyparts.yaml"),
+            "--output",
+            str(tmp_path),
+            "--format",
+            "onnx",
+            "--opts",
+            *SMALL,
+        ]
+    )
     graph = onnx.load(info["files"]["onnx"])
     onnx.checker.check_model(graph)
     assert [o.name for o in graph.graph.output] == ["pred_logits", "pred_masks"]

@@ -21,9 +21,17 @@ import make_pseudo_labels  # noqa: E402
 
 def _opts(root, out, batch=1):
     return [
-        "DATASETS.PSEUDO_LABEL_ROOT", str(root), "OUTPUT_DIR", str(out), "INPUT.IMAGE_SIZE", "128",
-        "DATALOADER.LABELLING_IMS_PER_BATCH", str(batch), "MODEL.PIXEL_GROUPING.KMEANS_N_INIT", "3",
-    ]  # fmt: skip
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        str(root),
+        "OUTPUT_DIR",
+        str(out),
+        "INPUT.IMAGE_SIZE",
+        "128",
+        "DATALOADER.LABELLING_IMS_PER_BATCH",
+        str(batch),
+        "MODEL.PIXEL_GROUPING.KMEANS_N_INIT",
+        "3",
+    ]
 
 
 def _store_files(root):
@@ -31,8 +39,14 @@ def _store_files(root):
 
 
 def _run_cli(args, env, **kw):
-    return subprocess.run([sys.executable, TOOL, "--config-file", CONFIG, *args], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, TOOL, "--config-file", CONFIG, *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def _free_port():
@@ -73,9 +87,21 @@ def test_sigkill_then_resume_equals_uninterrupted_run(datasets_root, tmp_path):
     expected = _store_files(tmp_path / "ref")
 
     shards = tmp_path / "killed" / "toyparts_val" / "grouping" / "shards"
-    proc = subprocess.Popen([sys.executable, TOOL, "--config-file", CONFIG, "--shard-size", "1",
-                             *_opts(tmp_path / "killed", tmp_path / "o2")], env=env, cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            TOOL,
+            "--config-file",
+            CONFIG,
+            "--shard-size",
+            "1",
+            *_opts(tmp_path / "killed", tmp_path / "o2"),
+        ],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if shards.is_dir() and len([f for f in os.listdir(shards) if f.endswith(".jsonl.gz")]) >= 2:
@@ -128,10 +154,20 @@ def test_unreadable_images_are_skipped_counted_and_named(datasets_root, tmp_path
     name = "toyparts_val_with_bad_images"
     if name not in DatasetCatalog.list():
         DatasetCatalog.register(name, lambda: good + bad)
-        MetadataCatalog.get(name).set(**{k: v for k, v in MetadataCatalog.get("toyparts_val").as_dict().items()
-                                         if k not in ("name", "json_file")})  # fmt: skip
-    argv = ["--config-file", CONFIG, "--shard-size", "1", *_opts(tmp_path / "pl", tmp_path / "out"),
-            "DATASETS.TEST", f"('{name}',)", "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET", ""]  # fmt: skip
+        MetadataCatalog.get(name).set(
+            **{k: v for k, v in MetadataCatalog.get("toyparts_val").as_dict().items() if k not in ("name", "json_file")}
+        )
+    argv = [
+        "--config-file",
+        CONFIG,
+        "--shard-size",
+        "1",
+        *_opts(tmp_path / "pl", tmp_path / "out"),
+        "DATASETS.TEST",
+        f"('{name}',)",
+        "MODEL.PIXEL_GROUPING.EVAL_PARTS_DATASET",
+        "",
+    ]
     summary = make_pseudo_labels.main(_parse(argv))
     assert summary["images"] == 3 and summary["skipped"] == 2 and summary["complete"]
     assert sorted(summary["skipped_files"]) == sorted([str(broken), str(empty)])

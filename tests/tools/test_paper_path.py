@@ -20,9 +20,16 @@ from pycocotools import mask as mask_util
 
 from conftest import REPO_ROOT
 
-CFG = {name: os.path.join(REPO_ROOT, "configs", f"{name}.yaml") for name in (
-    "stage0_instance", "stage1_pixel_grouping", "stage2_proposals", "stage3_ranking",
-    "stage4_distillation")}  # fmt: skip
+CFG = {
+    name: os.path.join(REPO_ROOT, "configs", f"{name}.yaml")
+    for name in (
+        "stage0_instance",
+        "stage1_pixel_grouping",
+        "stage2_proposals",
+        "stage3_ranking",
+        "stage4_distillation",
+    )
+}
 # The miniature's classes: 4 object synsets and 2 the paper's WordNet filter removes (food, tree).
 KEPT = {"n02084071": "dog", "n02121808": "domestic cat", "n02691156": "airplane", "n02958343": "car"}
 REMOVED = ("n07707451", "n13104059")  # vegetable (food subtree), tree
@@ -30,19 +37,55 @@ SIZE = 96
 
 # Only sizes: the backbone (Swin-L weights are absent), widths, queries, iterations, image size, batch.
 SIZES = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.BACKBONE.NAME", "build_efficientnet_lite0_backbone", "MODEL.BACKBONE.FREEZE_AT", "2",
-    "MODEL.EFFICIENTNET.NORM", "FrozenBN",
-    "MODEL.PIXEL_MEAN", "[127.0, 127.0, 127.0]", "MODEL.PIXEL_STD", "[128.0, 128.0, 128.0]",
-    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "64", "MODEL.SEM_SEG_HEAD.MASK_DIM", "64",
-    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
-    "MODEL.MASK_FORMER.HIDDEN_DIM", "64", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10",
-    "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "128", "MODEL.MASK_FORMER.DEC_LAYERS", "3",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.0003",
-    "INPUT.IMAGE_SIZE", str(SIZE), "INPUT.MIN_SIZE_TEST", str(SIZE), "INPUT.MAX_SIZE_TEST", str(SIZE),
-    "TEST.DETECTIONS_PER_IMAGE", "10", "DATALOADER.NUM_WORKERS", "0", "SEED", "0",
-]  # fmt: skip
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.BACKBONE.NAME",
+    "build_efficientnet_lite0_backbone",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "2",
+    "MODEL.EFFICIENTNET.NORM",
+    "FrozenBN",
+    "MODEL.PIXEL_MEAN",
+    "[127.0, 127.0, 127.0]",
+    "MODEL.PIXEL_STD",
+    "[128.0, 128.0, 128.0]",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+    "64",
+    "MODEL.SEM_SEG_HEAD.MASK_DIM",
+    "64",
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+    "1",
+    "MODEL.MASK_FORMER.HIDDEN_DIM",
+    "64",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+    "10",
+    "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
+    "128",
+    "MODEL.MASK_FORMER.DEC_LAYERS",
+    "3",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "0",
+    "SOLVER.BASE_LR",
+    "0.0003",
+    "INPUT.IMAGE_SIZE",
+    str(SIZE),
+    "INPUT.MIN_SIZE_TEST",
+    str(SIZE),
+    "INPUT.MAX_SIZE_TEST",
+    str(SIZE),
+    "TEST.DETECTIONS_PER_IMAGE",
+    "10",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SEED",
+    "0",
+]
 
 
 def _images_from_toyparts(d2root):
@@ -82,8 +125,17 @@ def _write_part_imagenet(d2root, toy_images):
         for k, (y0, y1) in enumerate(((8, 30), (30, 56))):  # quadruped head / body
             m = np.zeros((64, 64), bool)
             m[y0:y1, 12:52] = True
-            annotations.append({"id": 10 * i + k, "image_id": i, "category_id": k, "iscrowd": 0, "area": int(m.sum()),
-                                "bbox": [12, y0, 40, y1 - y0], "segmentation": _rle(m)})  # fmt: skip
+            annotations.append(
+                {
+                    "id": 10 * i + k,
+                    "image_id": i,
+                    "category_id": k,
+                    "iscrowd": 0,
+                    "area": int(m.sum()),
+                    "bbox": [12, y0, 40, y1 - y0],
+                    "segmentation": _rle(m),
+                }
+            )
     categories = [
         {"id": i, "name": n, "supercategory": n.split(" ")[0]} for i, n in enumerate(PART_IMAGENET_PART_CLASSES)
     ]
@@ -116,8 +168,10 @@ def _write_pascal_part(d2root, toy_images):
         obj,
         parts,
     )
-    scipy.io.savemat(os.path.join(base, "Annotations_Part", "2008_000004.mat"),
-                     {"anno": {"imname": "2008_000004", "objects": objects}})  # fmt: skip
+    scipy.io.savemat(
+        os.path.join(base, "Annotations_Part", "2008_000004.mat"),
+        {"anno": {"imname": "2008_000004", "objects": objects}},
+    )
 
 
 def _args(config, opts, eval_only=False):
@@ -173,9 +227,18 @@ def test_paper_path_rehearsal(datasets_root, tmp_path, monkeypatch, repo_script)
     manifest_all = str(d2root / "imagenet_21k" / "manifest_all.tsv")
     assert prepare.main(["--root", train_root, "--out", manifest_all, "--no-progress"]) == 0
     wordnet_filter = repo_script("tools/wordnet_filter.py")
-    sel = wordnet_filter.main(wordnet_filter.parse_args(
-        ["--manifest", manifest_all, "--out", str(d2root / "imagenet_21k" / "train_manifest.tsv"), "--num-classes",
-         "0"]))  # fmt: skip
+    sel = wordnet_filter.main(
+        wordnet_filter.parse_args(
+            [
+                "--manifest",
+                manifest_all,
+                "--out",
+                str(d2root / "imagenet_21k" / "train_manifest.tsv"),
+                "--num-classes",
+                "0",
+            ]
+        )
+    )
     assert sel["selected"] == sorted(KEPT)  # the food and tree synsets are gone
 
     train_net = repo_script("tools/train_net.py")
@@ -240,9 +303,21 @@ def test_paper_path_rehearsal(datasets_root, tmp_path, monkeypatch, repo_script)
     assert "AR@200" in json.dumps(res2) and "C-mIoU" in json.dumps(res4)
 
     # zero-shot on Pascal-Part: the dog's class name → its synset → the model's "dog" classifier
-    res_pascal = train_net.main(_args("stage4_distillation", SIZES + [
-        "MODEL.WEIGHTS", "output/stage4_distillation/model_final.pth", "DATASETS.TEST", "('pascal_part_parts_val',)",
-        "OUTPUT_DIR", "output/stage4_pascal"], eval_only=True))  # fmt: skip
+    res_pascal = train_net.main(
+        _args(
+            "stage4_distillation",
+            SIZES
+            + [
+                "MODEL.WEIGHTS",
+                "output/stage4_distillation/model_final.pth",
+                "DATASETS.TEST",
+                "('pascal_part_parts_val',)",
+                "OUTPUT_DIR",
+                "output/stage4_pascal",
+            ],
+            eval_only=True,
+        )
+    )
     assert _finite(res_pascal) and res_pascal["part_miou_clustered"]["num_objects"] == 1  # the dog was evaluated
 
 

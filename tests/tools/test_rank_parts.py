@@ -49,9 +49,15 @@ def _opts(root, out, weights):
     # GT objects of toyparts_parts_train (the quick schedule ranks inside the stage-1 store's objects; see
     # test_ranking_inside_stage1_store_objects)
     return tiny_quick_opts(out, 1) + [
-        "MODEL.WEIGHTS", weights, "DATASETS.PSEUDO_LABEL_ROOT", str(root), "DATASETS.TEST", f"('{DATASET}',)",
-        "INPUT.TEST_DATASET_MAPPER_NAME", "PartEvalDatasetMapper",
-    ]  # fmt: skip
+        "MODEL.WEIGHTS",
+        weights,
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        str(root),
+        "DATASETS.TEST",
+        f"('{DATASET}',)",
+        "INPUT.TEST_DATASET_MAPPER_NAME",
+        "PartEvalDatasetMapper",
+    ]
 
 
 def _store_files(root):
@@ -140,10 +146,25 @@ def test_two_processes_match_one(ranked, checkpoint, tmp_path):
     root2, out2 = tmp_path / "pl", tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTORCH_JIT="0")
     proc = subprocess.run(
-        [sys.executable, TOOL, "--config-file", CONFIG, "--num-gpus", "2", "--dist-url", "auto", "--shard-size", "5",
-         *_opts(root2, out2, checkpoint)],
-        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            TOOL,
+            "--config-file",
+            CONFIG,
+            "--num-gpus",
+            "2",
+            "--dist-url",
+            "auto",
+            "--shard-size",
+            "5",
+            *_opts(root2, out2, checkpoint),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = torch.load(os.path.join(out1, "prototypes.pth"), map_location="cpu", weights_only=True)
     two = torch.load(os.path.join(out2, "prototypes.pth"), map_location="cpu", weights_only=True)
@@ -157,8 +178,14 @@ def test_ranking_inside_stage1_store_objects(checkpoint, tmp_path):
 
     root = tmp_path / "pl"
     # a class-agnostic stage-1-like store of toyparts_train: GT objects with their class, GT parts without classes
-    write_gt_part_store(DATASET, str(root), "toyparts_train", "grouping", part_classes=False,
-                        register_as="toyparts_train_pseudo_grouping")  # fmt: skip
+    write_gt_part_store(
+        DATASET,
+        str(root),
+        "toyparts_train",
+        "grouping",
+        part_classes=False,
+        register_as="toyparts_train_pseudo_grouping",
+    )
     opts = tiny_quick_opts(tmp_path / "out", 1) + ["MODEL.WEIGHTS", checkpoint, "DATASETS.PSEUDO_LABEL_ROOT", str(root)]
     summary = rank_parts.main(rank_parts.parse_args(["--config-file", CONFIG, "--shard-size", "5", *opts]))
     assert summary["complete"] and summary["store"] == os.path.join(str(root), "toyparts_train", "ranking")

@@ -37,8 +37,16 @@ ITERS = 100  # enough for non-zero AR on toyparts at 128 px (~10 s on 2 cores)
 def store_root(datasets_root, tmp_path_factory):
     """toyparts GT parts written as the stage-1 store toyparts_train/grouping (registered too)."""
     root = str(tmp_path_factory.mktemp("pseudo_labels"))
-    write_gt_part_store("toyparts_parts_train", root, "toyparts_train", "grouping", part_classes=False, shard_size=5,
-                        config="gt", register_as="toyparts_train_pseudo_grouping")  # fmt: skip
+    write_gt_part_store(
+        "toyparts_parts_train",
+        root,
+        "toyparts_train",
+        "grouping",
+        part_classes=False,
+        shard_size=5,
+        config="gt",
+        register_as="toyparts_train_pseudo_grouping",
+    )
     return root
 
 
@@ -71,8 +79,9 @@ def trained(store_root, tmp_path_factory):
 def _run(args, timeout=240):
     # plain-Python losses (no TorchScript warm-up in each process); one thread per process, as in process
     env = dict(os.environ, PYTORCH_JIT="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True, cwd=REPO_ROOT,
-                          timeout=timeout, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, TRAIN_NET, *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
@@ -118,8 +127,20 @@ def test_eval_only_cli_one_and_two_processes_agree(trained, store_root, tmp_path
     weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     runs = {}
     for n in (1, 2):  # 2 processes: gloo, each evaluates half of the images, the evaluator gathers
-        log = _run(["--config-file", QUICK_STAGE2, "--eval-only", "--num-gpus", str(n), "--dist-url", "auto",
-                    *stage2_opts(store_root, tmp_path / f"eval{n}", 0), "MODEL.WEIGHTS", weights])  # fmt: skip
+        log = _run(
+            [
+                "--config-file",
+                QUICK_STAGE2,
+                "--eval-only",
+                "--num-gpus",
+                str(n),
+                "--dist-url",
+                "auto",
+                *stage2_opts(store_root, tmp_path / f"eval{n}", 0),
+                "MODEL.WEIGHTS",
+                weights,
+            ]
+        )
         runs[n] = _copypaste(log)
     assert list(runs[1])[:5] == AR_KEYS
     assert runs[1] == runs[2], runs
@@ -143,9 +164,23 @@ def test_launch_slurm_parameters_and_task_arguments(launch_slurm, monkeypatch, t
     import submitit
 
     args = launch_slurm.get_parser().parse_args(
-        ["--config-file", QUICK_STAGE2, "--nodes", "2", "--gpus-per-node", "8", "--partition", "learn",
-         "--timeout", "600", "--account", "acct", "SOLVER.MAX_ITER", "7"]
-    )  # fmt: skip
+        [
+            "--config-file",
+            QUICK_STAGE2,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "learn",
+            "--timeout",
+            "600",
+            "--account",
+            "acct",
+            "SOLVER.MAX_ITER",
+            "7",
+        ]
+    )
     params = launch_slurm.executor_parameters(args)
     assert params["nodes"] == 2 and params["gpus_per_node"] == params["tasks_per_node"] == 8  # one task per GPU
     assert params["slurm_partition"] == "learn" and params["slurm_account"] == "acct"
@@ -178,9 +213,16 @@ def test_launch_slurm_parameters_and_task_arguments(launch_slurm, monkeypatch, t
 def test_launch_slurm_debug_executor_runs_two_iterations(launch_slurm, store_root, tmp_path):
     out = tmp_path / "debug"
     args = launch_slurm.get_parser().parse_args(
-        ["--config-file", QUICK_STAGE2, "--cluster", "debug", "--job-dir", str(tmp_path / "jobs"),
-         *stage2_opts(store_root, out, 2)]
-    )  # fmt: skip
+        [
+            "--config-file",
+            QUICK_STAGE2,
+            "--cluster",
+            "debug",
+            "--job-dir",
+            str(tmp_path / "jobs"),
+            *stage2_opts(store_root, out, 2),
+        ]
+    )
     job = launch_slurm.submit(args)
     with torch.jit.optimized_execution(False):
         results = job.result()

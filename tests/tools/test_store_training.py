@@ -38,16 +38,22 @@ def store_root(datasets_root, tmp_path_factory):
     """toyparts GT parts as a stage-1 store (class-agnostic) and a stage-3 store (part classes), 5-image shards."""
     root = str(tmp_path_factory.mktemp("pseudo_labels"))
     for stage, part_classes in (("grouping", False), ("ranking", True)):
-        write_gt_part_store("toyparts_parts_train", root, "toyparts_train", stage, part_classes=part_classes,
-                            shard_size=5, config="gt")  # fmt: skip
+        write_gt_part_store(
+            "toyparts_parts_train", root, "toyparts_train", stage, part_classes=part_classes, shard_size=5, config="gt"
+        )
     return root
 
 
 def _opts(stage, store_root, out, loader, extra=(), shuffle="global"):
     return tiny_quick_opts(out, ITERS) + [
-        "DATASETS.PSEUDO_LABEL_ROOT", store_root, "DATASETS.PSEUDO_LABEL_LOADER", loader,
-        "DATALOADER.STORE_SHUFFLE", shuffle, *extra,
-    ]  # fmt: skip
+        "DATASETS.PSEUDO_LABEL_ROOT",
+        store_root,
+        "DATASETS.PSEUDO_LABEL_LOADER",
+        loader,
+        "DATALOADER.STORE_SHUFFLE",
+        shuffle,
+        *extra,
+    ]
 
 
 class RecordLosses(HookBase):
@@ -61,8 +67,14 @@ class RecordLosses(HookBase):
 
 def _train_in_process(stage, store_root, out, loader):
     config, store_stage, classes = STAGES[stage]
-    register_pseudo_label_dataset(f"toyparts_train_pseudo_{store_stage}", store_root, "toyparts_train", store_stage,
-                                  thing_classes=classes, loader=loader)  # fmt: skip
+    register_pseudo_label_dataset(
+        f"toyparts_train_pseudo_{store_stage}",
+        store_root,
+        "toyparts_train",
+        store_stage,
+        thing_classes=classes,
+        loader=loader,
+    )
     cfg = load_cfg(os.path.join(QUICK, config), _opts(stage, store_root, out, loader))
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)
@@ -100,12 +112,25 @@ def _train_two_processes(stage, store_root, out, loader, extra=(), shuffle="glob
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTORCH_JIT="0")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", os.path.join(QUICK, config),
-         "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{port}",
-         *_opts(stage, store_root, out, loader, ["SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0", *extra],
-                shuffle)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            os.path.join(QUICK, config),
+            "--num-gpus",
+            "2",
+            "--dist-url",
+            f"tcp://127.0.0.1:{port}",
+            *_opts(
+                stage, store_root, out, loader, ["SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0", *extra], shuffle
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "metrics.json") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -127,8 +152,9 @@ def test_two_process_store_path_gives_the_list_path_loss_curve(stage, store_root
 
 def test_two_process_training_in_the_default_shard_window_order(store_root, tmp_path):
     """The default path end to end: 3 shards of 5 images dealt to 2 ranks, loader workers, a finite loss."""
-    log, rows = _train_two_processes("stage2", store_root, tmp_path / "sw", "store", ["DATALOADER.NUM_WORKERS", "1"],
-                                     shuffle="shard_window")  # fmt: skip
+    log, rows = _train_two_processes(
+        "stage2", store_root, tmp_path / "sw", "store", ["DATALOADER.NUM_WORKERS", "1"], shuffle="shard_window"
+    )
     assert "shard-window order, 8 shards a window" in log
     assert rows and np.isfinite(rows[-1]["total_loss"])
     assert os.path.isfile(tmp_path / "sw" / "model_final.pth")

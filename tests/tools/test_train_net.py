@@ -46,10 +46,22 @@ def test_eval_only_cli_from_checkpoint(quick_cfg, tmp_path):
     weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK_STAGE0,
-         "--eval-only", *tiny_quick_opts(out), "MODEL.WEIGHTS", weights],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env=dict(os.environ),
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            QUICK_STAGE0,
+            "--eval-only",
+            *tiny_quick_opts(out),
+            "MODEL.WEIGHTS",
+            weights,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+        env=dict(os.environ),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: Task: segm" in proc.stdout + proc.stderr
     results = os.path.join(out, "inference", "toyparts_val", "coco_instances_results.json")
@@ -85,11 +97,25 @@ def test_two_process_cpu_training(datasets_root, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 processes on 2 cores
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), "--config-file", QUICK_STAGE0,
-         "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{port}", *tiny_quick_opts(out, max_iter=2),
-         "SOLVER.IMS_PER_BATCH", "4"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            "--config-file",
+            QUICK_STAGE0,
+            "--num-gpus",
+            "2",
+            "--dist-url",
+            f"tcp://127.0.0.1:{port}",
+            *tiny_quick_opts(out, max_iter=2),
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(out / "model_final.pth")
     assert "copypaste: Task: segm" in proc.stdout + proc.stderr

@@ -74,10 +74,21 @@ def noise(h, w, seed=0):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")
-    p = {k: d / v for k, v in dict(
-        good="good.jpg", png="good.png", trunc="truncated.jpg", zero="zero.jpg", g16="gray16.png", cmyk="cmyk.jpg",
-        exif="exif_rotated.jpg", tiny="tiny.png", missing="missing.jpg", garbage="garbage.jpg",
-    ).items()}  # fmt: skip
+    p = {
+        k: d / v
+        for k, v in dict(
+            good="good.jpg",
+            png="good.png",
+            trunc="truncated.jpg",
+            zero="zero.jpg",
+            g16="gray16.png",
+            cmyk="cmyk.jpg",
+            exif="exif_rotated.jpg",
+            tiny="tiny.png",
+            missing="missing.jpg",
+            garbage="garbage.jpg",
+        ).items()
+    }
     Image.fromarray(noise(H, W)).save(p["good"], quality=90)
     Image.fromarray(noise(H, W, 1)).save(p["png"])
     Image.fromarray(noise(96, 128, 2)).save(d / "full.jpg", quality=95)

@@ -25,8 +25,16 @@ def test_visualize_registered_dataset_and_store(datasets_root, tmp_path, repo_sc
     part = obj.copy()
     part[:, 40:] = False
     writer = PseudoLabelWriter(str(tmp_path / "store"), "mine", "ranking", shard_size=4, num_images=1)
-    writer.add(0, {"image_id": 0, "file_name": str(tmp_path / "a.png"), "height": 64, "width": 80,
-                   "objects": [make_object(obj, [make_part(part, 1.0, 5)], 1.0, 2)]})  # fmt: skip
+    writer.add(
+        0,
+        {
+            "image_id": 0,
+            "file_name": str(tmp_path / "a.png"),
+            "height": 64,
+            "width": 80,
+            "objects": [make_object(obj, [make_part(part, 1.0, 5)], 1.0, 2)],
+        },
+    )
     writer.close()
     writer.finalize()
     (path,) = tool.main(["--store", str(tmp_path / "store"), "mine", "ranking", "--output-dir", str(tmp_path / "st")])
@@ -59,8 +67,22 @@ def test_visualize_dataloader_output(datasets_root, tmp_path, repo_script):
     from conftest import QUICK_STAGE0
 
     tool = repo_script("tools/visualize_data.py")
-    written = tool.main(["--source", "dataloader", "--config-file", QUICK_STAGE0, "--output-dir", str(tmp_path),
-                         "--num", "3", "INPUT.IMAGE_SIZE", "128", "SOLVER.IMS_PER_BATCH", "2"])  # fmt: skip
+    written = tool.main(
+        [
+            "--source",
+            "dataloader",
+            "--config-file",
+            QUICK_STAGE0,
+            "--output-dir",
+            str(tmp_path),
+            "--num",
+            "3",
+            "INPUT.IMAGE_SIZE",
+            "128",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+        ]
+    )
     assert len(written) == 3
     for path in written:
         picture = cv2.imread(path)

@@ -147,10 +147,18 @@ class KeypointDatasetMapper:
                 None keeps the order (only right for symmetric-free keypoint sets).
         """
         init_view_args(
-            self, is_train=is_train, image_format=image_format, image_size=image_size, flip_prob=flip_prob,
-            crop_to_bbox=crop_to_bbox, bbox_margin=bbox_margin, bbox_square=bbox_square, bbox_jitter=bbox_jitter,
-            crop_fill=crop_fill, group="KEYPOINT_VIEW",
-        )  # fmt: skip
+            self,
+            is_train=is_train,
+            image_format=image_format,
+            image_size=image_size,
+            flip_prob=flip_prob,
+            crop_to_bbox=crop_to_bbox,
+            bbox_margin=bbox_margin,
+            bbox_square=bbox_square,
+            bbox_jitter=bbox_jitter,
+            crop_fill=crop_fill,
+            group="KEYPOINT_VIEW",
+        )
         if resize_mode not in ("square", "shorter_side"):
             raise ConfigError(
                 f"{type(self).__name__}: resize_mode={resize_mode!r} must be 'square' or 'shorter_side'"
@@ -175,10 +183,17 @@ class KeypointDatasetMapper:
             )
         logger.info(
             "%s (%s): size %d (%s, divisibility %d), bbox crop %s (margin %g, square %s, jitter %g), flip %g",
-            type(self).__name__, "train" if is_train else "test", self.image_size, self.resize_mode,
-            self.size_divisibility, self.crop_to_bbox, self.bbox_margin, self.bbox_square, self.bbox_jitter,
+            type(self).__name__,
+            "train" if is_train else "test",
+            self.image_size,
+            self.resize_mode,
+            self.size_divisibility,
+            self.crop_to_bbox,
+            self.bbox_margin,
+            self.bbox_square,
+            self.bbox_jitter,
             self.flip_prob,
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -195,9 +210,14 @@ class KeypointDatasetMapper:
         orig_hw = image.shape[:2]
         flip = self.flip_prob > 0 and np.random.rand() < self.flip_prob
         tfms = build_view_transforms(
-            orig_hw, crop_box=crop_box, image_size=self.image_size, resize_mode=self.resize_mode,
-            size_divisibility=self.size_divisibility, flip=flip, crop_fill=self.crop_fill,
-        )  # fmt: skip
+            orig_hw,
+            crop_box=crop_box,
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            size_divisibility=self.size_divisibility,
+            flip=flip,
+            crop_fill=self.crop_fill,
+        )
         out = np.ascontiguousarray(tfms.apply_image(image))
         out_hw = out.shape[:2]
         keypoints = dataset_dict.pop("keypoints", None)

@@ -302,9 +302,19 @@ def read_view_inputs(mapper, dataset_dict: dict):
 
 
 def init_view_args(
-    mapper, *, is_train, image_format, image_size, flip_prob, crop_to_bbox, bbox_margin, bbox_square, bbox_jitter,
-    crop_fill, group: str,
-):  # fmt: skip
+    mapper,
+    *,
+    is_train,
+    image_format,
+    image_size,
+    flip_prob,
+    crop_to_bbox,
+    bbox_margin,
+    bbox_square,
+    bbox_jitter,
+    crop_fill,
+    group: str,
+):
     """Check the constructor arguments of :data:`VIEW_KEYS` (errors name the key under
     ``cfg.INPUT.<group>``) and set them, with ``is_train`` and ``image_format``, on ``mapper``.
 
@@ -412,10 +422,18 @@ class PairedViewDatasetMapper:
             independent_warps: warp both views, each by its own random similarity (module docstring).
         """
         init_view_args(
-            self, is_train=is_train, image_format=image_format, image_size=image_size, flip_prob=flip_prob,
-            crop_to_bbox=crop_to_bbox, bbox_margin=bbox_margin, bbox_square=bbox_square, bbox_jitter=bbox_jitter,
-            crop_fill=crop_fill, group="PAIRED_VIEW",
-        )  # fmt: skip
+            self,
+            is_train=is_train,
+            image_format=image_format,
+            image_size=image_size,
+            flip_prob=flip_prob,
+            crop_to_bbox=crop_to_bbox,
+            bbox_margin=bbox_margin,
+            bbox_square=bbox_square,
+            bbox_jitter=bbox_jitter,
+            crop_fill=crop_fill,
+            group="PAIRED_VIEW",
+        )
         for arg, value in (("scale", scale), ("rotation", rotation), ("translation", translation)):
             if value < 0 or (arg == "scale" and value >= 1):
                 raise ConfigError(
@@ -433,9 +451,18 @@ class PairedViewDatasetMapper:
         logger.info(
             "%s (%s): size %d, scale ±%g, rotation ±%g°, translation ±%g px, flip %g, "
             "bbox crop %s (margin %g, square %s, jitter %g)",
-            type(self).__name__, "train" if is_train else "test", self.image_size, self.scale, self.rotation,
-            self.translation, self.flip_prob, self.crop_to_bbox, self.bbox_margin, self.bbox_square, self.bbox_jitter,
-        )  # fmt: skip
+            type(self).__name__,
+            "train" if is_train else "test",
+            self.image_size,
+            self.scale,
+            self.rotation,
+            self.translation,
+            self.flip_prob,
+            self.crop_to_bbox,
+            self.bbox_margin,
+            self.bbox_square,
+            self.bbox_jitter,
+        )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -453,9 +480,15 @@ class PairedViewDatasetMapper:
         )
         view1 = np.ascontiguousarray(tfms.apply_image(image))
         set_view_fields(
-            dataset_dict, view1, tfms, mask=mask, flip=flip, crop_box=crop_box, orig_hw=orig_hw,
+            dataset_dict,
+            view1,
+            tfms,
+            mask=mask,
+            flip=flip,
+            crop_box=crop_box,
+            orig_hw=orig_hw,
             transform_key="orig_transform",
-        )  # fmt: skip
+        )
         size = self.image_size
         if not self.is_train:
             dataset_dict["transform"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

@@ -64,10 +64,12 @@ def load_object_predictions(path: str) -> dict:
     from ...utils.io import read_user_json
 
     results = read_user_json(path, "TEST.OBJECT_PREDICTIONS_JSON")
-    if not isinstance(results, list) or not all(isinstance(r, dict) and "image_id" in r and "segmentation" in r
-                                                for r in results):  # fmt: skip
-        raise ConfigError(f"{path}: expected a COCO results list of {{image_id, segmentation, score, class_code or "
-                          "category_id}}.")  # fmt: skip
+    if not isinstance(results, list) or not all(
+        isinstance(r, dict) and "image_id" in r and "segmentation" in r for r in results
+    ):
+        raise ConfigError(
+            f"{path}: expected a COCO results list of {{image_id, segmentation, score, class_code or category_id}}}}."
+        )
     by_image = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
@@ -115,9 +117,16 @@ class PartEvalDatasetMapper:
 
     @configurable
     def __init__(
-        self, *, augmentations: list, image_format: str, part_to_object=None, object_class_map: str = "",
-        model_class_codes=None, object_class_names=None, object_predictions=None,
-    ):  # fmt: skip
+        self,
+        *,
+        augmentations: list,
+        image_format: str,
+        part_to_object=None,
+        object_class_map: str = "",
+        model_class_codes=None,
+        object_class_names=None,
+        object_predictions=None,
+    ):
         """
         Args:
             augmentations: deterministic resizes (e.g. ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``).
@@ -160,13 +169,15 @@ class PartEvalDatasetMapper:
             "model_class_codes": _model_codes(cfg),
             "object_predictions": cfg.TEST.OBJECT_PREDICTIONS_JSON or None,
             "object_class_names": meta.get("object_classes", None) if meta is not None else None,
-        }  # fmt: skip
+        }
 
     def _model_class(self, record, dataset_class: int) -> int:
         """The model's class id of an object (``object_class_map`` "synset"), -1 when it has none."""
         if not self.model_class_codes:
-            raise ConfigError("a wnid object class needs the model's class list: set TEST.MODEL_CLASS_CODES to the "
-                              "object_classes.json of its training store.")  # fmt: skip
+            raise ConfigError(
+                "a wnid object class needs the model's class list: set TEST.MODEL_CLASS_CODES to the "
+                "object_classes.json of its training store."
+            )
         name = record.get("class_code")
         if name is None and self.object_class_names and 0 <= dataset_class < len(self.object_class_names):
             name = self.object_class_names[dataset_class]

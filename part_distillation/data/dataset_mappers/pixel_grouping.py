@@ -139,9 +139,11 @@ class PixelGroupingDatasetMapper:
         out["image"] = torch.as_tensor(np.ascontiguousarray(resize.apply_image(image).transpose(2, 0, 1)))
         if objects is not None:
             masks, classes, scores = objects
-            resized = np.stack([resize.apply_segmentation(m.astype(np.uint8)) for m in masks]) if len(masks) else (
-                np.zeros((0, new_h, new_w), np.uint8)
-            )  # fmt: skip
+            resized = (
+                np.stack([resize.apply_segmentation(m.astype(np.uint8)) for m in masks])
+                if len(masks)
+                else (np.zeros((0, new_h, new_w), np.uint8))
+            )
             inst = Instances((new_h, new_w))
             inst.gt_masks = torch.from_numpy(resized.astype(bool))
             inst.gt_classes = torch.from_numpy(classes)
@@ -169,7 +171,9 @@ class PixelGroupingDatasetMapper:
         small = ~empty & ~low_score & ((area < f["min_area_ratio"]) | (area == 0))
         kept = int((~(empty | low_score | small)).sum())
         counts = {
-            "empty_object_mask": int(empty.sum()), "object_below_score": int(low_score.sum()),
-            "object_below_min_area": int(small.sum()), "object_beyond_topk": max(0, kept - max(f["topk"], 0)),
-        }  # fmt: skip
+            "empty_object_mask": int(empty.sum()),
+            "object_below_score": int(low_score.sum()),
+            "object_below_min_area": int(small.sum()),
+            "object_beyond_topk": max(0, kept - max(f["topk"], 0)),
+        }
         return {k: v for k, v in counts.items() if v}

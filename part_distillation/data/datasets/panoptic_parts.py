@@ -259,17 +259,27 @@ def load_cityscapes_panoptic_parts(root, split, parts_view=False, dataset_name=N
 
 def _cpp_metadata(root, split, parts_view):
     return part_dataset_metadata(
-        root, split, parts_view, CITYSCAPES_OBJECT_CLASSES, CITYSCAPES_PART_CLASSES, CITYSCAPES_PART_TO_OBJECT,
-        CITYSCAPES_OBJECT_TO_PARTS, **_cpp_paths(root, split),
-    )  # fmt: skip
+        root,
+        split,
+        parts_view,
+        CITYSCAPES_OBJECT_CLASSES,
+        CITYSCAPES_PART_CLASSES,
+        CITYSCAPES_PART_TO_OBJECT,
+        CITYSCAPES_OBJECT_TO_PARTS,
+        **_cpp_paths(root, split),
+    )
 
 
 def register_cityscapes_panoptic_parts(root=None):
     """Register the four Cityscapes-Panoptic-Parts views; ``root=None`` resolves it at load time."""
     register_part_views(
-        "cityscapes_panoptic_parts", _SPLITS, root, default_cityscapes_root, load_cityscapes_panoptic_parts,
+        "cityscapes_panoptic_parts",
+        _SPLITS,
+        root,
+        default_cityscapes_root,
+        load_cityscapes_panoptic_parts,
         _cpp_metadata,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,17 +359,28 @@ def load_pascal_panoptic_parts(root, split, parts_view=False, dataset_name=None)
 
 def _ppp_metadata(root, split, parts_view, probe=True):
     return part_dataset_metadata(
-        root, split, parts_view, PASCAL_OBJECT_CLASSES, PASCAL_PART_CLASSES, PASCAL_PART_TO_OBJECTS,
-        PASCAL_OBJECT_TO_PARTS, **_ppp_paths(root, split, probe),
-    )  # fmt: skip
+        root,
+        split,
+        parts_view,
+        PASCAL_OBJECT_CLASSES,
+        PASCAL_PART_CLASSES,
+        PASCAL_PART_TO_OBJECTS,
+        PASCAL_OBJECT_TO_PARTS,
+        **_ppp_paths(root, split, probe),
+    )
 
 
 def register_pascal_panoptic_parts(root=None):
     """Register the four PASCAL-Panoptic-Parts views; ``root=None`` resolves it at load time."""
     register_part_views(
-        "pascal_panoptic_parts", _SPLITS, root, default_pascal_panoptic_parts_root, load_pascal_panoptic_parts,
-        _ppp_metadata, registration_metadata=functools.partial(_ppp_metadata, probe=False),
-    )  # fmt: skip
+        "pascal_panoptic_parts",
+        _SPLITS,
+        root,
+        default_pascal_panoptic_parts_root,
+        load_pascal_panoptic_parts,
+        _ppp_metadata,
+        registration_metadata=functools.partial(_ppp_metadata, probe=False),
+    )
 
 
 register_cityscapes_panoptic_parts()

@@ -81,8 +81,11 @@ def _problems(coco, json_file):
     problems, drops = [], Counter()
     image_ids = Counter(img.get("id") for img in coco["images"])
     problems += [f"image id {i!r} used {n} times" for i, n in image_ids.items() if n > 1]
-    problems += [f"image {img.get('file_name')!r} has no id/file_name/height/width" for img in coco["images"]
-                 if any(img.get(k) is None for k in ("id", "file_name", "height", "width"))]  # fmt: skip
+    problems += [
+        f"image {img.get('file_name')!r} has no id/file_name/height/width"
+        for img in coco["images"]
+        if any(img.get(k) is None for k in ("id", "file_name", "height", "width"))
+    ]
     category_ids = {c.get("id") for c in coco["categories"]}
     ann_ids = Counter(a.get("id") for a in coco.get("annotations", []) if a.get("id") is not None)
     problems += [f"annotation id {i!r} used {n} times" for i, n in ann_ids.items() if n > 1]
@@ -155,11 +158,15 @@ def load_checked_coco_json(
         by_image[a["image_id"]].append(anno)
     records = []
     for img in coco["images"]:
-        records.append({
-            "file_name": os.path.join(image_root, img["file_name"]),
-            "height": int(img["height"]), "width": int(img["width"]), "image_id": img["id"],
-            "annotations": by_image[img["id"]],
-        })  # fmt: skip
+        records.append(
+            {
+                "file_name": os.path.join(image_root, img["file_name"]),
+                "height": int(img["height"]),
+                "width": int(img["width"]),
+                "image_id": img["id"],
+                "annotations": by_image[img["id"]],
+            }
+        )
     from ..skips import note_skip
 
     for reason, n in sorted(drops.items()):
@@ -203,8 +210,16 @@ def _union_object_records(part_records):
             rle = mask_util.merge([segmentation_to_rle(p["segmentation"], h, w) for p in parts], intersect=False)
             rle["counts"] = rle["counts"].decode("ascii")
             x, y, bw, bh = (float(v) for v in mask_util.toBbox(rle))
-            objects.append({"iscrowd": 0, "category_id": 0, "object_id": object_id, "segmentation": rle,
-                            "bbox": [x, y, bw, bh], "bbox_mode": BoxMode.XYWH_ABS})  # fmt: skip
+            objects.append(
+                {
+                    "iscrowd": 0,
+                    "category_id": 0,
+                    "object_id": object_id,
+                    "segmentation": rle,
+                    "bbox": [x, y, bw, bh],
+                    "bbox_mode": BoxMode.XYWH_ABS,
+                }
+            )
         records.append(dict({k: v for k, v in record.items() if k != "annotations"}, annotations=objects))
     return records
 
@@ -236,14 +251,20 @@ def register_part_coco(name, json_file, image_root, metadata=None, objects_name=
             ``object_id``, or per image, whose mask is the union of its parts): the input of stage 1.
     """
     base = dict(metadata or {}, json_file=json_file, image_root=image_root)
-    replace_registration(name, functools.partial(_load, name, json_file, image_root, False),
-                         dict(base, is_part_dataset=True))  # fmt: skip
+    replace_registration(
+        name, functools.partial(_load, name, json_file, image_root, False), dict(base, is_part_dataset=True)
+    )
     if objects_name:
         replace_registration(
-            objects_name, functools.partial(_load, objects_name, json_file, image_root, True),
-            dict({k: v for k, v in base.items() if k != "json_file"}, thing_classes=["object"],
-                 parts_json_file=json_file, parts_dataset=name),
-        )  # fmt: skip
+            objects_name,
+            functools.partial(_load, objects_name, json_file, image_root, True),
+            dict(
+                {k: v for k, v in base.items() if k != "json_file"},
+                thing_classes=["object"],
+                parts_json_file=json_file,
+                parts_dataset=name,
+            ),
+        )
     return name
 
 

@@ -239,9 +239,13 @@ def register_part_imagenet(root=None, image_root=None):
     Safe to call again: existing registrations are replaced.
     """
     register_views(
-        "part_imagenet", _SPLITS, root, default_part_imagenet_root,
-        functools.partial(_load, image_root=image_root), functools.partial(_metadata, image_root=image_root),
-    )  # fmt: skip
+        "part_imagenet",
+        _SPLITS,
+        root,
+        default_part_imagenet_root,
+        functools.partial(_load, image_root=image_root),
+        functools.partial(_metadata, image_root=image_root),
+    )
 
 
 register_part_imagenet()

@@ -352,9 +352,16 @@ def _paths(root, split):
 
 def _metadata(root, split, parts_view, merge_parts):
     return part_dataset_metadata(
-        root, split, parts_view, PASCAL_OBJECT_CLASSES, PASCAL_PART_CLASSES, PASCAL_PART_TO_OBJECTS,
-        PASCAL_OBJECT_TO_PARTS, merged_parts=bool(merge_parts), **_paths(root, split),
-    )  # fmt: skip
+        root,
+        split,
+        parts_view,
+        PASCAL_OBJECT_CLASSES,
+        PASCAL_PART_CLASSES,
+        PASCAL_PART_TO_OBJECTS,
+        PASCAL_OBJECT_TO_PARTS,
+        merged_parts=bool(merge_parts),
+        **_paths(root, split),
+    )
 
 
 def _mat_str(value):
@@ -555,8 +562,12 @@ def _load_crops(name, split, object_category, root, merge_parts):
 
 def _crop_metadata(root, split, object_category, merge_parts):
     meta = _metadata(root, split, True, merge_parts)
-    meta.update(object_class=PASCAL_OBJECT_CLASSES[object_category], min_bbox_area=CROP_MIN_BBOX_AREA,
-                background_label=0, evaluator_type="part_nmi_ari")  # fmt: skip
+    meta.update(
+        object_class=PASCAL_OBJECT_CLASSES[object_category],
+        min_bbox_area=CROP_MIN_BBOX_AREA,
+        background_label=0,
+        evaluator_type="part_nmi_ari",
+    )
     return meta
 
 
@@ -566,10 +577,13 @@ def register_pascal_part(root=None, merge_parts=True):
     Safe to call again (e.g. with an explicit root): existing registrations are replaced.
     """
     register_part_views(
-        "pascal_part", _SPLITS, root, default_pascal_part_root,
+        "pascal_part",
+        _SPLITS,
+        root,
+        default_pascal_part_root,
         functools.partial(load_pascal_part, merge_parts=merge_parts),
         functools.partial(_metadata, merge_parts=merge_parts),
-    )  # fmt: skip
+    )
     for split in _SPLITS:
         for category, object_class in enumerate(PASCAL_OBJECT_CLASSES):
             name = f"pascal_part_crops_{object_class}_{split}"

@@ -45,9 +45,14 @@ from torch import nn
 from ...utils.errors import ConfigError
 
 __all__ = [
-    "DinoViT", "ViTBlock", "QuickGELU", "build_dino_vit_backbone", "load_vit_weights", "sincos_pos_embed_2d",
+    "DinoViT",
+    "ViTBlock",
+    "QuickGELU",
+    "build_dino_vit_backbone",
+    "load_vit_weights",
+    "sincos_pos_embed_2d",
     "VIT_OUTPUTS",
-]  # fmt: skip
+]
 
 logger = logging.getLogger(__name__)
 

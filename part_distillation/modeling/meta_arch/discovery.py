@@ -164,9 +164,15 @@ class PartDiscovery(nn.Module):
         self._check_fg_masks(batched_inputs)
         images, raw, valid, fg, given = self._view(batched_inputs, "image", "fg_mask", "valid1")
         batch = DiscoveryBatch(
-            inputs=batched_inputs, images=images, raw_images=raw, valid=valid, fg_masks=fg, fg_given=given,
-            input_format=self.input_format, features_of=self.features_of,
-        )  # fmt: skip
+            inputs=batched_inputs,
+            images=images,
+            raw_images=raw,
+            valid=valid,
+            fg_masks=fg,
+            fg_given=given,
+            input_format=self.input_format,
+            features_of=self.features_of,
+        )
         if all("image2" in x for x in batched_inputs):
             images2, raw2, valid2, fg2, given2 = self._view(batched_inputs, "image2", "fg_mask2", "valid2")
             batch.images2, batch.raw_images2, batch.valid2 = images2, raw2, valid2

@@ -181,9 +181,12 @@ def load_shared_tensors(model: nn.Module, path: str, prefixes=DISTILLATION_INIT_
     """Copy the tensors under ``prefixes`` of checkpoint ``path`` into ``model`` where shapes match
     (:func:`load_decoder_weights` with this stage's key; the part classifiers never match and stay fresh)."""
     return load_decoder_weights(
-        model, path, prefixes, key="MODEL.PART_DISTILLATION.INIT_FROM",
+        model,
+        path,
+        prefixes,
+        key="MODEL.PART_DISTILLATION.INIT_FROM",
         expected="a stage-2 proposal checkpoint (e.g. output/stage2_proposals/model_final.pth)",
-    )  # fmt: skip
+    )
 
 
 def object_part_inference(
@@ -337,15 +340,24 @@ class PartDistillationModel(PartMask2Former):
             if not 0 <= object_class < self.part_classifier.num_object_classes:
                 # counted and rate-limited (a split without object classes is refused before inference,
                 # engine/checks.check_object_classes)
-                note_skip("object_without_class", f"object {m}",
-                          f"class {object_class} outside [0, {self.part_classifier.num_object_classes})",
-                          what="No part predictions for")  # fmt: skip
+                note_skip(
+                    "object_without_class",
+                    f"object {m}",
+                    f"class {object_class} outside [0, {self.part_classifier.num_object_classes})",
+                    what="No part predictions for",
+                )
                 continue
             part_logits = self.part_classifier.logits_for_class(feats, object_class)
             single = object_part_inference(
-                mask_cls, part_logits, mask_pred, masks_per_object[m], self.test_topk_per_image,
-                self.per_pixel_assignment, merge_same_class=False, return_queries=True,
-            )  # fmt: skip
+                mask_cls,
+                part_logits,
+                mask_pred,
+                masks_per_object[m],
+                self.test_topk_per_image,
+                self.per_pixel_assignment,
+                merge_same_class=False,
+                return_queries=True,
+            )
             sets = [(per_query, single)]
             if self.merge_same_class:
                 sets.append((merged, merge_same_class_masks(*single)))
@@ -376,6 +388,10 @@ class PartDistillationModel(PartMask2Former):
 def _as_part_instances(result: Instances) -> Instances:
     """Part predictions (``instances`` of :class:`PartDistillationModel`) in the ``part_instances`` format."""
     return Instances(
-        result.image_size, pred_masks=result.pred_masks > 0.5, scores=result.scores,
-        pred_classes=result.pred_classes, object_index=result.pred_object_index, features=result.pred_features,
-    )  # fmt: skip
+        result.image_size,
+        pred_masks=result.pred_masks > 0.5,
+        scores=result.scores,
+        pred_classes=result.pred_classes,
+        object_index=result.pred_object_index,
+        features=result.pred_features,
+    )

@@ -53,9 +53,13 @@ class QueryFeatureTransformerDecoder(MultiScaleMaskedTransformerDecoder):
             # a query whose mask is empty everywhere attends to every location (as Mask2Former)
             attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
             queries = self.transformer_cross_attention_layers[layer](
-                queries, sources[level], memory_mask=attn_mask, memory_key_padding_mask=None,
-                pos=positions[level], query_pos=query_pos,
-            )  # fmt: skip
+                queries,
+                sources[level],
+                memory_mask=attn_mask,
+                memory_key_padding_mask=None,
+                pos=positions[level],
+                query_pos=query_pos,
+            )
             queries = self.transformer_self_attention_layers[layer](
                 queries, tgt_mask=None, tgt_key_padding_mask=None, query_pos=query_pos
             )

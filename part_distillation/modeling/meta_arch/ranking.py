@@ -80,8 +80,9 @@ class PartRankingModel(ProposalModel):
     """Object-conditioned, filtered part proposals with their query features (module doc)."""
 
     @configurable
-    def __init__(self, *, min_area_ratio: float, min_score: float, feature_norm: bool = True,
-                 temperature: float = 1.0, **kwargs):  # fmt: skip
+    def __init__(
+        self, *, min_area_ratio: float, min_score: float, feature_norm: bool = True, temperature: float = 1.0, **kwargs
+    ):
         """
         Args:
             min_area_ratio: τr, ``MODEL.PART_RANKING.MIN_AREA_RATIO``.
@@ -140,8 +141,9 @@ class PartRankingModel(ProposalModel):
         if with_prototypes:
             fields["soft_scores"] = []
         for j in range(obj_masks.shape[0]):
-            index, m, r = rank_object_parts(part_prob, logits, obj_masks[j], self.min_area_ratio, self.min_score,
-                                            self.per_pixel_assignment)  # fmt: skip
+            index, m, r = rank_object_parts(
+                part_prob, logits, obj_masks[j], self.min_area_ratio, self.min_score, self.per_pixel_assignment
+            )
             fields["pred_masks"].append(m)
             fields["scores"].append(part_prob[index])
             fields["object_index"].append(torch.full((len(index),), j, dtype=torch.long, device=device))

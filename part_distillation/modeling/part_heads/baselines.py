@@ -142,9 +142,13 @@ class KMeansBaselineHead(_BaselineHead):
         label_order: str = "vertical",
     ):
         super().__init__(
-            num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape, grid_stride=grid_stride,
-            label_order=label_order, group="KMEANS",
-        )  # fmt: skip
+            num_parts=num_parts,
+            feature_levels=feature_levels,
+            input_shape=input_shape,
+            grid_stride=grid_stride,
+            label_order=label_order,
+            group="KMEANS",
+        )
         self.normalize = bool(normalize)
         self.kmeans_kwargs = {"n_init": int(n_init), "max_iter": int(max_iter), "tol": float(tol), "seed": int(seed)}
 
@@ -282,9 +286,13 @@ class DFFHead(_BaselineHead):
         label_order: str = "vertical",
     ):
         super().__init__(
-            num_parts=num_parts, feature_levels=feature_levels, input_shape=input_shape, grid_stride=grid_stride,
-            label_order=label_order, group="DFF",
-        )  # fmt: skip
+            num_parts=num_parts,
+            feature_levels=feature_levels,
+            input_shape=input_shape,
+            grid_stride=grid_stride,
+            label_order=label_order,
+            group="DFF",
+        )
         if not 0.0 <= float(bg_threshold) < 1.0:
             raise ConfigError(f"MODEL.PART_DISCOVERY.DFF.BG_THRESHOLD={bg_threshold!r} must be in [0, 1).")
         if int(check_every) < 1:

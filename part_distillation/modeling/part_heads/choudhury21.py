@@ -145,10 +145,14 @@ def color_jitter(
     u = torch.rand(b, 6, generator=generator)
     order = torch.rand(b, 4, generator=generator).argsort(-1)
     factors = torch.stack(
-        [1 + (2 * u[:, 0] - 1) * brightness, 1 + (2 * u[:, 1] - 1) * contrast,
-         1 + (2 * u[:, 2] - 1) * saturation, (2 * u[:, 3] - 1) * hue],
+        [
+            1 + (2 * u[:, 0] - 1) * brightness,
+            1 + (2 * u[:, 1] - 1) * contrast,
+            1 + (2 * u[:, 2] - 1) * saturation,
+            (2 * u[:, 3] - 1) * hue,
+        ],
         dim=1,
-    ).tolist()  # fmt: skip
+    ).tolist()
     apply, gray = (u[:, 4] < p).tolist(), (u[:, 5] < grayscale_p).tolist()
     out = []
     for i in range(b):
@@ -263,13 +267,20 @@ class Choudhury21Head(PartHead):
         self.symmetric_kl = kl_mode == "symmetric"
         self.use_lab = bool(use_lab)
         self.warp_args = dict(
-            rotation=float(rotation), zoom=(float(zoom[0]), float(zoom[1])), translation=float(translation),
-            tps_sigma=float(tps_sigma), tps_grid=int(tps_grid),
-        )  # fmt: skip
+            rotation=float(rotation),
+            zoom=(float(zoom[0]), float(zoom[1])),
+            translation=float(translation),
+            tps_sigma=float(tps_sigma),
+            tps_grid=int(tps_grid),
+        )
         self.jitter_args = dict(
-            brightness=float(brightness), contrast=float(contrast), saturation=float(saturation), hue=float(hue),
-            p=float(jitter_prob), grayscale_p=float(grayscale_prob),
-        )  # fmt: skip
+            brightness=float(brightness),
+            contrast=float(contrast),
+            saturation=float(saturation),
+            hue=float(hue),
+            p=float(jitter_prob),
+            grayscale_p=float(grayscale_prob),
+        )
         self.generator = torch.Generator().manual_seed(int(seed) + comm.get_rank())
         self.losses_on_jittered = bool(losses_on_jittered)
 

@@ -237,13 +237,25 @@ class MPAEHead(PartHead):
         self.proj = nn.Conv2d(int(in_channels), int(feature_dim), 1, bias=False)
         nn.init.xavier_uniform_(self.proj.weight.view(int(feature_dim), -1))
         self.descriptor = DescriptorViT(
-            self.num_parts + 1, int(feature_dim), descriptor_patch_size, descriptor_width, descriptor_depth,
-            descriptor_heads, descriptor_mlp_dim, image_size,
-        )  # fmt: skip
+            self.num_parts + 1,
+            int(feature_dim),
+            descriptor_patch_size,
+            descriptor_width,
+            descriptor_depth,
+            descriptor_heads,
+            descriptor_mlp_dim,
+            image_size,
+        )
         self.restorer = MaskedRestorer(
-            mae_patch_size, mae_dim, encoder_layers, encoder_heads, int(feature_dim), decoder_layers, rec_patch_size,
+            mae_patch_size,
+            mae_dim,
+            encoder_layers,
+            encoder_heads,
+            int(feature_dim),
+            decoder_layers,
+            rec_patch_size,
             mask_ratio,
-        )  # fmt: skip
+        )
         self.perceptual = perceptual
         self.rec_pixel_weight = float(rec_pixel_weight)
         self.weights = {"r": float(lambda_r), "d": float(lambda_d), "p": float(lambda_p), "s": float(lambda_s)}

@@ -93,9 +93,18 @@ class PartFormer(nn.Module):
     """
 
     def __init__(
-        self, *, out_dim: int, num_tokens: int, width: int = 256, depth: int = 6, heads: int = 8,
-        mlp_dim: int = 1024, patch_size: int = 16, pos_embed: str = "sincos", pos_grid: int = 8,
-    ):  # fmt: skip
+        self,
+        *,
+        out_dim: int,
+        num_tokens: int,
+        width: int = 256,
+        depth: int = 6,
+        heads: int = 8,
+        mlp_dim: int = 1024,
+        patch_size: int = 16,
+        pos_embed: str = "sincos",
+        pos_grid: int = 8,
+    ):
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ConfigError(f"MODEL.PART_DISCOVERY.PARTFORMER.POS_EMBED={pos_embed!r}: use 'sincos' or 'learned'.")
@@ -155,9 +164,13 @@ class PartFormerDecoder(nn.Module):
     """
 
     def __init__(
-        self, channels: int, num_upsamples: int = 2, upsample_mode: str = "bilinear", order: str = "conv_ln_relu",
+        self,
+        channels: int,
+        num_upsamples: int = 2,
+        upsample_mode: str = "bilinear",
+        order: str = "conv_ln_relu",
         final_kernel: int = 1,
-    ):  # fmt: skip
+    ):
         super().__init__()
         if order not in ("conv_ln_relu", "conv_relu_ln"):
             raise ConfigError(
@@ -281,9 +294,16 @@ class PartFormerHead(PartHead):
         self.num_classes, self.class_key = int(num_classes), class_key
         groups = max(self.num_classes, 1)
         self.partformer = PartFormer(
-            out_dim=c, num_tokens=num_parts * groups + 1, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
-            patch_size=patch_size, pos_embed=pos_embed, pos_grid=pos_grid,
-        )  # fmt: skip
+            out_dim=c,
+            num_tokens=num_parts * groups + 1,
+            width=width,
+            depth=depth,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            patch_size=patch_size,
+            pos_embed=pos_embed,
+            pos_grid=pos_grid,
+        )
         self.decoder = PartFormerDecoder(
             c, decoder_upsamples, decoder_upsample_mode, decoder_order, decoder_final_kernel
         )
