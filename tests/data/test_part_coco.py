@@ -39,6 +39,19 @@ def test_register_part_coco_parts_and_objects_views(tmp_path):
     assert [o["object_id"] for o in objects[0]["annotations"]] == [7, 5]
     assert objects[0]["annotations"][0]["bbox"] == [0.0, 0.0, 8.0, 4.0]
     assert MetadataCatalog.get("pc_test").thing_classes == ["object"]
+    # the part view maps every part to the object view's one class, so stage 4 is evaluated with class 0
+    assert meta.part_to_object == [0, 0]
+    from PIL import Image
+
+    from part_distillation.data.dataset_mappers.part_eval import PartEvalDatasetMapper
+
+    Image.new("RGB", (20, 10), (90, 120, 30)).save(tmp_path / "a.jpg")
+    mapper = PartEvalDatasetMapper(augmentations=[], image_format="RGB", part_to_object=meta.part_to_object)
+    assert mapper(parts[0])["objects"].gt_classes.tolist() == [0, 0]
+    # without an object view the parts' objects have no class (stage 4 refuses evaluating on it)
+    register_part_coco("pc_test_parts_only", json_file, str(tmp_path))
+    DatasetCatalog.get("pc_test_parts_only")
+    assert MetadataCatalog.get("pc_test_parts_only").get("part_to_object", None) is None
 
 
 @pytest.mark.parametrize(

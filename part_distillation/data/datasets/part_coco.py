@@ -224,9 +224,15 @@ def _union_object_records(part_records):
     return records
 
 
-def _load(name, json_file, image_root, objects_view):
+def _load(name, json_file, image_root, objects_view, class_agnostic_objects=False):
     drops = {}
     records = load_checked_coco_json(json_file, image_root, None if objects_view else name, drops_out=drops)
+    if class_agnostic_objects:
+        # the object view has one class ("object", id 0), so every part's object is of class 0: what a model with
+        # per-object-class part classifiers (stage 4, NUM_OBJECT_CLASSES 1) is evaluated with on this view
+        meta = MetadataCatalog.get(name)
+        if meta.get("part_to_object", None) is None:
+            meta.set(part_to_object=[0] * len(meta.thing_classes))
     if objects_view:
         meta = MetadataCatalog.get(name)
         if meta.get("load_drops", None) != drops:
@@ -248,11 +254,15 @@ def register_part_coco(name, json_file, image_root, metadata=None, objects_name=
         image_root: the folder the JSON's ``file_name`` entries are relative to.
         metadata: extra metadata (e.g. ``{"evaluator_type": "coco"}``).
         objects_name: also register this name as the object view (one class-agnostic object per
-            ``object_id``, or per image, whose mask is the union of its parts): the input of stage 1.
+            ``object_id``, or per image, whose mask is the union of its parts): the input of stage 1. The part
+            view's metadata then maps every part to that one object class (``part_to_object``), so stage 4
+            evaluates on it with its objects' class.
     """
     base = dict(metadata or {}, json_file=json_file, image_root=image_root)
     replace_registration(
-        name, functools.partial(_load, name, json_file, image_root, False), dict(base, is_part_dataset=True)
+        name,
+        functools.partial(_load, name, json_file, image_root, False, class_agnostic_objects=bool(objects_name)),
+        dict(base, is_part_dataset=True),
     )
     if objects_name:
         replace_registration(
