@@ -157,6 +157,13 @@ def build_detection_test_loader(cfg, dataset_name: str):
 
     check_dataset_names([dataset_name], "DATASETS.TEST")
     dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    if tuple(cfg.DATASETS.TEST[:1]) != (dataset_name,):
+        # test mappers read their dataset's metadata from DATASETS.TEST[0] (e.g. part_to_object): give each
+        # evaluated dataset its own, not the first one's
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.DATASETS.TEST = (dataset_name,)
+        cfg.freeze()
     dataset = _IndexedMapDataset(dicts, range(len(dicts)), build_dataset_mapper(cfg, is_train=False))
     return d2_test_loader(
         dataset, mapper=None, sampler=InferenceSampler(len(dataset)), num_workers=cfg.DATALOADER.NUM_WORKERS

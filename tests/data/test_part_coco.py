@@ -111,3 +111,25 @@ def test_config_specs_and_validator_flag(tmp_path, repo_script):
     assert (
         validate.main(["--part-coco", f"pc_flag,{json_file},{tmp_path}", "--dataset", "pc_flag", "--no-progress"]) == 1
     )
+
+
+def test_each_test_dataset_is_mapped_with_its_own_metadata(tmp_path):
+    """Two test datasets: the second's objects take their classes from its own part_to_object, not the first's."""
+    from PIL import Image
+
+    from part_distillation.data.build import build_detection_test_loader
+    from part_distillation.engine import load_cfg
+
+    from conftest import REPO_ROOT
+
+    json_file, _ = _coco(tmp_path)
+    Image.new("RGB", (20, 10), (90, 120, 30)).save(tmp_path / "a.jpg")
+    register_part_coco("pc_two_first", json_file, str(tmp_path))  # no object view: no object classes
+    register_part_coco("pc_two_second", json_file, str(tmp_path), objects_name="pc_two_second_objects")
+    config = os.path.join(REPO_ROOT, "configs", "quick_schedules", "stage4_distillation_toyparts.yaml")
+    cfg = load_cfg(config, ["DATASETS.TEST", "('pc_two_first', 'pc_two_second')", "DATALOADER.NUM_WORKERS", "0"])
+    classes = {}
+    for name in cfg.DATASETS.TEST:
+        (batch,) = list(build_detection_test_loader(cfg, name))
+        classes[name] = batch[0]["objects"].gt_classes.tolist()
+    assert classes == {"pc_two_first": [-1, -1], "pc_two_second": [0, 0]}
