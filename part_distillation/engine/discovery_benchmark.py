@@ -87,49 +87,45 @@ def method_cfg(config_path: str, output_dir: str, seed: int, max_iter: int = 0, 
     return cfg
 
 
-def read_loss_curve(output_dir: str):
-    """``[{"iteration", "total_loss", "loss_*"...}]`` of the latest run in the Trainer's ``metrics.json`` (logged
-    every 20 iterations, losses as the median of the last 20), or [] when there is none."""
+def _latest_run_rows(output_dir: str, keep):
+    """The rows of the Trainer's ``metrics.json`` in ``output_dir`` that ``keep`` accepts, of its latest run only
+    (detectron2 appends: a run in the same folder starts again at a lower iteration), or [] without the file."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
         return []
-    curve = []
+    rows = []
     with open(path) as f:
         for line in f:
             try:
                 m = json.loads(line)
             except ValueError:
                 continue
-            losses = {k: float(v) for k, v in m.items() if k == "total_loss" or k.startswith("loss_")}
-            if losses and "iteration" in m:
-                if curve and int(m["iteration"]) <= curve[-1]["iteration"]:
-                    curve = []  # detectron2 appends: a later run in the same folder starts a new curve
-                curve.append({"iteration": int(m["iteration"]), **losses})
-    return curve
+            if "iteration" in m and keep(m):
+                if rows and int(m["iteration"]) <= int(rows[-1]["iteration"]):
+                    rows = []
+                rows.append(m)
+    return rows
+
+
+def read_loss_curve(output_dir: str):
+    """``[{"iteration", "total_loss", "loss_*"...}]`` of the latest run in the Trainer's ``metrics.json`` (logged
+    every 20 iterations, losses as the median of the last 20), or [] when there is none."""
+
+    def is_loss(k):
+        return k == "total_loss" or k.startswith("loss_")
+
+    rows = _latest_run_rows(output_dir, lambda m: any(is_loss(k) for k in m))
+    return [{"iteration": int(m["iteration"]), **{k: float(v) for k, v in m.items() if is_loss(k)}} for m in rows]
 
 
 def read_train_seconds(output_dir: str) -> float:
     """Training seconds of the latest run in the Trainer's ``metrics.json``, estimated as the sum over its logging
     windows of (median iteration ``time`` × iterations in the window); 0.0 when there is none. Evaluation and
     checkpointing are not included."""
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return 0.0
-    windows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                m = json.loads(line)
-            except ValueError:
-                continue
-            if "time" in m and "iteration" in m:
-                if windows and int(m["iteration"]) <= windows[-1][0]:
-                    windows = []  # a later run in the same folder
-                windows.append((int(m["iteration"]), float(m["time"])))
     seconds, previous = 0.0, -1
-    for iteration, t in windows:
-        seconds += t * (iteration - previous)
-        previous = iteration
+    for m in _latest_run_rows(output_dir, lambda m: "time" in m):
+        seconds += float(m["time"]) * (int(m["iteration"]) - previous)
+        previous = int(m["iteration"])
     return seconds
 
 
