@@ -263,9 +263,12 @@ def object_class_count(model) -> int:
     classifier per object class, PartDistillation supp. Eq. 6), else 0."""
     from ..modeling.meta_arch.distillation import PartDistillationModel
 
-    model = getattr(model, "module", model)  # DistributedDataParallel / the skip-aware wrapper
-    if isinstance(model, PartDistillationModel):
-        return int(model.part_classifier.num_object_classes)
+    for _ in range(
+        3
+    ):  # the model itself, or inside DistributedDataParallel (.module) / the skip-aware wrapper (.model)
+        if isinstance(model, PartDistillationModel):
+            return int(model.part_classifier.num_object_classes)
+        model = getattr(model, "module", None) or getattr(model, "model", None)
     return 0
 
 
@@ -276,15 +279,19 @@ def check_object_classes(cfg, dataset_name: str, num_object_classes: int, max_ba
 
     Raises :class:`ConfigError` when no object of the split has a class: the model would score 0 on every metric, a
     silent wrong result. Reads the test inputs, no model; with ``max_batches`` it stops after that many batches once
-    one object with a class was seen (counts are then of what was read), so only a split that looks unclassed is
-    read to the end. A few unclassed objects are not an error here: the model counts each as an
-    ``object_without_class`` skip when it runs.
+    one object with a class was seen, or when none had objects (counts are then of what was read), so only a split
+    that looks unclassed is read to the end. A few unclassed objects are not an error here: the model counts each
+    as an ``object_without_class`` skip when it runs. With several processes each reads its own share of the split
+    (detectron2's InferenceSampler) and the counts are summed over all of them before deciding, so every rank
+    raises or none does (call it on every rank).
     """
+    from detectron2.utils import comm
+
     from ..data.build import build_detection_test_loader
 
     unclassed = total = 0
     for i, batch in enumerate(build_detection_test_loader(cfg, dataset_name)):
-        if max_batches is not None and i >= max_batches and unclassed < total:
+        if max_batches is not None and i >= max_batches and (unclassed < total or total == 0):
             break
         for x in batch:
             objects = x.get("objects") if x is not None else None
@@ -293,6 +300,9 @@ def check_object_classes(cfg, dataset_name: str, num_object_classes: int, max_ba
             classes = objects.gt_classes if objects.has("gt_classes") else torch.full((len(objects),), -1)
             total += len(classes)
             unclassed += int(((classes < 0) | (classes >= num_object_classes)).sum())
+    if comm.get_world_size() > 1:
+        counts = comm.all_gather((unclassed, total))
+        unclassed, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if total and unclassed == total:
         raise ConfigError(
             f"{dataset_name}: none of its {total} objects has an object class in [0, {num_object_classes}), so a model "

@@ -12,7 +12,8 @@ from detectron2.engine import default_setup
 
 from ..config import load_cfg
 from ..utils.errors import ConfigError, UserError
-from .checks import check_checkpoint_file, check_checkpoints, check_stage_weights, resolve_stage_config
+from . import checks
+from .checks import check_checkpoint_file, check_checkpoints, resolve_stage_config
 
 __all__ = [
     "default_argument_parser",
@@ -75,7 +76,8 @@ def setup_cfg(args):
             cfg.DATASETS.PSEUDO_LABEL_ROOT, thing_classes=classes, loader=cfg.DATASETS.PSEUDO_LABEL_LOADER
         )
     resolve_stage_config(cfg)  # data-dependent values (classes of a store) before the config is frozen and dumped
-    check_stage_weights(cfg, eval_only=getattr(args, "eval_only", False), resume=getattr(args, "resume", False))
+    # through the module: benchmarks/pseudo_labels.py --paper times a random Swin-L and replaces this one check
+    checks.check_stage_weights(cfg, eval_only=getattr(args, "eval_only", False), resume=getattr(args, "resume", False))
     cfg.freeze()
     if logging.getLogger("detectron2").handlers:
         _setup_again(cfg)  # a second tool run in this process (the demo): don't stack log handlers

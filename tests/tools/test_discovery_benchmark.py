@@ -131,7 +131,7 @@ class _FailIfCalled(DatasetEvaluator):
         raise AssertionError("inference ran on a split without object classes")
 
 
-def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(datasets_root, tmp_path):
+def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(datasets_root, tmp_path, monkeypatch):
     """Records whose objects all lack a class (no object_annotations, no part_to_object table): PartDistillation
     would predict no part and score 0 — an error naming the dataset, before any inference."""
     import os
@@ -139,7 +139,9 @@ def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(
     from conftest import REPO_ROOT
 
     from part_distillation.engine import Trainer
+    from part_distillation.engine.checks import check_object_classes, object_class_count
     from part_distillation.engine.discovery_benchmark import evaluate_discovery_model, method_cfg
+    from part_distillation.engine.skip_aware import SkipAwareModel
     from part_distillation.utils.errors import ConfigError
 
     records = [
@@ -158,6 +160,14 @@ def test_scoring_an_object_conditioned_model_without_object_classes_is_an_error(
         cfg.DATASETS.TEST = (name,)
         with pytest.raises(ConfigError, match=f"{name}: none of its \\d+ objects has an object class"):
             Trainer.test(cfg, model, evaluators=[_FailIfCalled()])
+        assert object_class_count(SkipAwareModel(model)) == object_class_count(model) > 0
+        # several processes: a rank whose share has no class does not refuse alone (counts summed over ranks)
+        from detectron2.utils import comm
+
+        monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+        monkeypatch.setattr(comm, "all_gather", lambda counts: [counts, (0, 7)])
+        unclassed, total = check_object_classes(cfg, name, object_class_count(model))
+        assert unclassed == total - 7 > 0
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
