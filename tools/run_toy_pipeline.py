@@ -211,8 +211,12 @@ def main(argv=None):
     setup_logger(name="part_distillation")
     # Training results are reproducible to the digit only for the same float path: thread count and CPU kernels
     # (stage 0 moved between 40.9 and 44.0 mask AP with them; MODEL_ZOO.md, stage 0), so the log records both.
-    logger.info("torch %s, %d threads, CPU kernels %s", torch.__version__, torch.get_num_threads(),
-                torch.backends.cpu.get_cpu_capability())  # fmt: skip
+    logger.info(
+        "torch %s, %d threads, CPU kernels %s",
+        torch.__version__,
+        torch.get_num_threads(),
+        torch.backends.cpu.get_cpu_capability(),
+    )
     out = args.output
     root = ensure_toyparts(default_toyparts_root(), num_train=args.num_train, num_val=args.num_val)
     logger.info("toyparts at %s", root)

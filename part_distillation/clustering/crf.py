@@ -75,7 +75,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .crf_mean_field import TorchMeanField, _pixel_major, _restrict_energy  # the torch backend
+from .crf_mean_field import TorchMeanField, pixel_major, restrict_energy  # the torch backend
 from .permutohedral import PermutohedralLattice
 
 __all__ = [
@@ -361,7 +361,7 @@ class DenseCRFRefiner(TorchMeanField):
         else:
             energy = unary_from_probs(labels)
         if self.restrict_to_object and num_labels > 1:
-            energy = _restrict_energy(energy, hard)
+            energy = restrict_energy(energy, hard)
         return energy
 
     # ---- backends ------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ class DenseCRFRefiner(TorchMeanField):
             flat = hard[None, None]  # [1, 1, P]: one row of all crop pixels
             energy = self._unary(flat, flat, num_labels)  # [1, L, 1, P]
             images = [im.to(device) for im in images]
-            q = self._torch_grids(images, _pixel_major(-energy.to(device)), hard.to(device), crops=True)
+            q = self._torch_grids(images, pixel_major(-energy.to(device)), hard.to(device), crops=True)
             refined = torch.where(hard == IGNORE_LABEL, hard, q.argmax(1).to(hard.device))
             if self.restrict_to_object:
                 refined = torch.where(hard == 0, hard, refined)

@@ -23,7 +23,7 @@ from .permutohedral import (
     spatial_lattice,
 )
 
-__all__ = ["TorchMeanField"]
+__all__ = ["TorchMeanField", "FORBIDDEN_ENERGY", "pixel_major", "restrict_energy"]
 
 # Unary energy of a label a pixel may not take (restrict_to_object). exp(-1e4) is 0 in float32 and
 # no message (bounded by the kernel weights) can overcome it, yet it stays finite for pydensecrf.
@@ -40,7 +40,7 @@ class TorchMeanField:
         device = self.device or energy.device
         batch, num_labels, height, width = energy.shape
         images = [image[b].to(device) for b in range(batch)]
-        q = self._torch_grids(images, _pixel_major(-energy.to(device)), hard.to(device).reshape(-1))
+        q = self._torch_grids(images, pixel_major(-energy.to(device)), hard.to(device).reshape(-1))
         return q.view(batch, height, width, num_labels).permute(0, 3, 1, 2)
 
     def _torch_grids(
@@ -100,7 +100,7 @@ class TorchMeanField:
             (height, width), (low_h, low_w) = colour.shape[-2:], low_colour.shape[-2:]
             grid = messages[low_start : low_start + low_h * low_w].view(1, low_h, low_w, num_labels)
             up = F.interpolate(grid.permute(0, 3, 1, 2), scale_factor=factor, mode="bilinear", align_corners=False)
-            logits[start : start + height * width] += _pixel_major(up[:, :, :height, :width])
+            logits[start : start + height * width] += pixel_major(up[:, :, :height, :width])
             start, low_start = start + height * width, low_start + low_h * low_w
         return logits if crops else _softmax_(logits)
 
@@ -124,8 +124,8 @@ class TorchMeanField:
         low_energy = pool(probs).clamp_min_(1e-30).log_().neg_()
         low_hard = pool(hard.view(1, 1, height, width).float(), F.max_pool2d)[:, 0].long()
         if self.restrict_to_object and num_labels > 1:
-            low_energy = _restrict_energy(low_energy, low_hard)
-        return pool(colour[None])[0], _pixel_major(low_energy.neg_()), low_hard.reshape(-1)
+            low_energy = restrict_energy(low_energy, low_hard)
+        return pool(colour[None])[0], pixel_major(low_energy.neg_()), low_hard.reshape(-1)
 
     def _grid_mean_field(self, colours, neg_unary, hard, factor, restricted, messages, cache=True):
         """Mean-field on pixel grids: pixel-major marginals ``[P, L]``, or with ``messages`` the
@@ -176,12 +176,12 @@ def _grid_features(sizes, sigma: float, device) -> Tuple[torch.Tensor, torch.Ten
     return features, torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
 
 
-def _pixel_major(x: torch.Tensor) -> torch.Tensor:
+def pixel_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, L, H, W]`` -> contiguous float ``[B·H·W, L]``."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float().contiguous()
 
 
-def _restrict_energy(energy: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+def restrict_energy(energy: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     """Forbid the part labels outside the object (``hard == 0``) and background inside it (``hard > 0``)."""
     num_labels = energy.shape[1]
     outside = (hard == 0)[:, None]

@@ -44,7 +44,7 @@ _RED_BGR = np.array([0, 0, 255], np.float32)
 
 def records_from_predictions(path: str) -> list:
     """``demo/demo.py``'s ``predictions.json`` → store-format records (parts nested in their objects)."""
-    data = read_user_json(path, "--predictions")
+    data = read_user_json(path, "--predictions (demo/demo.py's predictions.json)")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"--predictions {path}: expected demo/demo.py's predictions.json (a dict with 'images').")
     if data["images"] and all(image.get("class_agnostic") for image in data["images"]):

@@ -43,12 +43,16 @@ def read_user_json(path: str, what: str):
     from .errors import ConfigError
 
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what}={path!r} does not exist.") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what}={path!r} is not valid JSON ({e}).") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}={path!r} is a folder; give the JSON file.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}={path!r} is not valid UTF-8 JSON ({type(e).__name__}: {e}).") from None
+    except OSError as e:
+        raise ConfigError(f"{what}={path!r} cannot be read ({e.strerror or e}).") from None
 
 
 def sha256_file(path: str) -> str:
@@ -101,26 +105,30 @@ def _temp_file(final_path: str):
 
 
 @contextlib.contextmanager
-def atomic_file(path: str):
+def atomic_file(path: str, durable: bool = True):
     """Yield a binary file that replaces ``path`` when the block completes (fsynced, then renamed
     into place, so readers see the old file or the complete new one, never a partial one); on any
-    error, including KeyboardInterrupt, the temporary file is removed and ``path`` is left as it was."""
+    error, including KeyboardInterrupt, the temporary file is removed and ``path`` is left as it was.
+    ``durable=False`` skips the fsyncs (still never a partial file; after a power loss the file may be
+    missing): for data that is regenerated when missing, where an fsync per small file dominates."""
     f, tmp = _temp_file(path)
     try:
         with f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
+        if durable:
+            _fsync_dir(os.path.dirname(path))
     except BaseException:
         remove_quietly(tmp)
         raise
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path) as f:
+    with atomic_file(path, durable=durable) as f:
         f.write(data)
 
 

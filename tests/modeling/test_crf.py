@@ -342,7 +342,7 @@ def test_restricted_fast_path_equals_the_full_mean_field():
     refiner = DenseCRFRefiner("torch", restrict_to_object=True)
     labels = noisy[None]
     energy = refiner._unary(labels, labels, 5)
-    neg_unary, hard = crf_module._pixel_major(-energy), labels.reshape(-1)
+    neg_unary, hard = crf_module.pixel_major(-energy), labels.reshape(-1)
     fast = refiner._grid_mean_field([image.float()], neg_unary, hard, 1, restricted=True, messages=False)
     full = refiner._grid_mean_field([image.float()], neg_unary, hard, 1, restricted=False, messages=False)
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)

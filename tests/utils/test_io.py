@@ -49,3 +49,25 @@ def test_hashing_file_and_sha256_file_agree(tmp_path):
         hashing.write(b"defg")
     assert hashing.bytes == 7
     assert hashing.sha256.hexdigest() == sha256_file(path) == hashlib.sha256(b"abcdefg").hexdigest()
+
+
+def test_read_user_json_is_one_line_naming_the_key_for_every_unreadable_file(tmp_path):
+    from part_distillation.utils.errors import ConfigError
+    from part_distillation.utils.io import read_user_json
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}')
+    assert read_user_json(str(good), "TEST.KEY") == {"a": [1, 2]}
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00\x81garbage")
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"a": [1, ')
+    for path, message in (
+        (tmp_path / "missing.json", "does not exist"),
+        (tmp_path, "is a folder"),
+        (binary, "not valid UTF-8 JSON"),
+        (truncated, "not valid UTF-8 JSON"),
+    ):
+        with pytest.raises(ConfigError, match=message) as e:
+            read_user_json(str(path), "TEST.KEY")
+        assert str(e.value).startswith(f"TEST.KEY={str(path)!r}") and "\n" not in str(e.value)

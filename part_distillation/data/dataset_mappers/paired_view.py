@@ -347,8 +347,8 @@ def set_view_fields(dataset_dict: dict, view: np.ndarray, tfms, *, mask, flip, c
     uint8, as C×H×W), ``transform_key`` (the 2×3 matrix of ``tfms``, original → view pixels), ``flipped``,
     ``crop_box`` (XYXY or None), ``orig_size``, the view's ``height``/``width``, ``image_id`` and, when ``mask``
     (original resolution) is given, ``fg_mask`` (bool H×W, ``tfms`` applied). Fields in original coordinates
-    (``annotations``, ``keypoints``, ``bbox``) are dropped."""
-    for key in ("annotations", "keypoints", "bbox"):
+    (``annotations``, ``object_annotations``, ``keypoints``, ``bbox``) are dropped."""
+    for key in ("annotations", "object_annotations", "keypoints", "bbox"):
         dataset_dict.pop(key, None)
     dataset_dict.update(
         {

@@ -421,7 +421,8 @@ def _generate_split(out_dir, split, num_images, seed, image_size, progress):
         file_name = f"{code}/{code}_{index:05d}.JPEG"
         ok, jpeg = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         assert ok, file_name
-        atomic_write_bytes(os.path.join(image_dir, file_name), jpeg.tobytes())
+        # no fsync per image (it doubled the generation time): one os.sync() before the split's annotations
+        atomic_write_bytes(os.path.join(image_dir, file_name), jpeg.tobytes(), durable=False)
 
         entry = {"id": index + 1, "file_name": file_name, "width": image_size, "height": image_size}
         objects_json["images"].append(entry)
@@ -447,6 +448,7 @@ def generate_toyparts(out_dir, num_train, num_val, seed, image_size=256, progres
     summary = {"out_dir": out_dir, "seed": seed, "image_size": image_size}
     for split, num in (("train", num_train), ("val", num_val)):
         parts_json, objects_json = _generate_split(out_dir, split, num, seed, image_size, progress)
+        os.sync()  # the images are on disk before the annotations that list them
         for suffix, content in (("", parts_json), ("_whole", objects_json)):
             path = os.path.join(ann_dir, f"{split}{suffix}.json")
             atomic_write_bytes(path, json.dumps(content).encode("utf-8"))
