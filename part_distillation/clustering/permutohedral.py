@@ -30,9 +30,10 @@ _KEY_BITS = 62  # packed lattice keys must stay below 2**62 so neighbour arithme
 _SPATIAL_CACHE_SIZE = 8
 _CROP_GRID_STEP = 128  # crops take their position lattice from a cached square grid, a multiple of this side
 _CROP_GRID_MAX_POINTS = 2**21  # larger crops build their own position lattice (the cached grid would be too big)
-# A crop below 1/_CROP_GRID_MAX_RATIO of the cached grid's points builds its own lattice: cutting costs ~1/30 of a
-# build per point but scans every grid point (break-even measured at ~12x on a 2-core CPU, 2026-12-07)
-_CROP_GRID_MAX_RATIO = 8
+# A crop with under 1/_CROP_GRID_MAX_RATIO of the cached grid's points builds its own lattice: cutting scans every
+# grid point, building costs more per point (640-px grid, 1 thread, 2026-12-07: 200x200 crop cut 26 ms vs build
+# 27 ms; 100x100 cut 20 ms vs 8 ms; 300x300 cut 39 ms vs 59 ms)
+_CROP_GRID_MAX_RATIO = 10
 
 
 class KeyOverflow(ValueError):
@@ -516,7 +517,7 @@ def spatial_crops_lattice(sizes: List[Tuple[int, int]], sigma: float, device) ->
     (sigma, device), which only grows (to the largest size seen, rounded up to a multiple of 128): crops of
     every size share it. Same lattice as ``PermutohedralLattice(features, groups)`` on the grids' own
     positions, without the sorts of a build. Crops longer than ~1408 px (a grid of over 2**21 points), and
-    crops with under 1/8 of the cached grid's points, are built directly.
+    crops with under 1/10 of the cached grid's points, are built directly.
     """
     key, needed = (float(sigma), str(device)), max(max(h, w) for h, w in sizes)
     needed_side = -(-needed // _CROP_GRID_STEP) * _CROP_GRID_STEP
