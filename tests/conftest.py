@@ -123,6 +123,23 @@ def quick_cfg(datasets_root, tmp_path):
     return make
 
 
+def run_train_net(*args, timeout=300, env=None):
+    """``python tools/train_net.py ARGS`` in a subprocess from the repository root, as a user runs it; returns
+    ``(returncode, stdout + stderr)``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 @pytest.fixture
 def repo_script():
     """Factory: import a repository script (not a package module) by its path relative to the repository

@@ -3,8 +3,6 @@ PartDiscovery, the Trainer, checkpoints and ``tools/train_net.py --eval-only`` (
 
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -37,7 +35,7 @@ from part_distillation.modeling.part_heads.choudhury21 import (
 )
 from part_distillation.utils.errors import ConfigError
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_train_net
 
 QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedules", "discovery_choudhury21_toyparts.yaml")
 TAU = 0.19
@@ -282,25 +280,8 @@ def test_trains_through_the_trainer_and_checkpoints(fixed_pair, tmp_path):
     assert torch.equal(a["part_seg"], b["part_seg"]) and torch.allclose(a["part_probs"], b["part_probs"])
 
     # --eval-only through the CLI, part_nmi_ari on toyparts_parts_val
-    out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "tools", "train_net.py"),
-            "--config-file",
-            QUICK,
-            "--eval-only",
-            "MODEL.WEIGHTS",
-            weights,
-            "OUTPUT_DIR",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=300,
-        env=dict(os.environ),
+    returncode, log = run_train_net(
+        "--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", tmp_path / "eval"
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    assert returncode == 0, log[-3000:]
     assert "Part NMI/ARI (masks) on toyparts_parts_val (6 images)" in log and "FG-NMI" in log

@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +27,7 @@ from part_distillation.modeling.part_heads import PART_HEAD_REGISTRY, MPAEHead
 from part_distillation.modeling.part_heads.mpae import MaskedRestorer, sincos_pos_embed_2d
 from part_distillation.utils.errors import ConfigError
 
-from conftest import REPO_ROOT, train_frozen_backbone
+from conftest import REPO_ROOT, run_train_net, train_frozen_backbone
 
 QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedules", "discovery_mpae_toyparts.yaml")
 K = 4
@@ -297,25 +295,15 @@ def test_trains_checkpoints_and_evaluates(datasets_root, tmp_path):
     model.eval(), fresh.eval()
     torch.testing.assert_close(model(x)[0]["part_probs"], fresh(x)[0]["part_probs"])
     # --eval-only through the CLI with the part_nmi_ari evaluator on the part annotations
-    out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "tools", "train_net.py"),
-            "--config-file",
-            QUICK,
-            "--eval-only",
-            "MODEL.WEIGHTS",
-            weights,
-            "OUTPUT_DIR",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    returncode, log = run_train_net(
+        "--config-file",
+        QUICK,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        weights,
+        "OUTPUT_DIR",
+        tmp_path / "eval",
+        env={"OMP_NUM_THREADS": "1"},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+    assert returncode == 0, log[-3000:]
     assert "Part NMI/ARI (masks) on toyparts_parts_val (6 images)" in log and "FG-NMI" in log

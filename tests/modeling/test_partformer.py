@@ -3,8 +3,6 @@
 import itertools
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +27,7 @@ from part_distillation.modeling.part_heads.base import DiscoveryBatch
 from part_distillation.modeling.backbone.vit import sincos_pos_embed_2d
 from part_distillation.utils.errors import ConfigError
 
-from conftest import REPO_ROOT, RecordLoss
+from conftest import REPO_ROOT, RecordLoss, run_train_net
 
 QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedules", "discovery_partformer_toyparts.yaml")
 K = 4
@@ -303,25 +301,8 @@ def test_trains_through_trainer_checkpoint_and_eval_only(datasets_root, tmp_path
         assert torch.equal(a["part_probs"], b["part_probs"])
 
     # --eval-only through the CLI with the part_nmi_ari evaluator on the part annotations
-    out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "tools", "train_net.py"),
-            "--config-file",
-            QUICK,
-            "--eval-only",
-            "MODEL.WEIGHTS",
-            weights,
-            "OUTPUT_DIR",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=300,
-        env=dict(os.environ),
+    returncode, log = run_train_net(
+        "--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", tmp_path / "eval"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+    assert returncode == 0, log[-3000:]
     assert "Part NMI/ARI (masks) on toyparts_parts_val (6 images)" in log and "FG-NMI" in log
